@@ -1,0 +1,45 @@
+"""The exception hierarchy shared by every layer of derpnet and derpquic."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DerpError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "HandshakeError",
+    "UpgradeError",
+    "AuthenticationError",
+]
+
+
+class DerpError(Exception):
+    """Base class of every error raised by derpnet itself."""
+
+
+class ProtocolError(DerpError):
+    """The DERP byte stream broke the protocol (malformed, oversized, out of order)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer (relay or client) sent bytes that break the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to send something the protocol does not allow."""
+
+
+class HandshakeError(DerpError):
+    """The DERP handshake failed (ServerKey, ClientInfo or ServerInfo)."""
+
+
+class UpgradeError(HandshakeError):
+    """The relay did not switch to DERP (wrong status, not HTTP, an error page)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthenticationError(DerpError):
+    """A peer could not prove that it holds the private key it claims."""

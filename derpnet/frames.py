@@ -1,0 +1,518 @@
+"""DERP framing, sans-IO: constants, frame encoders and an incremental frame decoder.
+
+Every frame is `type(1) ‖ length(4, big-endian) ‖ payload(length)`. This module is the
+only place that knows a frame's byte layout; it never touches a socket or a clock.
+See shared/derp-protocol.md §2.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional, Union
+
+from .errors import LocalProtocolError, RemoteProtocolError
+from .keys import KEY_LEN, PublicKey
+
+__all__ = [
+    "MAGIC", "FRAME_HEADER_LEN", "NONCE_LEN", "MAX_PACKET_SIZE", "PROTOCOL_VERSION",
+    "KEEPALIVE_INTERVAL", "FrameType", "PeerGoneReason", "PeerPresentFlags",
+    "Frame", "ServerKey", "ClientInfo", "ServerInfo", "SendPacket", "RecvPacket",
+    "KeepAlive", "NotePreferred", "PeerGone", "PeerPresent", "ForwardPacket",
+    "WatchConns", "ClosePeer", "Ping", "Pong", "Health", "Restarting", "UnknownFrame",
+    "FrameDecoder", "encode_frame", "CLIENT_LIMITS", "SERVER_LIMITS",
+]
+
+MAGIC = b"DERP\xf0\x9f\x94\x91"  # "DERP🔑"
+FRAME_HEADER_LEN = 5
+NONCE_LEN = 24
+MAX_PACKET_SIZE = 64 << 10  # largest SendPacket/RecvPacket payload
+MAX_INFO_LEN = 1 << 20
+PROTOCOL_VERSION = 2
+KEEPALIVE_INTERVAL = 60.0
+PING_LEN = 8
+
+_HEADER = struct.Struct(">BI")
+
+
+class FrameType(enum.IntEnum):
+    SERVER_KEY = 0x01
+    CLIENT_INFO = 0x02
+    SERVER_INFO = 0x03
+    SEND_PACKET = 0x04
+    RECV_PACKET = 0x05
+    KEEP_ALIVE = 0x06
+    NOTE_PREFERRED = 0x07
+    PEER_GONE = 0x08
+    PEER_PRESENT = 0x09
+    FORWARD_PACKET = 0x0A
+    WATCH_CONNS = 0x10
+    CLOSE_PEER = 0x11
+    PING = 0x12
+    PONG = 0x13
+    HEALTH = 0x14
+    RESTARTING = 0x15
+
+
+class PeerGoneReason(enum.IntEnum):
+    DISCONNECTED = 0x00
+    NOT_HERE = 0x01
+    MESH_CONN_BROKE = 0xF0
+
+
+class PeerPresentFlags(enum.IntFlag):
+    IS_REGULAR = 0x01
+    IS_MESH_PEER = 0x02
+    IS_PROBER = 0x04
+    NOT_IDEAL = 0x08
+
+
+# ---------------------------------------------------------------- events (decoded frames)
+
+class Frame:
+    """Base class of decoded frames."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerKey(Frame):
+    key: PublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo(Frame):
+    key: PublicKey
+    sealed: bytes  # nonce ‖ box; opened by handshake.open_client_info
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo(Frame):
+    sealed: bytes  # nonce ‖ box
+
+
+@dataclass(frozen=True, slots=True)
+class SendPacket(Frame):
+    dst: PublicKey
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RecvPacket(Frame):
+    src: PublicKey
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive(Frame):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class NotePreferred(Frame):
+    preferred: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerGone(Frame):
+    key: PublicKey
+    reason: int = PeerGoneReason.DISCONNECTED
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPresent(Frame):
+    key: PublicKey
+    ip: Optional[bytes] = None  # 16 bytes, IPv4 as ::ffff:a.b.c.d
+    port: Optional[int] = None
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardPacket(Frame):
+    src: PublicKey
+    dst: PublicKey
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WatchConns(Frame):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePeer(Frame):
+    key: PublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Frame):
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Frame):
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Health(Frame):
+    problem: str  # empty = healthy again
+
+
+@dataclass(frozen=True, slots=True)
+class Restarting(Frame):
+    reconnect_in: float  # seconds
+    try_for: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownFrame(Frame):
+    """A frame this side skips: an unassigned type, or one not meant for this role."""
+
+    type: int
+    length: int
+
+
+# ---------------------------------------------------------------- encoding
+
+def encode_frame(ftype: int, *parts: bytes) -> bytes:
+    """One frame: header plus the concatenated parts."""
+    length = sum(len(p) for p in parts)
+    return _HEADER.pack(ftype, length) + b"".join(parts)
+
+
+def _key(k: Union[PublicKey, bytes]) -> bytes:
+    raw = bytes(k)
+    if len(raw) != KEY_LEN:
+        raise LocalProtocolError(f"key must be {KEY_LEN} bytes, got {len(raw)}")
+    return raw
+
+
+def encode_server_key(key: PublicKey) -> bytes:
+    return encode_frame(FrameType.SERVER_KEY, MAGIC, _key(key))
+
+
+def encode_client_info(key: PublicKey, sealed: bytes) -> bytes:
+    return encode_frame(FrameType.CLIENT_INFO, _key(key), sealed)
+
+
+def encode_server_info(sealed: bytes) -> bytes:
+    return encode_frame(FrameType.SERVER_INFO, sealed)
+
+
+def _check_packet(*parts: bytes) -> None:
+    n = sum(len(p) for p in parts)
+    if n > MAX_PACKET_SIZE:
+        raise LocalProtocolError(f"packet of {n} bytes exceeds the DERP limit of {MAX_PACKET_SIZE}")
+
+
+def encode_send_packet(dst: PublicKey, *data: bytes) -> bytes:
+    """SendPacket; `data` parts are concatenated (lets callers prepend a framing byte without a copy)."""
+    _check_packet(*data)
+    return encode_frame(FrameType.SEND_PACKET, _key(dst), *data)
+
+
+def encode_recv_packet(src: PublicKey, data: bytes) -> bytes:
+    _check_packet(data)
+    return encode_frame(FrameType.RECV_PACKET, _key(src), data)
+
+
+def encode_forward_packet(src: PublicKey, dst: PublicKey, data: bytes) -> bytes:
+    _check_packet(data)
+    return encode_frame(FrameType.FORWARD_PACKET, _key(src), _key(dst), data)
+
+
+def encode_keep_alive() -> bytes:
+    return encode_frame(FrameType.KEEP_ALIVE)
+
+
+def encode_note_preferred(preferred: bool) -> bytes:
+    return encode_frame(FrameType.NOTE_PREFERRED, b"\x01" if preferred else b"\x00")
+
+
+def encode_peer_gone(key: PublicKey, reason: int = PeerGoneReason.DISCONNECTED) -> bytes:
+    return encode_frame(FrameType.PEER_GONE, _key(key), bytes([reason]))
+
+
+def encode_peer_present(key: PublicKey, ip: bytes = bytes(16), port: int = 0,
+                        flags: int = PeerPresentFlags.IS_REGULAR) -> bytes:
+    if len(ip) != 16:
+        raise LocalProtocolError("PeerPresent IP must be 16 bytes")
+    return encode_frame(FrameType.PEER_PRESENT, _key(key), ip, struct.pack(">HB", port, flags))
+
+
+def encode_watch_conns() -> bytes:
+    return encode_frame(FrameType.WATCH_CONNS)
+
+
+def encode_close_peer(key: PublicKey) -> bytes:
+    return encode_frame(FrameType.CLOSE_PEER, _key(key))
+
+
+def encode_ping(data: bytes) -> bytes:
+    if len(data) != PING_LEN:
+        raise LocalProtocolError(f"ping payload must be {PING_LEN} bytes")
+    return encode_frame(FrameType.PING, data)
+
+
+def encode_pong(data: bytes) -> bytes:
+    return encode_frame(FrameType.PONG, data[:PING_LEN])
+
+
+def encode_health(problem: str) -> bytes:
+    return encode_frame(FrameType.HEALTH, problem.encode())
+
+
+def encode_restarting(reconnect_in: float, try_for: float) -> bytes:
+    return encode_frame(FrameType.RESTARTING, struct.pack(">II", int(reconnect_in * 1000), int(try_for * 1000)))
+
+
+# ---------------------------------------------------------------- decoding
+
+# Largest frame (payload bytes) accepted per type, checked on the header before any
+# payload is buffered. A type absent from the table uses `default`; frames longer
+# than their limit are a protocol error, never an allocation.
+CLIENT_LIMITS: Mapping[int, int] = {
+    FrameType.SERVER_KEY: 1 << 10,
+    FrameType.SERVER_INFO: NONCE_LEN + MAX_INFO_LEN,
+    FrameType.RECV_PACKET: KEY_LEN + MAX_PACKET_SIZE,
+    "default": 1 << 20,  # the Go client's receive-loop limit
+}
+SERVER_LIMITS: Mapping[int, int] = {
+    FrameType.CLIENT_INFO: 256 << 10,
+    FrameType.SEND_PACKET: KEY_LEN + MAX_PACKET_SIZE,
+    FrameType.FORWARD_PACKET: 2 * KEY_LEN + MAX_PACKET_SIZE,
+    FrameType.PING: 1000,
+    "default": 1 << 20,
+}
+
+
+def _min_len_error(ftype: int, length: int, minimum: int) -> RemoteProtocolError:
+    name = FrameType(ftype).name
+    return RemoteProtocolError(f"{name} frame of {length} bytes is shorter than {minimum}")
+
+
+class FrameDecoder:
+    """Incremental DERP frame parser: `feed()` bytes as they arrive, iterate `events()`.
+
+    `role` is "client" (decodes what a server sends) or "server" (what a client sends):
+    frames a role never receives are reported as UnknownFrame and skipped, as both Go
+    sides do. Malformed known frames raise RemoteProtocolError; the decoder is then dead.
+    """
+
+    def __init__(self, role: str = "client", limits: Optional[Mapping] = None) -> None:
+        if role not in ("client", "server"):
+            raise ValueError("role must be 'client' or 'server'")
+        self.role = role
+        self._limits = dict(limits if limits is not None else (CLIENT_LIMITS if role == "client" else SERVER_LIMITS))
+        self._default_limit = self._limits.pop("default")
+        self._buf = bytearray()
+        self._skip = 0  # bytes of an unknown frame still to discard
+        self._error: Optional[RemoteProtocolError] = None
+        self.frames_skipped = 0
+        self.frames_dropped = 0  # known frames too short to use, dropped as Go does
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
+        if data:
+            self._buf += data
+
+    def take_buffered(self) -> bytes:
+        """Remove and return buffered, undecoded bytes (used when switching parsers)."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+    def events(self) -> Iterator[Frame]:
+        """Yield every complete frame now buffered."""
+        while True:
+            ev = self.next_event()
+            if ev is None:
+                return
+            yield ev
+
+    def next_event(self) -> Optional[Frame]:
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        while True:
+            if len(buf) < FRAME_HEADER_LEN:
+                return None
+            ftype, length = _HEADER.unpack_from(buf)
+            known = ftype in _ROLE_TYPES[self.role]
+            limit = self._limits.get(ftype, self._default_limit)
+            if length > limit:
+                name = FrameType(ftype).name if ftype in FrameType._value2member_map_ else f"type 0x{ftype:02x}"
+                self._error = RemoteProtocolError(f"{name} frame length {length} exceeds limit {limit}")
+                raise self._error
+            if not known:
+                # Skip without buffering the payload.
+                have = len(buf) - FRAME_HEADER_LEN
+                self.frames_skipped += 1
+                if have >= length:
+                    del buf[: FRAME_HEADER_LEN + length]
+                else:
+                    self._skip = length - have
+                    buf.clear()
+                return UnknownFrame(ftype, length)
+            end = FRAME_HEADER_LEN + length
+            if len(buf) < end:
+                return None
+            payload = bytes(buf[FRAME_HEADER_LEN:end])
+            del buf[:end]
+            try:
+                ev = _PARSERS[ftype](payload)
+            except RemoteProtocolError as e:
+                self._error = e
+                raise
+            if ev is None:
+                self.frames_dropped += 1
+                continue
+            return ev
+
+
+def _p_server_key(p: bytes) -> Frame:
+    if len(p) < len(MAGIC) + KEY_LEN:
+        raise _min_len_error(FrameType.SERVER_KEY, len(p), len(MAGIC) + KEY_LEN)
+    if p[: len(MAGIC)] != MAGIC:
+        raise RemoteProtocolError("ServerKey frame without the DERP magic")
+    return ServerKey(PublicKey(p[8:40]))
+
+
+def _p_client_info(p: bytes) -> Frame:
+    if len(p) < KEY_LEN + NONCE_LEN:
+        raise _min_len_error(FrameType.CLIENT_INFO, len(p), KEY_LEN + NONCE_LEN)
+    return ClientInfo(PublicKey(p[:KEY_LEN]), p[KEY_LEN:])
+
+
+def _p_server_info(p: bytes) -> Frame:
+    if len(p) < NONCE_LEN:
+        raise _min_len_error(FrameType.SERVER_INFO, len(p), NONCE_LEN)
+    return ServerInfo(p)
+
+
+def _p_send_packet(p: bytes) -> Frame:
+    if len(p) < KEY_LEN:
+        raise _min_len_error(FrameType.SEND_PACKET, len(p), KEY_LEN)
+    return SendPacket(PublicKey(p[:KEY_LEN]), p[KEY_LEN:])
+
+
+def _p_recv_packet(p: bytes) -> Optional[Frame]:
+    if len(p) < KEY_LEN:
+        return None  # the Go client drops these
+    return RecvPacket(PublicKey(p[:KEY_LEN]), p[KEY_LEN:])
+
+
+def _p_keep_alive(p: bytes) -> Frame:
+    return KeepAlive()
+
+
+def _p_note_preferred(p: bytes) -> Frame:
+    if len(p) != 1:
+        raise RemoteProtocolError(f"NotePreferred frame of {len(p)} bytes, expected 1")
+    return NotePreferred(p[0] != 0)
+
+
+def _p_peer_gone(p: bytes) -> Optional[Frame]:
+    if len(p) < KEY_LEN:
+        return None
+    reason = p[KEY_LEN] if len(p) > KEY_LEN else PeerGoneReason.DISCONNECTED
+    return PeerGone(PublicKey(p[:KEY_LEN]), reason)
+
+
+def _p_peer_present(p: bytes) -> Optional[Frame]:
+    if len(p) < KEY_LEN:
+        return None
+    ip = port = None
+    flags = 0
+    if len(p) >= KEY_LEN + 18:
+        ip = p[KEY_LEN:KEY_LEN + 16]
+        port = int.from_bytes(p[KEY_LEN + 16:KEY_LEN + 18], "big")
+    if len(p) >= KEY_LEN + 19:
+        flags = p[KEY_LEN + 18]
+    return PeerPresent(PublicKey(p[:KEY_LEN]), ip, port, flags)
+
+
+def _p_forward_packet(p: bytes) -> Frame:
+    if len(p) < 2 * KEY_LEN:
+        raise _min_len_error(FrameType.FORWARD_PACKET, len(p), 2 * KEY_LEN)
+    return ForwardPacket(PublicKey(p[:KEY_LEN]), PublicKey(p[KEY_LEN:2 * KEY_LEN]), p[2 * KEY_LEN:])
+
+
+def _p_watch_conns(p: bytes) -> Frame:
+    if p:
+        raise RemoteProtocolError("WatchConns frame with a payload")
+    return WatchConns()
+
+
+def _p_close_peer(p: bytes) -> Frame:
+    if len(p) != KEY_LEN:
+        raise RemoteProtocolError(f"ClosePeer frame of {len(p)} bytes, expected {KEY_LEN}")
+    return ClosePeer(PublicKey(p))
+
+
+def _p_ping(p: bytes) -> Frame:
+    if len(p) < PING_LEN:
+        raise _min_len_error(FrameType.PING, len(p), PING_LEN)
+    return Ping(p[:PING_LEN])
+
+
+def _p_pong(p: bytes) -> Optional[Frame]:
+    if len(p) < PING_LEN:
+        return None
+    return Pong(p[:PING_LEN])
+
+
+def _p_health(p: bytes) -> Frame:
+    return Health(p.decode("utf-8", "replace"))
+
+
+def _p_restarting(p: bytes) -> Optional[Frame]:
+    if len(p) < 8:
+        return None
+    a, b = struct.unpack_from(">II", p)
+    return Restarting(a / 1000.0, b / 1000.0)
+
+
+_PARSERS = {
+    FrameType.SERVER_KEY: _p_server_key,
+    FrameType.CLIENT_INFO: _p_client_info,
+    FrameType.SERVER_INFO: _p_server_info,
+    FrameType.SEND_PACKET: _p_send_packet,
+    FrameType.RECV_PACKET: _p_recv_packet,
+    FrameType.KEEP_ALIVE: _p_keep_alive,
+    FrameType.NOTE_PREFERRED: _p_note_preferred,
+    FrameType.PEER_GONE: _p_peer_gone,
+    FrameType.PEER_PRESENT: _p_peer_present,
+    FrameType.FORWARD_PACKET: _p_forward_packet,
+    FrameType.WATCH_CONNS: _p_watch_conns,
+    FrameType.CLOSE_PEER: _p_close_peer,
+    FrameType.PING: _p_ping,
+    FrameType.PONG: _p_pong,
+    FrameType.HEALTH: _p_health,
+    FrameType.RESTARTING: _p_restarting,
+}
+
+# What each role decodes; everything else is skipped like an unknown type.
+_ROLE_TYPES = {
+    "client": frozenset({
+        FrameType.SERVER_KEY, FrameType.SERVER_INFO, FrameType.RECV_PACKET, FrameType.KEEP_ALIVE,
+        FrameType.PEER_GONE, FrameType.PEER_PRESENT, FrameType.PING, FrameType.PONG,
+        FrameType.HEALTH, FrameType.RESTARTING,
+    }),
+    "server": frozenset({
+        FrameType.CLIENT_INFO, FrameType.SEND_PACKET, FrameType.NOTE_PREFERRED,
+        FrameType.FORWARD_PACKET, FrameType.WATCH_CONNS, FrameType.CLOSE_PEER,
+        FrameType.PING, FrameType.PONG,
+    }),
+}
