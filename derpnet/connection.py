@@ -137,6 +137,10 @@ class ClientConnection:
         if len(buf) < 5:
             return False
         if bytes(buf[:5]) != b"HTTP/":
+            if buf[0] != F.FrameType.SERVER_KEY:
+                self.state = State.CLOSED
+                raise HandshakeError(f"relay sent neither an HTTP response nor a DERP ServerKey frame "
+                                     f"(first bytes {bytes(buf[:16])!r}); is this a DERP server?")
             self.state = State.AWAIT_SERVER_KEY  # fast start, or the relay skipped the 101
             return True
         try:

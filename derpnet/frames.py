@@ -265,7 +265,7 @@ def encode_health(problem: str) -> bytes:
 
 
 def encode_restarting(reconnect_in: float, try_for: float) -> bytes:
-    return encode_frame(FrameType.RESTARTING, struct.pack(">II", int(reconnect_in * 1000), int(try_for * 1000)))
+    return encode_frame(FrameType.RESTARTING, struct.pack(">II", round(reconnect_in * 1000), round(try_for * 1000)))
 
 
 # ---------------------------------------------------------------- decoding

@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -22,6 +23,7 @@ __all__ = ["PublicKey", "PrivateKey", "KEY_LEN", "PublicKeyLike", "PrivateKeyLik
 KEY_LEN = 32
 _NODEKEY_PREFIX = "nodekey:"
 _PRIVKEY_PREFIX = "privkey:"
+_B64URL = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def _parse_hex(text: str, what: str) -> bytes:
@@ -63,6 +65,8 @@ class PublicKey:
         if len(s) in (43, 44):
             try:
                 if len(s) == 43:
+                    if not _B64URL.fullmatch(s):
+                        raise ValueError
                     raw = base64.urlsafe_b64decode(s + "=")
                 else:  # WireGuard's standard base64 with padding
                     raw = base64.b64decode(s, validate=True)
