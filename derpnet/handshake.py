@@ -28,16 +28,25 @@ DEFAULT_SERVER_INFO: Dict[str, Any] = {"version": PROTOCOL_VERSION}
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
-def seal(ours: PrivateKey, theirs: PublicKey, message: bytes) -> bytes:
+def _box(ours: PrivateKey, theirs: PublicKey, what: str) -> nacl.public.Box:
+    try:
+        return nacl.public.Box(ours.nacl(), nacl.public.PublicKey(theirs.raw))
+    except (nacl.exceptions.CryptoError, RuntimeError):
+        # libsodium refuses low-order points (e.g. an all-zero key): no shared secret exists.
+        raise HandshakeError(f"{what}: unusable peer key {theirs} (low-order point)") from None
+
+
+def seal(ours: PrivateKey, theirs: PublicKey, message: bytes, what: str = "box") -> bytes:
     """nonce ‖ box(message), with a fresh random nonce."""
-    return bytes(nacl.public.Box(ours.nacl(), nacl.public.PublicKey(theirs.raw)).encrypt(message))
+    return bytes(_box(ours, theirs, what).encrypt(message))
 
 
 def open_sealed(ours: PrivateKey, theirs: PublicKey, sealed: bytes, what: str) -> bytes:
     if len(sealed) < NONCE_LEN + 16:
         raise HandshakeError(f"{what}: sealed box of {len(sealed)} bytes is too short")
+    box = _box(ours, theirs, what)
     try:
-        return nacl.public.Box(ours.nacl(), nacl.public.PublicKey(theirs.raw)).decrypt(bytes(sealed))
+        return box.decrypt(bytes(sealed))
     except nacl.exceptions.CryptoError:
         raise HandshakeError(f"{what}: box does not open (wrong key or tampered)") from None
 
@@ -55,7 +64,7 @@ def _json_object(data: bytes, what: str) -> Dict[str, Any]:
 def seal_client_info(client: PrivateKey, server: PublicKey, info: Dict[str, Any] = DEFAULT_CLIENT_INFO) -> bytes:
     """The sealed part of a ClientInfo frame. An empty meshKey is never sent (derper rejects it)."""
     info = {k: v for k, v in info.items() if not (k == "meshKey" and not v)}
-    return seal(client, server, json.dumps(info, separators=(",", ":")).encode())
+    return seal(client, server, json.dumps(info, separators=(",", ":")).encode(), "ClientInfo")
 
 
 def open_client_info(server: PrivateKey, client: PublicKey, sealed: bytes) -> Dict[str, Any]:
@@ -73,7 +82,7 @@ def open_client_info(server: PrivateKey, client: PublicKey, sealed: bytes) -> Di
 
 
 def seal_server_info(server: PrivateKey, client: PublicKey, info: Dict[str, Any] = DEFAULT_SERVER_INFO) -> bytes:
-    return seal(server, client, json.dumps(info, separators=(",", ":")).encode())
+    return seal(server, client, json.dumps(info, separators=(",", ":")).encode(), "ServerInfo")
 
 
 def open_server_info(client: PrivateKey, server: PublicKey, sealed: bytes) -> Dict[str, Any]:

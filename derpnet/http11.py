@@ -98,7 +98,7 @@ def parse_request_head(buf: Union[bytes, bytearray]) -> Optional[Tuple[Request, 
         return None
     start, headers = _split_head(bytes(buf[: end - 4]))
     parts = start.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0].isalpha():
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not (parts[0].isascii() and parts[0].isalpha()):
         raise RemoteProtocolError(f"malformed HTTP request line {start[:80]!r}")
     return Request(headers=headers, method=parts[0], target=parts[1], version=parts[2]), end
 
@@ -110,7 +110,7 @@ def parse_response_head(buf: Union[bytes, bytearray]) -> Optional[Tuple[Response
         return None
     start, headers = _split_head(bytes(buf[: end - 4]))
     parts = start.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (len(parts[1]) == 3 and parts[1].isascii() and parts[1].isdigit()):
         raise RemoteProtocolError(f"malformed HTTP status line {start[:80]!r}")
     return Response(headers=headers, status=int(parts[1]), reason=parts[2] if len(parts) > 2 else "", version=parts[0]), end
 

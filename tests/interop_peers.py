@@ -1,0 +1,550 @@
+"""Helpers to run the Go peers of the interop tests: Tailscale's `derper` and
+`derpconnect` (the real one if installed, else our stand-in `goderpconnect`,
+see interop/README.md). Build them with `interop/build.sh`.
+
+Plain functions and classes only (no pytest here); stdlib + `cryptography`.
+
+Typical use::
+
+    ca_pem, make_leaf = make_test_ca(tmp_path)
+    with GoDerper(tmp_path / "derper", tls=True, make_leaf=make_leaf, ca_file=ca_pem) as relay:
+        with GoDerpconnect.serve(relay, target_port, tmp_path / "srv") as srv:
+            with GoDerpconnect.join(relay, srv.pubkey, 0, tmp_path / "cli") as cli:
+                ...  # connect to 127.0.0.1:cli.listen_port
+
+Readiness is always waited for on log lines and ports (bounded polling), never
+with fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO_ROOT / "interop" / "build.sh"
+
+DERPER_MISSING = "Go derper not built: run interop/build.sh (needs Go)"
+DERPCONNECT_MISSING = "Go derpconnect (or the stand-in goderpconnect) not built: run interop/build.sh (needs Go)"
+
+
+def skip_reason(tool: str = "derper") -> str:
+    """The human reason to give when `tool` ("derper" or "derpconnect") is missing."""
+    return DERPER_MISSING if tool == "derper" else DERPCONNECT_MISSING
+
+
+# --------------------------------------------------------------------------
+# Finding the tools
+
+
+@functools.lru_cache(maxsize=1)
+def _go_bin_dirs() -> tuple[str, ...]:
+    dirs: list[str] = []
+    go = shutil.which("go")
+    if go:
+        try:
+            out = subprocess.run(
+                [go, "env", "GOBIN", "GOPATH"], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.splitlines()
+            gobin = out[0].strip() if out else ""
+            gopath = out[1].strip() if len(out) > 1 else ""
+            if gobin:
+                dirs.append(gobin)
+            for p in gopath.split(os.pathsep):
+                if p:
+                    dirs.append(os.path.join(p, "bin"))
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+    dirs.append(os.path.join(os.path.expanduser("~"), "go", "bin"))
+    seen: list[str] = []
+    for d in dirs:
+        if d not in seen:
+            seen.append(d)
+    return tuple(seen)
+
+
+def find_go_tool(name: str) -> Optional[str]:
+    """Path of executable `name` from PATH, `$(go env GOBIN)`, `$(go env GOPATH)/bin` or ~/go/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in _go_bin_dirs():
+        cand = os.path.join(d, name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def derper_path() -> Optional[str]:
+    return find_go_tool("derper")
+
+
+def derpconnect_path() -> Optional[str]:
+    """The real `derpconnect` if installed (a Go binary, not our Python CLI), else `goderpconnect`."""
+    real = find_go_tool("derpconnect")
+    if real and _is_go_binary(real):
+        return real
+    return find_go_tool("goderpconnect")
+
+
+def derpconnect_is_standin(path: Optional[str] = None) -> bool:
+    path = path or derpconnect_path()
+    return bool(path) and os.path.basename(path) == "goderpconnect"
+
+
+def _is_go_binary(path: str) -> bool:
+    # Our own Python package installs a `derpconnect` console script too; only
+    # an ELF/Mach-O executable counts as the Go tool.
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xfe\xed\xfa\xcf")
+
+
+# --------------------------------------------------------------------------
+# Test PKI
+
+
+def make_test_ca(tmpdir) -> tuple[str, Callable[..., tuple[str, str]]]:
+    """Create a throw-away CA in `tmpdir`.
+
+    Returns `(ca_cert_pem_path, make_leaf)`; `make_leaf(names=("localhost", "127.0.0.1"))`
+    issues a server certificate whose SANs are the given DNS names and IP
+    addresses and returns `(cert_path, key_path)` (PEM; the key is PKCS#8).
+    """
+    tmp = Path(tmpdir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derpnet interop test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path = tmp / "ca.pem"
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    counter = [0]
+
+    def make_leaf(names: Iterable[str] = ("localhost", "127.0.0.1")) -> tuple[str, str]:
+        names = list(names)
+        sans: list[x509.GeneralName] = []
+        for n in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                sans.append(x509.DNSName(n))
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        counter[0] += 1
+        cert_path = tmp / f"leaf{counter[0]}.crt"
+        key_path = tmp / f"leaf{counter[0]}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        os.chmod(key_path, 0o600)
+        return str(cert_path), str(key_path)
+
+    return str(ca_path), make_leaf
+
+
+# --------------------------------------------------------------------------
+# Ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to 0, read, close)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0, proc: Optional[subprocess.Popen] = None) -> None:
+    """Poll until a TCP connect to host:port succeeds (bounded readiness polling)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError as e:
+            last = e
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited (rc={proc.returncode}) before {host}:{port} was ready")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{host}:{port} not accepting connections after {timeout}s: {last}")
+        time.sleep(0.05)
+
+
+def can_bind(host: str, port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Processes with watched logs
+
+
+class LoggedProcess:
+    """A subprocess whose stdout+stderr go, line by line, to a log file and to
+    memory, so tests can wait for a line. Terminates (then kills) on close."""
+
+    def __init__(self, argv: Sequence[str], log_path, env: Optional[dict] = None, cwd=None):
+        self.argv = [str(a) for a in argv]
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
+        self._log.write("$ " + " ".join(self.argv) + "\n")
+        self._log.flush()
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            text=True,
+            errors="replace",
+            bufsize=1,
+        )
+        self._reader = threading.Thread(target=self._pump, name=f"log:{Path(self.argv[0]).name}", daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._log.write(line)
+            self._log.flush()
+            with self._cond:
+                self._lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def lines(self) -> list[str]:
+        with self._cond:
+            return list(self._lines)
+
+    def output(self) -> str:
+        return "\n".join(self.lines())
+
+    def wait_for_line(self, pattern: str, timeout: float = 15.0) -> re.Match:
+        """Block until a line matches regex `pattern`; return the match.
+        Raises RuntimeError if the process exits first, TimeoutError on timeout."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                while seen < len(self._lines):
+                    m = rx.search(self._lines[seen])
+                    seen += 1
+                    if m:
+                        return m
+                if self._eof:
+                    self.proc.wait(timeout=5)
+                    raise RuntimeError(
+                        f"{self.argv[0]} exited (rc={self.proc.returncode}) before printing /{pattern}/:\n"
+                        + "\n".join(self._lines[-40:])
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"{self.argv[0]} did not print /{pattern}/ within {timeout}s:\n"
+                        + "\n".join(self._lines[-40:])
+                    )
+                self._cond.wait(left)
+
+    def stop(self, timeout: float = 5.0) -> Optional[int]:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------
+# derper
+
+
+class GoDerper:
+    """Tailscale's `derper` on loopback.
+
+    Plain HTTP (default): `derper -a 127.0.0.1:PORT -c DIR/derper.json -stun=false`
+    on a free port; `.url` is `http://127.0.0.1:PORT`.
+
+    TLS (`tls=True`): adds `-certmode=manual -hostname=HOSTNAME -certdir=DIR/certs
+    -http-port=-1`, with a leaf certificate for HOSTNAME/127.0.0.1 issued by the
+    test CA and copied to `certs/HOSTNAME.crt` / `.key` (the names derper's
+    manual mode loads; it also refuses TLS whose SNI is not HOSTNAME when
+    HOSTNAME is a DNS name). Port defaults to 443 (what the real derpconnect
+    needs); `.url` is `https://HOSTNAME:PORT`. Pass either `make_leaf` (from
+    `make_test_ca`) plus `ca_file`, or neither (a CA is then made in DIR).
+    """
+
+    def __init__(
+        self,
+        workdir,
+        *,
+        tls: bool = False,
+        port: Optional[int] = None,
+        hostname: str = "localhost",
+        bind_host: str = "127.0.0.1",
+        make_leaf: Optional[Callable[..., tuple[str, str]]] = None,
+        ca_file: Optional[str] = None,
+        extra_args: Sequence[str] = (),
+        ready_timeout: float = 20.0,
+    ):
+        self.binary = derper_path()
+        if not self.binary:
+            raise FileNotFoundError(DERPER_MISSING)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tls = tls
+        self.hostname = hostname
+        self.bind_host = bind_host
+        self.extra_args = list(extra_args)
+        self.ready_timeout = ready_timeout
+        self.ca_file = ca_file
+        self._make_leaf = make_leaf
+        if port is None:
+            port = 443 if tls else free_port(bind_host)
+        if not tls and port == 443:
+            raise ValueError("derper serves TLS on port 443; use tls=True there")
+        self.port = port
+        self.proc: Optional[LoggedProcess] = None
+        self.log_path = self.workdir / "derper.log"
+
+    @property
+    def host(self) -> str:
+        """What to pass as `--derp=` (the TLS hostname, or the bind address)."""
+        return self.hostname if self.tls else self.bind_host
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    def env_for_clients(self) -> dict:
+        """Environment additions for a Go client of this relay."""
+        env = {}
+        if self.port != 443:
+            # Read only by the stand-in goderpconnect (the real tool always dials :443).
+            env["DERPCONNECT_TEST_PORT"] = str(self.port)
+        if self.ca_file:
+            env["SSL_CERT_FILE"] = str(self.ca_file)
+        return env
+
+    def ssl_context(self) -> Optional[ssl.SSLContext]:
+        """A client context trusting the test CA (None in plain HTTP mode)."""
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def start(self) -> "GoDerper":
+        argv = [
+            self.binary,
+            "-a", f"{self.bind_host}:{self.port}",
+            "-c", str(self.workdir / "derper.json"),
+            "-stun=false",
+        ]
+        if self.tls:
+            if self._make_leaf is None:
+                self.ca_file, self._make_leaf = make_test_ca(self.workdir / "pki")
+            elif not self.ca_file:
+                raise ValueError("ca_file is required with make_leaf")
+            cert, key = self._make_leaf([self.hostname, "127.0.0.1"])
+            certdir = self.workdir / "certs"
+            certdir.mkdir(exist_ok=True)
+            stem = re.sub(r"[^a-zA-Z0-9\-\.]", "", self.hostname)  # derper's own sanitising
+            shutil.copyfile(cert, certdir / f"{stem}.crt")
+            shutil.copyfile(key, certdir / f"{stem}.key")
+            argv += [
+                "-certmode=manual",
+                f"-hostname={self.hostname}",
+                f"-certdir={certdir}",
+                "-http-port=-1",
+            ]
+        argv += self.extra_args
+        self.proc = LoggedProcess(argv, self.log_path)
+        try:
+            self.proc.wait_for_line(r"derper: serving on", timeout=self.ready_timeout)
+            wait_for_port(self.bind_host, self.port, timeout=self.ready_timeout, proc=self.proc.proc)
+            if self.tls:
+                self.check_tls()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def check_tls(self, timeout: float = 5.0) -> str:
+        """TLS handshake to the relay verifying against the test CA with SNI
+        = hostname; returns the negotiated TLS version."""
+        ctx = self.ssl_context()
+        assert ctx is not None
+        with socket.create_connection((self.bind_host, self.port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=self.hostname) as s:
+                return s.version() or ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def output(self) -> str:
+        return self.proc.output() if self.proc else ""
+
+    def __enter__(self) -> "GoDerper":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------
+# derpconnect (real or stand-in)
+
+_JOIN_RX = r'Join with "derpconnect --derp=\S+ join ([A-Za-z0-9_-]{43})"'
+_LISTEN_RX = r"Listening on (\S+)"
+
+
+class GoDerpconnect(LoggedProcess):
+    """A Go `derpconnect serve|join` process against a GoDerper (or any relay).
+
+    The key file lives under `workdir/config/derpconnect/<key>` (XDG_CONFIG_HOME
+    points there). Environment: SSL_CERT_FILE = the relay's test CA,
+    DERPCONNECT_TEST_PORT = the relay port (read only by the stand-in; the real
+    tool always dials :443).
+    """
+
+    def __init__(self, relay_host: str, args: Sequence[str], workdir=None, *, env: Optional[dict] = None,
+                 key: Optional[str] = None, debug: bool = False, binary: Optional[str] = None):
+        binary = binary or derpconnect_path()
+        if not binary:
+            raise FileNotFoundError(DERPCONNECT_MISSING)
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="derpconnect-"))
+        self.config_home = self.workdir / "config"
+        self.config_home.mkdir(parents=True, exist_ok=True)
+        full_env = dict(os.environ)
+        full_env.update({"XDG_CONFIG_HOME": str(self.config_home), "HOME": str(self.workdir)})
+        if env:
+            full_env.update(env)
+        argv = [binary, f"--derp={relay_host}"]
+        if key:
+            argv.append(f"--key={key}")
+        if debug:
+            argv.append("--debug")
+        argv += list(args)
+        self.key_name = key or "derpconnect"
+        self.pubkey: Optional[str] = None
+        self.listen_addr: Optional[str] = None
+        self.listen_port: Optional[int] = None
+        super().__init__(argv, self.workdir / f"derpconnect-{args[0] if args else 'x'}.log", env=full_env)
+
+    @property
+    def key_path(self) -> Path:
+        return self.config_home / "derpconnect" / self.key_name
+
+    @classmethod
+    def serve(cls, relay: GoDerper, target_port: int, workdir=None, *, timeout: float = 20.0, **kw) -> "GoDerpconnect":
+        """`derpconnect serve PORT`; returns once the "Join with" line is out
+        (`.pubkey` = the 43-char base64url public key)."""
+        env = relay.env_for_clients()
+        env.update(kw.pop("env", None) or {})
+        p = cls(relay.host, ["serve", str(target_port)], workdir, env=env, **kw)
+        try:
+            p.pubkey = p.wait_for_line(_JOIN_RX, timeout=timeout).group(1)
+        except BaseException:
+            p.stop()
+            raise
+        return p
+
+    @classmethod
+    def join(cls, relay: GoDerper, pubkey: str, listen_port: int = 0, workdir=None, *,
+             timeout: float = 20.0, **kw) -> "GoDerpconnect":
+        """`derpconnect join PUBKEY PORT`; returns once "Listening on" is out
+        (`.listen_addr`, `.listen_port`; it listens on all interfaces)."""
+        env = relay.env_for_clients()
+        env.update(kw.pop("env", None) or {})
+        p = cls(relay.host, ["join", pubkey, str(listen_port)], workdir, env=env, **kw)
+        try:
+            p.listen_addr = p.wait_for_line(_LISTEN_RX, timeout=timeout).group(1)
+            p.listen_port = int(p.listen_addr.rsplit(":", 1)[1])
+        except BaseException:
+            p.stop()
+            raise
+        return p
