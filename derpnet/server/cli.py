@@ -1,0 +1,148 @@
+"""Command line of the relay: `python -m derpnet.server --listen HOST:PORT [--tls] ...`.
+
+`add_arguments(parser)` + `run(args)` let another CLI mount it as a sub-command
+(`derpconnect relay`); `main(argv)` is the stand-alone entry point. On success one
+ready line is printed to stdout (tests parse it to learn the port):
+`derpnet relay listening on http://127.0.0.1:3340 (server key nodekey:...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import signal
+import ssl
+import sys
+from typing import List, Optional, Tuple
+
+from ..keys import PrivateKey
+from .keyfile import load_or_create_key
+from .server import RelayOptions, RelayServer, tls_setup, relay_url
+
+__all__ = ["add_arguments", "run", "main", "parse_listen", "READY_PREFIX"]
+
+READY_PREFIX = "derpnet relay listening on "
+DEFAULT_LISTEN = "127.0.0.1:3340"
+log = logging.getLogger(__name__)
+
+
+def parse_listen(text: str) -> Tuple[Optional[str], int]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces) → (host or None, port)."""
+    s = text.strip()
+    if s.startswith("["):
+        host, sep, rest = s[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"bad listen address {text!r}: expected [IPv6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = s.rpartition(":")
+        if not sep:
+            raise ValueError(f"bad listen address {text!r}: expected HOST:PORT")
+        if ":" in host:
+            raise ValueError(f"bad listen address {text!r}: put IPv6 addresses in brackets")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad port in listen address {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in listen address {text!r}")
+    return (host or None), port
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the relay's options to `parser` (used by this module and by `derpconnect relay`)."""
+    parser.add_argument("--listen", "-a", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                        help=f"address to listen on; port 0 picks a free one (default {DEFAULT_LISTEN}; ':PORT' = all interfaces)")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve HTTPS (a self-signed certificate unless --cert/--key are given)")
+    parser.add_argument("--cert", metavar="PEM", help="TLS certificate chain file (implies --tls)")
+    parser.add_argument("--key", dest="tls_key", metavar="PEM", help="TLS private key file (default: in --cert)")
+    parser.add_argument("--hostname", metavar="NAME",
+                        help="name in the printed URL and the self-signed certificate (default localhost with TLS)")
+    parser.add_argument("--key-file", metavar="PATH",
+                        help="server private key; created (0600) if missing; derper's JSON key file works too "
+                             "(default: a fresh key each run)")
+    parser.add_argument("--no-meta-cert", action="store_true",
+                        help="do not send derper's meta certificate (disables TLS 1.3 fast start for Go clients)")
+    parser.add_argument("--write-timeout", type=float, default=2.0, metavar="SECONDS",
+                        help="drop a client whose writes stall this long (default 2; 0 = never)")
+    parser.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="close connections that have not sent their request head (and again their "
+                             "ClientInfo) within this time (default 10, as derper)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (one line per connection)")
+
+
+def _fail(msg: str) -> int:
+    print(f"derpnet relay: {msg}", file=sys.stderr, flush=True)
+    return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the relay until SIGINT/SIGTERM; returns the exit code (errors: one line on stderr, 1)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if getattr(args, "verbose", False):
+        logging.getLogger("derpnet").setLevel(logging.DEBUG)
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        key = load_or_create_key(args.key_file) if args.key_file else PrivateKey.generate()
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot use key file {args.key_file}: {e}")
+    try:
+        tls = tls_setup(bool(args.tls), args.cert, args.tls_key, args.hostname, host, key.public_key,
+                         not args.no_meta_cert)
+    except (OSError, ValueError, ssl.SSLError) as e:
+        return _fail(f"cannot set up TLS: {e}")
+    wt = args.write_timeout if args.write_timeout and args.write_timeout > 0 else None
+    try:
+        options = RelayOptions(write_timeout=wt, handshake_timeout=args.handshake_timeout,
+                               client_info_timeout=args.handshake_timeout)
+    except ValueError as e:
+        return _fail(str(e))
+    server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
+    try:
+        return asyncio.run(_serve(server, args, host))
+    except KeyboardInterrupt:  # SIGINT before the handler was installed, or off the main thread
+        return 0
+
+
+async def _serve(server: RelayServer, args: argparse.Namespace, host: Optional[str]) -> int:
+    try:
+        await server.start()
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return _fail(f"cannot listen on {args.listen}: address already in use")
+        return _fail(f"cannot listen on {args.listen}: {e.strerror or e}")
+    url = relay_url(host, server.port, server.ssl_context is not None, args.hostname)
+    print(f"{READY_PREFIX}{url} (server key {server.public_key})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not POSIX
+            pass
+    try:
+        await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        log.info("relay: shutting down")
+        await server.close()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m derpnet.server`: parse `argv` and run the relay."""
+    parser = argparse.ArgumentParser(prog="python -m derpnet.server",
+                                     description="Run a DERP relay (Tailscale-compatible) for derpnet.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,67 @@
+"""The relay's plain-HTTP endpoints (probes, captive-portal check, home page), as derper serves them.
+
+Pure functions from a parsed request head to response bytes; the connection closes after
+each response. See shared/derp-protocol.md §6.3.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, Optional, Tuple
+
+from ..http11 import Request, build_response
+
+__all__ = ["respond", "websocket_not_supported", "UPGRADE_REQUIRED_BODY", "HOME_PAGE"]
+
+UPGRADE_REQUIRED_BODY = "DERP requires connection upgrade\n"
+HOME_PAGE = (
+    "derpnet relay\n"
+    "\n"
+    "This is a DERP relay (Tailscale's Designated Encrypted Relay for Packets protocol),\n"
+    "run by derpnet. Clients connect to /derp; /derp/probe answers latency checks.\n"
+)
+_NO_CACHE = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
+_CHALLENGE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_TEXT = "text/plain; charset=utf-8"
+
+
+def respond(req: Request) -> Tuple[int, bytes]:
+    """The (status, response bytes) for a non-upgrade request; HEAD gets headers only."""
+    path = req.path
+    if path in ("/derp/probe", "/derp/latency-check"):
+        if req.method in ("GET", "HEAD"):
+            return _reply(req, 200, [("Access-Control-Allow-Origin", "*")])
+        return _reply(req, 405, [("Content-Type", _TEXT)], "bogus probe method\n")
+    if path == "/derp":
+        return _reply(req, 426, [("Content-Type", _TEXT)], UPGRADE_REQUIRED_BODY)
+    if path == "/generate_204":
+        headers = [("Cache-Control", _NO_CACHE)]
+        challenge = req.get("X-Tailscale-Challenge")
+        if challenge and _CHALLENGE.fullmatch(challenge):
+            headers.append(("X-Tailscale-Response", "response " + challenge))
+        return _reply(req, 204, headers)
+    if path == "/robots.txt":
+        return _reply(req, 200, [("Content-Type", _TEXT)], "User-agent: *\nDisallow: /\n")
+    if path == "/" and req.method in ("GET", "HEAD"):
+        return _reply(req, 200, [("Content-Type", _TEXT)], HOME_PAGE)
+    if path == "/":
+        return _reply(req, 405, [("Content-Type", _TEXT)], "method not allowed\n")
+    return _reply(req, 404, [("Content-Type", _TEXT)], "404 page not found\n")
+
+
+def websocket_not_supported(req: Request) -> Tuple[int, bytes]:
+    """501 for DERP-in-WebSocket upgrades (derper serves those; we only speak raw DERP)."""
+    return _reply(req, 501, [("Content-Type", _TEXT)], "DERP over WebSocket is not supported by this relay\n",
+                  reason="Not Implemented")
+
+
+def _reply(req: Request, status: int, headers: List[Tuple[str, str]], body: str = "",
+           reason: Optional[str] = None) -> Tuple[int, bytes]:
+    data = body.encode()
+    headers = list(headers)
+    if status != 204:
+        headers.append(("Content-Length", str(len(data))))
+    headers.append(("Connection", "close"))
+    if req.method == "HEAD":
+        data = b""
+    return status, build_response(status, headers, data, reason=reason)

@@ -1,0 +1,126 @@
+"""Our relay as a real subprocess for tests: `python -m derpnet.server` (pure Python, no fixtures).
+
+    with OurRelay() as relay:                 # http://127.0.0.1:<free port>
+        ... relay.url, relay.port, relay.public_key ...
+    with OurRelay(tls=True) as relay:         # https://localhost:<port>, leaf from a test CA
+        ctx = relay.ssl_context()             # trusts relay.ca_file
+
+`restart()` brings it back on the same port with the same key (fault tests); `kill()`
+SIGKILLs it. Readiness is the relay's ready line, never a sleep. The test CA comes
+from tests.interop_peers.make_test_ca, and the process handling from its LoggedProcess.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from derpnet.keys import PublicKey
+from tests.interop_peers import LoggedProcess, make_test_ca
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_RX = r"derpnet relay listening on (?P<url>https?://\S+) \(server key (?P<key>nodekey:[0-9a-f]{64})\)"
+
+
+class OurRelay:
+    """`python -m derpnet.server` on loopback, started on enter and stopped on exit."""
+
+    def __init__(self, *, tls: bool = False, cert: Optional[str] = None, key: Optional[str] = None,
+                 hostname: Optional[str] = None, port: int = 0, workdir: Optional[str] = None,
+                 extra_args: Sequence[str] = (), ready_timeout: float = 20.0) -> None:
+        self.tls = tls or cert is not None
+        self.hostname = hostname or ("localhost" if self.tls else None)
+        self.requested_port = port
+        self.extra_args = list(extra_args)
+        self.ready_timeout = ready_timeout
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="derpnet-relay-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.key_file = self.workdir / "relay.key"  # persists the server key across restart()
+        self.ca_file: Optional[str] = None
+        self.cert, self.key = cert, key
+        if self.tls and cert is None:
+            self.ca_file, make_leaf = make_test_ca(self.workdir / "pki")
+            self.cert, self.key = make_leaf([self.hostname, "127.0.0.1"])
+        self.logged: Optional[LoggedProcess] = None
+        self.url = ""
+        self.port = 0
+        self.public_key: Optional[PublicKey] = None
+        self._starts = 0
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        """The running `python -m derpnet.server` process."""
+        if self.logged is None:
+            raise RuntimeError("relay not started")
+        return self.logged.proc
+
+    def argv(self, port: int) -> list:
+        """The command line for a relay on `port`."""
+        argv = [sys.executable, "-m", "derpnet.server", "--listen", f"127.0.0.1:{port}",
+                "--key-file", str(self.key_file)]
+        if self.tls:
+            argv += ["--cert", str(self.cert), "--key", str(self.key)]
+        if self.hostname:
+            argv += ["--hostname", self.hostname]
+        return argv + self.extra_args
+
+    def start(self) -> "OurRelay":
+        """Start the process and wait for its ready line (url, port, key)."""
+        port = self.port or self.requested_port
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._starts += 1
+        self.logged = LoggedProcess(self.argv(port), self.workdir / f"relay-{self._starts}.log", env=env, cwd=REPO_ROOT)
+        try:
+            m = self.logged.wait_for_line(READY_RX, timeout=self.ready_timeout)
+        except BaseException:
+            self.logged.stop()
+            raise
+        self.url = m.group("url")
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.public_key = PublicKey.parse(m.group("key"))
+        return self
+
+    def ssl_context(self) -> Optional[ssl.SSLContext]:
+        """A client context trusting the test CA (None for plain HTTP)."""
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def output(self) -> str:
+        """The relay's stdout and stderr so far."""
+        return self.logged.output() if self.logged else ""
+
+    def kill(self) -> None:
+        """SIGKILL the relay (a crash, for fault tests)."""
+        if self.logged is not None and self.logged.proc.poll() is None:
+            self.logged.proc.kill()
+            self.logged.proc.wait(timeout=10)
+        if self.logged is not None:
+            self.logged.stop()
+
+    def restart(self) -> "OurRelay":
+        """Kill if running, then start again on the same port with the same server key."""
+        self.kill()
+        return self.start()
+
+    def stop(self) -> Optional[int]:
+        """SIGTERM and wait; returns the exit code."""
+        if self.logged is None:
+            return None
+        return self.logged.stop(timeout=10)
+
+    def __enter__(self) -> "OurRelay":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
