@@ -178,11 +178,12 @@ class UnknownFrame(Frame):
 
 def encode_frame(ftype: int, *parts: bytes) -> bytes:
     """One frame: header plus the concatenated parts."""
-    length = sum(len(p) for p in parts)
-    return _HEADER.pack(ftype, length) + b"".join(parts)
+    return b"".join((_HEADER.pack(ftype, sum(map(len, parts))), *parts))
 
 
 def _key(k: Union[PublicKey, bytes]) -> bytes:
+    if type(k) is PublicKey:
+        return k.raw
     raw = bytes(k)
     if len(raw) != KEY_LEN:
         raise LocalProtocolError(f"key must be {KEY_LEN} bytes, got {len(raw)}")
@@ -202,7 +203,7 @@ def encode_server_info(sealed: bytes) -> bytes:
 
 
 def _check_packet(*parts: bytes) -> None:
-    n = sum(len(p) for p in parts)
+    n = sum(map(len, parts))
     if n > MAX_PACKET_SIZE:
         raise LocalProtocolError(f"packet of {n} bytes exceeds the DERP limit of {MAX_PACKET_SIZE}")
 
@@ -305,6 +306,7 @@ class FrameDecoder:
         if role not in ("client", "server"):
             raise ValueError("role must be 'client' or 'server'")
         self.role = role
+        self._known = _ROLE_TYPES[role]
         self._limits = dict(limits if limits is not None else (CLIENT_LIMITS if role == "client" else SERVER_LIMITS))
         self._default_limit = self._limits.pop("default")
         self._buf = bytearray()
@@ -349,7 +351,7 @@ class FrameDecoder:
             if len(buf) < FRAME_HEADER_LEN:
                 return None
             ftype, length = _HEADER.unpack_from(buf)
-            known = ftype in _ROLE_TYPES[self.role]
+            known = ftype in self._known
             limit = self._limits.get(ftype, self._default_limit)
             if length > limit:
                 name = FrameType(ftype).name if ftype in FrameType._value2member_map_ else f"type 0x{ftype:02x}"
