@@ -1,0 +1,403 @@
+"""What the derpconnect commands share: errors with exit codes, the identity key file,
+the relay named by --derp, TLS settings, logging, signals, and bounded start-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+from .. import derpmap
+from ..errors import AuthenticationError, DerpError, HandshakeError, UpgradeError
+from ..keys import PrivateKey, PublicKey
+
+log = logging.getLogger("derpnet.cmd")
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # a runtime failure (relay unreachable, port in use, refused, ...): as the Go tool
+EXIT_USAGE = 2  # a mistake on the command line (malformed key, missing --derp, bad region, ...)
+
+
+class UserError(Exception):
+    """An error to report as one line on stderr, then exit with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UsageError(UserError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_USAGE)
+
+
+# --------------------------------------------------------------------------
+# Logging
+
+
+class _Formatter(logging.Formatter):
+    """Go's `log` layout (`2006/01/02 15:04:05 message`); the logger name only for the
+    libraries' own records in debug mode."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__(datefmt="%Y/%m/%d %H:%M:%S")
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            msg = f"{record.levelname.lower()}: {msg}"
+        if self.debug and not record.name.startswith("derpnet.cmd"):
+            msg = f"[{record.name}] {msg}"
+        line = f"{self.formatTime(record, self.datefmt)} {msg}"
+        if record.exc_info and self.debug:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(verbose: bool, debug: bool) -> None:
+    """derpconnect's and the libraries' (derpnet, derpquic) lines at info, anything else at
+    warning (info with -v); everything at debug with --debug. All to stderr, like the Go tool."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(debug or verbose))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    # our lines and the libraries' notable events (relay link lost/restored, peers refused)
+    for name in ("derpnet", "derpquic"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic's per-packet chatter
+
+
+# --------------------------------------------------------------------------
+# Keys
+
+
+def user_config_dir() -> Path:
+    """Go's `os.UserConfigDir()`: `$XDG_CONFIG_HOME` (if absolute) or `~/.config` on Linux and
+    other Unixes, `~/Library/Application Support` on macOS, `%AppData%` on Windows."""
+    if sys.platform == "win32":
+        appdata = os.environ.get("AppData")
+        if not appdata:
+            raise UserError("cannot find the user config directory: %AppData% is not set")
+        return Path(appdata)
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support"
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg)
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    if not home or home == "~":
+        raise UserError("cannot find the user config directory: neither $XDG_CONFIG_HOME nor $HOME is set")
+    return Path(home) / ".config"
+
+
+def key_path(name: str) -> Path:
+    """Where `--key NAME` lives: `<user config dir>/derpconnect/NAME`, as the Go tool."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise UsageError(f"--key {name!r}: give a plain name (the file lives in "
+                         f"{user_config_dir() / 'derpconnect'}); use --key-file PATH for a path")
+    return user_config_dir() / "derpconnect" / name
+
+
+def identity_path(args) -> Path:
+    if getattr(args, "key_file", None):
+        return Path(args.key_file).expanduser()
+    return key_path(args.key)
+
+
+def load_key(path: Path) -> PrivateKey:
+    try:
+        key = PrivateKey.load(path)
+    except FileNotFoundError:
+        raise
+    except PermissionError:
+        raise UserError(f"cannot read key file {path}: permission denied") from None
+    except IsADirectoryError:
+        raise UsageError(f"key file {path} is a directory") from None
+    except OSError as e:
+        raise UserError(f"cannot read key file {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"malformed key file: {e}") from None
+    try:
+        mode = path.stat().st_mode
+        if os.name == "posix" and mode & 0o077:
+            log.warning("key file %s is readable by other users (mode %o): chmod 600 it", path, mode & 0o777)
+    except OSError:
+        pass
+    return key
+
+
+def create_key_file(path: Path, key: PrivateKey, *, raw: bool = True, overwrite: bool = False) -> None:
+    """Write `key` to `path` with mode 0600, atomically. Unless `overwrite`, fails with
+    FileExistsError if the file exists, even when another process creates it at the same
+    moment (the new file is linked into place, never renamed over an existing one)."""
+    if overwrite:
+        key.save(path, raw=raw)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-key-")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.raw if raw else (str(key) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def load_or_create_identity(args) -> tuple[PrivateKey, Path]:
+    """The node's private key: --key-file PATH, or --key NAME under the user config dir;
+    created (raw 32 bytes, mode 0600, the Go tool's format) on first use."""
+    path = identity_path(args)
+    try:
+        return load_key(path), path
+    except FileNotFoundError:
+        pass
+    key = PrivateKey.generate()
+    try:
+        create_key_file(path, key)
+    except FileExistsError:  # created by another process just now: use that one
+        return load_key(path), path
+    except OSError as e:
+        raise UserError(f"cannot create key file {path}: {e.strerror or e}") from None
+    log.info("created a new private key in %s (public key %s)", path, key.public_key.b64())
+    return key, path
+
+
+def parse_public_key(text: str, what: str = "public key") -> PublicKey:
+    try:
+        return PublicKey.parse(text)
+    except (ValueError, TypeError) as e:
+        detail = str(e)
+        if detail.startswith("public key: "):
+            detail = detail[len("public key: "):]
+        raise UsageError(f"malformed {what} {text!r}: {detail}") from None
+
+
+# --------------------------------------------------------------------------
+# Relay
+
+
+def derp_map(args) -> derpmap.DerpMap:
+    try:
+        return derpmap.load(getattr(args, "derp_map", None))
+    except derpmap.DerpMapError as e:
+        raise UsageError(str(e)) from None
+
+
+def relay_target(args) -> derpmap.RelayTarget:
+    spec = getattr(args, "derp", None)
+    if not spec:
+        raise UsageError("no relay given: use --derp=HOST (a DERP server host name such as "
+                         "derp1f.tailscale.com, a URL, or a region code: see `derpconnect regions`), "
+                         "or set DERPNET_DERP")
+    try:
+        return derpmap.resolve(spec, derp_map(args) if _may_be_region(spec) else None)
+    except derpmap.DerpMapError as e:
+        raise UsageError(f"--derp={spec}: {e}") from None
+
+
+def _may_be_region(spec: str) -> bool:
+    s = spec.strip()
+    return "." not in s and ":" not in s and "/" not in s
+
+
+def relay_ssl_context(args, insecure: bool = False) -> Optional[ssl.SSLContext]:
+    """None (the library's default verification) unless --derp-ca or an
+    InsecureForTests map node asks otherwise."""
+    ca = getattr(args, "derp_ca", None)
+    if insecure:
+        log.warning("the DERP map marks this relay InsecureForTests: its TLS certificate is not checked")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    if not ca:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(Path(ca).expanduser()))
+    except FileNotFoundError:
+        raise UsageError(f"--derp-ca {ca}: no such file") from None
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise UsageError(f"--derp-ca {ca}: not a PEM CA certificate file ({e})") from None
+
+
+def describe_error(e: BaseException, relay: str = "") -> str:
+    """One human line for an exception from connecting to a relay or a peer."""
+    where = f"relay {relay}" if relay else "relay"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return (f"TLS certificate of {where} not trusted: {e.verify_message or e.reason or e} "
+                f"(for a private CA use --derp-ca FILE)")
+    if isinstance(e, ssl.SSLError):
+        return f"TLS with {where} failed: {e.reason or e}"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve {where}: {e.strerror or e}"
+    if isinstance(e, ConnectionRefusedError):
+        return f"{where} refused the connection (nothing listening there?)"
+    if isinstance(e, (TimeoutError, socket.timeout)):
+        return f"{where} did not answer in time"
+    if isinstance(e, UpgradeError):
+        return f"{where} is not a DERP server or refused us: {e}"
+    if isinstance(e, HandshakeError):
+        return f"DERP handshake with {where} failed: {e}"
+    if isinstance(e, AuthenticationError):
+        return f"authentication failed: {e}"
+    if isinstance(e, DerpError):
+        return f"{where}: {e}"
+    if isinstance(e, OSError):
+        return f"{where}: {e.strerror or e}"
+    return f"{where}: {e}"
+
+
+# --------------------------------------------------------------------------
+# Signals and bounded start-up
+
+
+class Stopper:
+    """SIGINT/SIGTERM set `event` (the first time; a second signal exits at once)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_name = ""
+        self._old: dict[int, object] = {}
+
+    def install(self) -> "Stopper":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.event.is_set():
+            os._exit(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+        self.event.set()
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass
+        self._old.clear()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+class Interrupted(Exception):
+    """Start-up was interrupted by a signal."""
+
+
+def run_bounded(fn: Callable[[], T], timeout: float, what: str, stop: Stopper) -> T:
+    """Run fn() in a helper thread; give up after `timeout` seconds (UserError) or on a
+    signal (Interrupted). A late result is closed if it has a close()."""
+    box: dict = {}
+    done = threading.Event()
+    abandoned = threading.Event()
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+        done.set()
+        if abandoned.is_set() and "value" in box:
+            close = getattr(box["value"], "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    threading.Thread(target=target, name=f"start:{what}", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not done.wait(0.1):
+        if stop.is_set():
+            abandoned.set()
+            raise Interrupted()
+        if time.monotonic() >= deadline:
+            abandoned.set()
+            raise UserError(f"{what}: no answer within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def close_bounded(objs, timeout: float = 0.5, linger: Optional[float] = None) -> None:
+    """Close objects in a helper thread, waiting at most `timeout` seconds overall
+    (`close(linger=...)` where the object takes it: derpquic's Listener and Dialer)."""
+    objs = [o for o in objs if o is not None]
+    if not objs:
+        return
+
+    def target() -> None:
+        for o in objs:
+            try:
+                if linger is not None:
+                    try:
+                        o.close(linger=linger)
+                        continue
+                    except TypeError:
+                        pass
+                o.close()
+            except Exception as e:  # noqa: BLE001 - best effort on the way out
+                log.debug("close %r: %s", o, e)
+
+    th = threading.Thread(target=target, name="shutdown-close", daemon=True)
+    th.start()
+    th.join(timeout)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def local_endpoint(text: str, *, default_host: str, what: str) -> tuple[str, int]:
+    """`PORT` or `HOST:PORT` (`[v6]:PORT`) -> (host, port)."""
+    s = text.strip()
+    host = default_host
+    port_s = s
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0 or not s[end + 1:].startswith(":"):
+            raise UsageError(f"{what} {text!r}: expected PORT, HOST:PORT or [IPv6]:PORT")
+        host, port_s = s[1:end], s[end + 2:]
+    elif ":" in s:
+        host, port_s = s.rsplit(":", 1)
+        if ":" in host:
+            raise UsageError(f"{what} {text!r}: write an IPv6 address as [ADDR]:PORT")
+        if not host:
+            host = default_host
+    if not port_s.isdigit() or int(port_s) > 65535:
+        raise UsageError(f"{what} {text!r}: {port_s!r} is not a port number (0-65535)")
+    return host, int(port_s)

@@ -1,0 +1,196 @@
+"""`derpconnect join PUBKEY [LISTEN]`: listen on a local TCP port and forward every
+connection over a new stream to the serving peer."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import socket
+import threading
+
+from ..errors import AuthenticationError, DerpError
+from .common import (EXIT_FAILURE, EXIT_OK, Interrupted, Stopper, UserError, close_bounded, describe_error,
+                     load_or_create_identity, local_endpoint, parse_public_key, positive_float, relay_ssl_context,
+                     relay_target)
+from .forward import Tunnels, abort
+from .serve import _max_conns
+from .session import connect_relay
+
+log = logging.getLogger("derpnet.cmd")
+
+NAME = "join"
+HELP = "listen on a local TCP port and forward connections to a serving peer"
+DESCRIPTION = """\
+Listen on LISTEN (PORT, or HOST:PORT; default 127.0.0.1 and a random port) and forward
+every accepted TCP connection to the peer PUBKEY (as printed by its `serve`). Unlike the
+Go tool, only loopback is listened on unless asked: use 0.0.0.0:PORT (or [::]:PORT) to
+accept connections from other machines.
+"""
+
+DIAL_TIMEOUT = 15.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pubkey", metavar="PUBKEY",
+                   help="the serving peer's public key (43-char base64url as printed by serve, or nodekey:<hex>)")
+    p.add_argument("listen", metavar="LISTEN", nargs="?", default="0",
+                   help="local PORT or HOST:PORT to listen on (default: a random port on 127.0.0.1)")
+    p.add_argument("--insecure-allow-unauthenticated", action="store_true",
+                   help="accept a serving peer that cannot prove it holds PUBKEY, such as the Go "
+                        "derpconnect (its identity is then only vouched for by the relay)")
+    p.add_argument("--max-conns", metavar="N", type=_max_conns, default=256,
+                   help="at most N connections at once (default %(default)s)")
+    p.add_argument("--dial-timeout", metavar="SECONDS", type=positive_float, default=DIAL_TIMEOUT,
+                   help="give up on reaching the peer for one connection after this time (default %(default)g)")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if os.name == "posix":  # lets a restarted join reuse its port at once (TIME_WAIT)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        what = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise UserError(f"cannot listen on {_fmt_addr(host, port)}: {what}") from None
+    return sock
+
+
+def _fmt_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(args) -> int:
+    peer = parse_public_key(args.pubkey, "peer public key")
+    host, port = local_endpoint(args.listen, default_host="127.0.0.1", what="listen address")
+    target = relay_target(args)
+    ssl_context = relay_ssl_context(args, target.insecure)
+    key, _ = load_or_create_identity(args)
+    if peer == key.public_key:
+        log.warning("PUBKEY is this node's own key: connections will go to this node's own serve, if any")
+
+    import derpquic
+
+    options: dict = {}
+    if ssl_context is not None:
+        options["ssl_context"] = ssl_context
+    if args.insecure_allow_unauthenticated:
+        options["allow_unauthenticated"] = True
+
+    stop = Stopper().install()
+    lsock = _listen(host, port)
+    dialer = None
+    tunnels = Tunnels(args.max_conns)
+    fatal: list[str] = []
+    try:
+        try:
+            dialer, relay_host = connect_relay(
+                target, lambda h: derpquic.Dialer(h, key, **options), args.connect_timeout, stop)
+        except Interrupted:
+            return EXIT_OK
+        addr = lsock.getsockname()
+        log.info("Listening on %s", _fmt_addr(addr[0], addr[1]))
+        log.info("forwarding to %s through %s as %s", peer.b64(), relay_host, key.public_key.b64())
+        lsock.settimeout(0.2)
+        while not stop.is_set():
+            if not tunnels.acquire(stop.event):
+                break
+            try:
+                conn, src = lsock.accept()
+            except (TimeoutError, socket.timeout):
+                tunnels.release_slot()
+                continue
+            except OSError as e:
+                tunnels.release_slot()
+                if stop.is_set():
+                    break
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept: %s", e.strerror)
+                    stop.event.wait(0.1)
+                    continue
+                raise UserError(f"accept on {_fmt_addr(addr[0], addr[1])} failed: {e.strerror or e}") from None
+            conn.settimeout(None)
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            threading.Thread(target=_dial_peer, args=(tunnels, dialer, peer, key.public_key.b64(), conn, src, args, stop, fatal),
+                             name=f"dial-{src[1]}", daemon=True).start()
+        if fatal:
+            raise UserError(fatal[0], EXIT_FAILURE)
+        log.info("%s: shutting down", stop.signal_name or "stop")
+        return EXIT_OK
+    finally:
+        try:
+            lsock.close()
+        except OSError:
+            pass
+        n = tunnels.close_all(0.3)
+        if n:
+            log.info("closed %d open connection(s)", n)
+        if dialer is not None:
+            close_bounded([dialer], 0.3, linger=0.2)
+        stop.restore()
+
+
+def _dial_peer(tunnels: Tunnels, dialer, peer, me: str, conn: socket.socket, src, args, stop: Stopper,
+               fatal: list) -> None:
+    client = _fmt_addr(src[0], src[1])
+    try:
+        stream = dialer.dial(peer, timeout=args.dial_timeout)
+    except AuthenticationError as e:
+        log.debug("dial %s: %s", peer.b64(), e)
+        if "derpnet-auth" in str(e):  # the peer does not take part in key proofs at all
+            why = (f"peer {peer.b64()} cannot prove it holds its key: it is probably the Go derpconnect; "
+                   f"to join it anyway (trusting the relay) use --insecure-allow-unauthenticated")
+        else:
+            why = f"authentication with peer {peer.b64()} failed: {e}"
+        _refused(conn, tunnels, stop, fatal, why)
+        return
+    except ConnectionRefusedError:
+        _refused(conn, tunnels, stop, fatal,
+                 f"peer {peer.b64()} refused this node: it serves with --allow and this node's key "
+                 f"is not in it; ask its operator to add --allow {me}")
+        return
+    except (OSError, DerpError) as e:
+        _dial_failed(tunnels, conn, client, peer, e, args, stop)
+        return
+    except Exception as e:  # noqa: BLE001 - never kill the accept loop from a dial thread
+        log.error("connection from %s: unexpected error dialling the peer: %s: %s", client, type(e).__name__, e)
+        abort(conn)
+        tunnels.release_slot()
+        return
+    label = f"{client} to {peer.b64()[:8]}"
+    if not getattr(stream, "authenticated", True):
+        label += " (unverified)"  # --insecure-allow-unauthenticated: the relay could be in the middle
+    tunnels.start(conn, stream, peer=label, what="from")
+
+
+def _dial_failed(tunnels: Tunnels, conn, client: str, peer, e: BaseException, args, stop: Stopper) -> None:
+    if not stop.is_set():
+        if isinstance(e, (TimeoutError, socket.timeout)):
+            why = f"no answer within {args.dial_timeout:g} s (is it serving, on the same relay or region?)"
+        elif isinstance(e, DerpError):
+            why = describe_error(e)
+        else:
+            why = str(e) or type(e).__name__
+        log.error("connection from %s: cannot reach peer %s: %s", client, peer.b64(), why)
+    abort(conn)
+    tunnels.release_slot()
+
+
+def _refused(conn, tunnels: Tunnels, stop: Stopper, fatal: list, message: str) -> None:
+    abort(conn)
+    tunnels.release_slot()
+    if not fatal:
+        fatal.append(message)
+    stop.event.set()

@@ -1,0 +1,157 @@
+"""`derpconnect relay`: the embedded DERP relay server (derpnet.server), with its own options.
+
+What this adds to `python -m derpnet.server`: with `--tls` and no `--cert`, the self-signed
+certificate is kept in `--cert-dir` (default `<user config dir>/derpconnect/relay-certs/`)
+and reused across restarts, so clients can trust it once with `--derp-ca FILE`; its path
+is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+from .common import UsageError, UserError, user_config_dir
+
+log = logging.getLogger("derpnet.cmd")
+
+NAME = "relay"
+HELP = "run a DERP relay server (plain HTTP or TLS)"
+DESCRIPTION = """\
+Run derpnet's own DERP relay: serve and join peers meet on it with
+--derp=http://HOST:PORT (plain HTTP) or --derp=https://HOST:PORT (TLS). With --tls and no
+--cert a self-signed certificate is made once, kept in --cert-dir and reused; clients trust
+it with --derp-ca CERTFILE (the path is logged at start). Prints one ready line on stdout:
+`derpnet relay listening on URL (server key nodekey:...)`.
+"""
+COMMON_OPTIONS = False  # the relay takes the server's options, not --derp/--key
+
+_MISSING = "the relay server (derpnet.server) is not available in this installation"
+RENEW_BEFORE = datetime.timedelta(days=7)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    try:
+        from .. import server
+        add = getattr(server, "add_arguments")
+        getattr(server, "run")
+    except (ImportError, AttributeError) as e:  # a partial installation: say so when used
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(_relay_missing=str(e))
+        return
+    add(p)
+    p.add_argument("--cert-dir", metavar="DIR", default=None,
+                   help="where --tls without --cert keeps its self-signed certificate "
+                        "(default <user config dir>/derpconnect/relay-certs)")
+    for flags, kw in ((("-v", "--verbose"), {"help": "more logging"}),
+                      (("-debug", "--debug"), {"help": "debug logging"})):
+        try:
+            p.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, **kw)
+        except argparse.ArgumentError:
+            pass  # the server defines it itself
+
+
+def run(args) -> int:
+    missing = getattr(args, "_relay_missing", None)
+    if missing is not None:
+        raise UserError(f"{_MISSING} ({missing})")
+    from .. import server
+
+    if not getattr(args, "debug", False):
+        logging.getLogger("derpnet.server").setLevel(logging.DEBUG if getattr(args, "verbose", False)
+                                                     else logging.INFO)
+    if getattr(args, "tls", False) and not getattr(args, "cert", None):
+        cert, key = _persistent_self_signed(args)
+        args.cert, args.tls_key = str(cert), str(key)
+        log.info("TLS with a self-signed certificate: clients need --derp-ca %s", cert)
+    return int(server.run(args) or 0)
+
+
+def _names(args) -> list[str]:
+    from ..server.cli import parse_listen
+
+    try:
+        host, _ = parse_listen(args.listen)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    names = [args.hostname or "localhost", "localhost", "127.0.0.1", "::1"]
+    if host:
+        try:
+            if not ipaddress.ip_address(host).is_unspecified:
+                names.append(host)
+        except ValueError:
+            names.append(host)
+    out: list[str] = []
+    for n in names:
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def _persistent_self_signed(args) -> tuple[Path, Path]:
+    """(cert, key) paths of a self-signed certificate covering the relay's names: reused when
+    it exists, covers them and is not about to expire; else made anew (key 0600)."""
+    from ..server import certs
+
+    names = _names(args)
+    d = Path(args.cert_dir).expanduser() if getattr(args, "cert_dir", None) else \
+        user_config_dir() / "derpconnect" / "relay-certs"
+    stem = "".join(c for c in names[0] if c.isalnum() or c in "-.") or "relay"
+    cert_path, key_path = d / f"{stem}.crt", d / f"{stem}.key"
+    if _usable(cert_path, key_path, names):
+        return cert_path, key_path
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_pem, key_pem = certs.self_signed_cert(names)
+        _write(key_path, key_pem, 0o600)
+        _write(cert_path, cert_pem, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write the relay's certificate in {d}: {e.strerror or e}") from None
+    log.info("made a self-signed certificate for %s in %s", ", ".join(names), cert_path)
+    return cert_path, key_path
+
+
+def _usable(cert_path: Path, key_path: Path, names: list[str]) -> bool:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        if not key_path.is_file():
+            return False
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        have = {str(v) for v in san.get_values_for_type(x509.DNSName)}
+        have |= {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+        expires = cert.not_valid_after_utc
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
+    wanted = {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in names}
+    return wanted <= have and expires - datetime.datetime.now(datetime.timezone.utc) > RENEW_BEFORE
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+

@@ -1,0 +1,26 @@
+"""derpquic: reliable, encrypted, authenticated streams between derpnet peers.
+
+QUIC (aioquic, driven by threads: no asyncio visible) over a derpnet PacketConn, wire
+compatible with the Go `github.com/ntnj/derpnet/derpquic` (quic-go v0.46)::
+
+    ln = derpquic.listen("https://derp.example.com", key)      # server
+    s = ln.accept(); data = s.recv(65536); s.sendall(data); s.close()
+
+    d = derpquic.Dialer("https://derp.example.com")           # client
+    s = d.dial(server_public_key); s.sendall(b"hi"); s.shutdown(socket.SHUT_WR)
+
+Both ends prove their node key inside the QUIC session (derpquic.auth), so the relay
+cannot impersonate a peer; Go peers cannot prove theirs (see Listener/Dialer options).
+Modules: api (Listener, Dialer), stream (Stream), driver (threads and aioquic),
+auth (key proofs), config (tunables), _quic (our aioquic adjustments).
+"""
+
+from __future__ import annotations
+
+from derpnet.errors import AuthenticationError
+
+from .api import Dialer, Listener, listen
+from .config import Options
+from .stream import Stream
+
+__all__ = ["listen", "Listener", "Dialer", "Stream", "Options", "AuthenticationError"]

@@ -1,0 +1,300 @@
+"""Our adaptation of aioquic's sans-IO `QuicConnection` (no I/O, no threads, no locks here).
+
+aioquic 1.x is used unchanged except for four narrow adjustments, each one a
+small override of a method of `QuicConnection` (names checked at import time,
+so an aioquic that renamed them fails loudly instead of misbehaving):
+
+1. **Receive windows follow the application, not the network.** aioquic doubles
+   MAX_DATA / MAX_STREAM_DATA whenever the peer has used half of them, i.e. as
+   soon as data *arrives*, whether or not anybody reads it: a slow reader's
+   buffer grows without bound. We switch that doubling off and raise the limits
+   ourselves as the application consumes bytes (`grant_stream` / `grant_connection`),
+   so at most `window` unread bytes are ever buffered per stream (and
+   `connection window` per connection).
+2. **STREAM frames longer than 16383 bytes.** aioquic writes the frame length as
+   a 2-byte varint, so packets above ~16 KiB corrupt themselves. We write a
+   4-byte varint when the frame would not fit in 2 bytes; this lets us use
+   large packets between our own peers.
+3. **An empty STREAM frame can open a stream** (`announce_stream`), so that the
+   listener sees a dialled stream before the dialler writes anything
+   (server-speaks-first protocols). If the packet carrying it is lost, it is
+   sent again (until real data or FIN has gone out).
+4. **ALPN is optional on both sides.** aioquic's server either ignores ALPN or
+   refuses clients that offer none, and its client refuses servers that select
+   none (RFC 9001 8.1). We want "derpnet-auth/1 if both speak it, else nothing",
+   so that our peers find each other and Go peers (no ALPN; quic-go's server
+   without NextProtos ignores what the client offers) still connect: the server
+   peeks at the ClientHello's ALPN list before aioquic processes it, and the
+   client accepts EncryptedExtensions without ALPN.
+
+Plus helpers: `set_max_datagram_size` (raise the packet size once we know the
+peer is ours) and `peer_transport_parameters`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from aioquic import tls
+from aioquic.buffer import Buffer, size_uint_var
+from aioquic.quic.congestion.base import K_INITIAL_WINDOW
+from aioquic.quic.connection import QuicConnection, QuicConnectionState, stream_is_client_initiated
+from aioquic.quic.packet import (QuicFrameType, QuicStreamFrame, QuicTransportParameters,
+                                 pull_quic_transport_parameters)
+from aioquic.quic.packet_builder import QuicDeliveryState
+from aioquic.quic.stream import QuicStream
+
+__all__ = ["DerpQuicConnection", "set_max_datagram_size", "peer_transport_parameters", "END_STATES",
+           "ALPN_AUTH"]
+
+logger = logging.getLogger("derpquic.quic")
+
+ALPN_AUTH = "derpnet-auth/1"
+
+END_STATES = frozenset({QuicConnectionState.CLOSING, QuicConnectionState.DRAINING,
+                        QuicConnectionState.TERMINATED})
+
+_MAX_2BYTE_VARINT = 0x3FFF
+
+for _name in ("_write_connection_limits", "_write_stream_limits", "_write_stream_frame", "_initialize",
+              "_get_or_create_stream", "_stream_limit"):
+    if not hasattr(QuicConnection, _name):  # pragma: no cover - only with an incompatible aioquic
+        raise ImportError(f"derpquic needs aioquic 1.x: QuicConnection.{_name} is missing")
+
+
+class DerpQuicConnection(QuicConnection):
+    """`QuicConnection` with application-paced receive windows, long STREAM frames,
+    announceable streams and optional server-side ALPN. Not thread-safe: the
+    driver calls it with its lock held."""
+
+    def __init__(self, *args, max_streams_bidi: int = 1024, ack_delay: Optional[float] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if ack_delay is not None:
+            self._ack_delay = ack_delay  # aioquic's local ACK delay (K_GRANULARITY = 1 ms by default)
+        # More concurrent peer-opened bidirectional streams than aioquic's 128.
+        self._local_max_streams_bidi.value = max_streams_bidi
+        self._local_max_streams_bidi.sent = max_streams_bidi
+        # Optional ALPN on the server: the protocols we select *if the client offers one*.
+        self.optional_alpn: Optional[list[str]] = None
+        # IDs of streams the peer opened, in order, including those opened by an empty
+        # STREAM frame (which aioquic reports with no event). The driver drains it.
+        self.new_peer_streams: list[int] = []
+
+    def _get_or_create_stream(self, frame_type: int, stream_id: int) -> QuicStream:
+        limit = self._stream_limit(stream_id)
+        old_used = limit.used
+        stream = super()._get_or_create_stream(frame_type, stream_id)
+        if limit.used > old_used and stream_is_client_initiated(stream_id) != self._is_client:
+            for n in range(old_used, limit.used):
+                self.new_peer_streams.append(n * 4 + stream_id % 4)
+        return stream
+
+    # -- 1. receive windows ------------------------------------------------------------------
+
+    def _write_connection_limits(self, builder, space) -> None:
+        # aioquic doubles max_data when used * 2 > value; hide `used` so it never does.
+        limit = self._local_max_data
+        used = limit.used
+        limit.used = 0
+        try:
+            super()._write_connection_limits(builder=builder, space=space)
+        finally:
+            limit.used = used
+
+    def _write_stream_limits(self, builder, space, stream: QuicStream) -> None:
+        # aioquic doubles max_stream_data when highest_offset * 2 > limit; hide it.
+        receiver = stream.receiver
+        highest = receiver.highest_offset
+        receiver.highest_offset = 0
+        try:
+            super()._write_stream_limits(builder=builder, space=space, stream=stream)
+        finally:
+            receiver.highest_offset = highest
+
+    def grant_connection(self, limit: int) -> bool:
+        """Raise MAX_DATA to `limit` (never lowers). True if a frame is now due."""
+        if limit > self._local_max_data.value:
+            self._local_max_data.value = limit
+            return True
+        return False
+
+    def grant_stream(self, stream_id: int, limit: int) -> bool:
+        """Raise MAX_STREAM_DATA of one stream to `limit` (never lowers)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.max_stream_data_local:
+            return False
+        if stream.receiver.is_finished:
+            return False
+        if limit > stream.max_stream_data_local:
+            stream.max_stream_data_local = limit
+            return True
+        return False
+
+    def connection_receive_window(self) -> tuple[int, int]:
+        """(bytes received so far, current MAX_DATA)."""
+        return self._local_max_data.used, self._local_max_data.value
+
+    # -- 2. long STREAM frames -----------------------------------------------------------------
+
+    def _write_stream_frame(self, builder, space, stream: QuicStream, max_offset: int) -> int:
+        # Space that a 2-byte-length frame could use; above that we need a 4-byte length.
+        if builder.remaining_flight_space <= _MAX_2BYTE_VARINT + 3 + 8 + 8:
+            return super()._write_stream_frame(builder=builder, space=space, stream=stream,
+                                               max_offset=max_offset)
+        frame_overhead = (1 + 4 + size_uint_var(stream.stream_id)
+                          + (size_uint_var(stream.sender.next_offset) if stream.sender.next_offset else 0))
+        previous_send_highest = stream.sender.highest_offset
+        frame = stream.sender.get_frame(builder.remaining_flight_space - frame_overhead, max_offset)
+        if frame is None:
+            return 0
+        frame_type = QuicFrameType.STREAM_BASE | 2  # length present
+        if frame.offset:
+            frame_type |= 4
+        if frame.fin:
+            frame_type |= 1
+        buf = builder.start_frame(
+            frame_type,
+            capacity=frame_overhead,
+            handler=stream.sender.on_data_delivery,
+            handler_args=(frame.offset, frame.offset + len(frame.data), frame.fin),
+        )
+        buf.push_uint_var(stream.stream_id)
+        if frame.offset:
+            buf.push_uint_var(frame.offset)
+        buf.push_uint32(len(frame.data) | 0x80000000)  # 4-byte varint
+        buf.push_bytes(frame.data)
+        if self._quic_logger is not None:
+            builder.quic_logger_frames.append(self._quic_logger.encode_stream_frame(frame, stream_id=stream.stream_id))
+        return stream.sender.highest_offset - previous_send_highest
+
+    # -- 3. announce a stream with an empty STREAM frame -------------------------------------
+
+    def announce_stream(self, stream_id: int) -> None:
+        """Create our stream `stream_id` and send an empty STREAM frame (offset 0, no FIN)
+        so the peer learns about it now. Re-sent if lost, until data or FIN goes out."""
+        self.send_stream_data(stream_id, b"", end_stream=False)  # creates the stream
+        stream = self._streams[stream_id]
+        sender = stream.sender
+        original_get_frame = type(sender).get_frame.__get__(sender)
+        original_delivery = type(sender).on_data_delivery.__get__(sender)
+        state = {"armed": True}
+
+        def get_frame(max_size, max_offset=None):
+            frame = original_get_frame(max_size, max_offset)
+            if frame is None and state["armed"] and max_size >= 0 and sender.highest_offset == 0:
+                state["armed"] = False
+                return QuicStreamFrame(data=b"", offset=0, fin=False)
+            if frame is not None:
+                state["armed"] = False
+            return frame
+
+        def on_data_delivery(delivery, start, stop, fin):
+            original_delivery(delivery, start, stop, fin)
+            if (delivery == QuicDeliveryState.LOST and start == stop == 0 and not fin
+                    and sender.highest_offset == 0 and not sender.is_finished
+                    and not sender.reset_pending):
+                state["armed"] = True
+                sender.buffer_is_empty = False
+
+        sender.get_frame = get_frame
+        sender.on_data_delivery = on_data_delivery
+        sender.buffer_is_empty = False
+
+    # -- 4. optional ALPN on the server ------------------------------------------------------
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        ctx = self.tls
+        if self._is_client:
+            if self._configuration.alpn_protocols:
+                # aioquic's client requires the server to select one of the offered protocols
+                # (RFC 9001 8.1); quic-go without NextProtos selects none. Make it optional: a
+                # server that selects none is a peer that does not speak derpnet-auth.
+                original_ee = ctx._client_handle_encrypted_extensions
+
+                def client_handle_encrypted_extensions(input_buf, *args):
+                    saved = ctx._alpn_protocols
+                    ctx._alpn_protocols = None
+                    try:
+                        return original_ee(input_buf, *args)
+                    finally:
+                        ctx._alpn_protocols = saved
+
+                ctx._client_handle_encrypted_extensions = client_handle_encrypted_extensions
+            return
+        if not self.optional_alpn:
+            return
+        original = ctx._server_handle_hello
+        protocols = list(self.optional_alpn)
+
+        def server_handle_hello(input_buf, *args):
+            pos = input_buf.tell()
+            try:
+                hello = tls.pull_client_hello(input_buf)
+                offered = hello.alpn_protocols or []
+            except Exception:  # malformed: let aioquic report it
+                offered = []
+            finally:
+                input_buf.seek(pos)
+            ctx._alpn_protocols = [p for p in protocols if p in offered] or None
+            return original(input_buf, *args)
+
+        ctx._server_handle_hello = server_handle_hello
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def state_closed(self) -> bool:
+        return self._state in END_STATES
+
+    @property
+    def close_event(self):
+        """The ConnectionTerminated event describing why we are closing, as soon as
+        the close starts (aioquic only emits it after the draining period)."""
+        return self._close_event
+
+    def stream(self, stream_id: int) -> Optional[QuicStream]:
+        return self._streams.get(stream_id)
+
+    @property
+    def max_datagram_size(self) -> int:
+        return self._max_datagram_size
+
+    @property
+    def smoothed_rtt(self) -> float:
+        return self._loss._rtt_smoothed
+
+
+def set_max_datagram_size(conn: QuicConnection, size: int) -> None:
+    """Change the packet size of a live connection (after the handshake, once we know
+    what the peer can read): the packet builder, pacer and congestion controller all
+    keep their own copy of it."""
+    old = conn._max_datagram_size
+    if size == old:
+        return
+    conn._max_datagram_size = size
+    loss = conn._loss
+    pacer = getattr(loss, "_pacer", None)
+    if pacer is not None and hasattr(pacer, "_max_datagram_size"):
+        pacer._max_datagram_size = size
+    cc = getattr(loss, "_cc", None)
+    if cc is not None:
+        if hasattr(cc, "_max_datagram_size"):
+            cc._max_datagram_size = size
+        if hasattr(cc, "additive_increase_factor"):  # cubic
+            cc.additive_increase_factor = size
+        if size > old and cc.congestion_window < K_INITIAL_WINDOW * size:
+            cc.congestion_window = K_INITIAL_WINDOW * size
+
+
+def peer_transport_parameters(conn: QuicConnection) -> Optional[QuicTransportParameters]:
+    """The transport parameters the peer sent (parsed again from the TLS extension)."""
+    exts = getattr(conn.tls, "received_extensions", None) or []
+    for ext_type, ext_data in exts:
+        if ext_type == tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS:
+            try:
+                return pull_quic_transport_parameters(Buffer(data=ext_data))
+            except Exception:
+                return None
+    return None

@@ -1,0 +1,322 @@
+"""`listen`, `Listener` and `Dialer`: the derpquic API (mirrors the Go derpquic package)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Iterable, Optional
+
+from aioquic.quic.configuration import QuicConfiguration
+
+from derpnet.keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
+
+from .config import Options, coerce_keys
+from .driver import AUTH, HANDSHAKE, READY, Conn, Driver
+from .stream import Stream
+
+__all__ = ["listen", "Listener", "Dialer"]
+
+log = logging.getLogger("derpquic")
+
+#: How long close() waits for data of already-closed streams to be acknowledged.
+DEFAULT_LINGER = 2.0
+
+
+def _open_packet_conn(host, key: Optional[PrivateKeyLike], options: dict):
+    """(pc, private key, owned) from a relay URL/host, or an existing PacketConn."""
+    if isinstance(host, str) or type(host).__name__ == "RelayAddress":
+        import derpnet
+        priv = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
+        pc = derpnet.listen_packet(host, priv, **options)
+        return pc, priv, True
+    pc = host
+    if options:
+        raise TypeError(f"unexpected options for an existing PacketConn: {', '.join(sorted(options))}")
+    if not all(hasattr(pc, m) for m in ("read_from", "write_to", "set_read_deadline", "local_addr")):
+        raise TypeError(f"expected a relay URL or a PacketConn, not {type(pc).__name__}")
+    if key is None:
+        key = getattr(pc, "private_key", None) or getattr(pc, "_key", None)
+        if key is None:
+            raise ValueError("pass key= (the PacketConn's private key): derpquic proves it to peers")
+    priv = PrivateKey.coerce(key)
+    if priv.public_key != pc.local_addr():
+        raise ValueError("key does not match the PacketConn's address")
+    return pc, priv, False
+
+
+class _Endpoint:
+    """What Listener and Dialer share: the PacketConn, its driver, closing."""
+
+    def __init__(self, host, key, options: dict) -> None:
+        self.opts = Options.pop_from(options)
+        self._pc, self._key, self._owns_pc = _open_packet_conn(host, key, options)
+        try:
+            self._driver = Driver.acquire(self._pc, self._key)
+        except BaseException:
+            if self._owns_pc:
+                self._pc.close()
+            raise
+        self._lock = self._driver.lock
+        self.closed = False
+        self._conns: set[Conn] = set()
+
+    @property
+    def addr(self) -> PublicKey:
+        """Our address: the public key peers dial."""
+        return self._driver.local
+
+    def local_addr(self) -> PublicKey:
+        return self._driver.local
+
+    @property
+    def packet_conn(self):
+        """The underlying PacketConn (another Listener/Dialer may share it)."""
+        return self._pc
+
+    @property
+    def private_key(self) -> PrivateKey:
+        return self._key
+
+    def _close_common(self, error: BaseException, linger: float) -> None:
+        with self._lock:
+            conns = list(self._conns)
+        self._driver.close_conns(conns, error, linger=linger)
+        self._driver.release()
+        if self._owns_pc:
+            try:
+                self._pc.close()
+            except OSError:  # pragma: no cover
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # hooks called by the driver (lock held)
+    def _conn_ready(self, conn: Conn) -> None:
+        pass
+
+    def _conn_closed(self, conn: Conn) -> None:
+        self._conns.discard(conn)
+
+    def _enqueue(self, stream: Stream) -> None:  # pragma: no cover - dialers get no peer streams
+        stream._abort(ConnectionRefusedError("unexpected stream"))
+
+
+class Listener(_Endpoint):
+    """Accepts streams of QUIC connections that peers dial to our key (Go's derpquic Listener:
+    every stream of every connection).
+
+    `host`: a relay URL (``"https://derp.example.com"``, ``"http://127.0.0.1:3340"``, a bare
+    hostname) or an existing PacketConn (then pass `key` unless it exposes it).
+    Authentication: peers that prove their key (derpnet peers) are authenticated; Go peers
+    cannot and are accepted unauthenticated unless `require_auth=True` or `allow=[keys]`
+    (then only those keys, proven, get through; others are refused before any stream is
+    yielded). Other keyword arguments: derpquic.config.Options fields, then
+    derpnet.listen_packet options (ssl_context, ...).
+    """
+
+    def __init__(self, host, key: Optional[PrivateKeyLike] = None, *, allow: Optional[Iterable[PublicKeyLike]] = None,
+                 require_auth: bool = False, **options: Any) -> None:
+        self.allow = coerce_keys(allow)
+        self.require_auth = bool(require_auth)
+        self.supported_versions = QuicConfiguration().supported_versions
+        super().__init__(host, key, options)
+        self._queue: deque[Stream] = deque()
+        self._accept_cond = threading.Condition(self._lock)
+        with self._lock:
+            if self._driver.listener is not None and not self._driver.listener.closed:
+                busy = True
+            else:
+                busy = False
+                self._driver.listener = self
+        if busy:
+            self._driver.release()
+            if self._owns_pc:
+                self._pc.close()
+            raise OSError(errno.EADDRINUSE, "a Listener is already accepting on this PacketConn")
+
+    @property
+    def addr(self) -> PublicKey:
+        return self._driver.local
+
+    def accept(self, timeout: Optional[float] = None) -> Stream:
+        """The next stream a peer opened. Raises TimeoutError, or OSError once closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._accept_cond:
+            while True:
+                if self.closed:
+                    raise OSError(errno.EBADF, "listener closed")
+                if self._driver.dead is not None and not self._queue:
+                    raise ConnectionAbortedError(*self._driver.dead.args)
+                while self._queue:
+                    s = self._queue.popleft()
+                    if not s._closed:
+                        return s
+                if deadline is None:
+                    self._accept_cond.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("accept timed out")
+                    self._accept_cond.wait(left)
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.accept()
+            except OSError:
+                if self.closed:
+                    return
+                raise
+
+    def close(self, linger: float = DEFAULT_LINGER) -> None:
+        """Stop accepting and close every accepted connection (after up to `linger` s for
+        data of already-closed streams to be acknowledged). Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self._driver.listener is self:
+                self._driver.listener = None
+            queued, self._queue = list(self._queue), deque()
+            for s in queued:
+                s._abort(ConnectionAbortedError("listener closed"))
+            self._accept_cond.notify_all()
+        self._close_common(ConnectionAbortedError("listener closed"), linger)
+
+    def __repr__(self) -> str:
+        return f"<derpquic.Listener {self.addr.b64()}{' closed' if self.closed else ''}>"
+
+    # driver hooks (lock held)
+    def _conn_ready(self, conn: Conn) -> None:
+        self._conns.add(conn)
+
+    def _enqueue(self, stream: Stream) -> None:
+        self._conns.add(stream._conn)
+        if self.closed or len(self._queue) >= self.opts.backlog:
+            log.warning("derpquic: refusing a stream from %s: %s", stream.remote_addr.b64(),
+                        "listener closed" if self.closed else "accept backlog full")
+            stream._abort(ConnectionRefusedError("refused"))
+            self._driver.flush(stream._conn)
+            return
+        self._queue.append(stream)
+        self._accept_cond.notify()
+
+
+def listen(host, key: Optional[PrivateKeyLike] = None, **options: Any) -> Listener:
+    """Listen for derpquic streams on our key through the relay `host` (see Listener)."""
+    return Listener(host, key, **options)
+
+
+class Dialer(_Endpoint):
+    """Opens streams to peers by key (Go's derpquic Dialer).
+
+    Every dial to a Go peer is a new QUIC connection with one stream (as the Go tool
+    does). To a derpnet peer, an existing healthy connection is reused (a new stream on
+    it) unless `reuse_connections=False`. The peer must prove it holds the dialled key;
+    a peer that cannot (the Go derpconnect) is refused with AuthenticationError unless
+    `allow_unauthenticated=True`.
+    """
+
+    def __init__(self, host, key: Optional[PrivateKeyLike] = None, *, allow_unauthenticated: bool = False,
+                 reuse_connections: bool = True, **options: Any) -> None:
+        self.allow_unauthenticated = bool(allow_unauthenticated)
+        self.reuse_connections = bool(reuse_connections)
+        super().__init__(host, key, options)
+        self._by_peer: dict[PublicKey, Conn] = {}
+
+    def dial(self, pubkey: PublicKeyLike, timeout: Optional[float] = None) -> Stream:
+        """A new stream to `pubkey`, visible to the peer's listener at once.
+
+        timeout (default: the `dial_timeout` option, 20 s) bounds the QUIC and key-proof
+        handshakes. Raises TimeoutError (nobody answered), AuthenticationError (the peer
+        did not prove its key), ConnectionRefusedError (the peer refused us),
+        ConnectionError, or OSError once closed."""
+        peer = PublicKey.coerce(pubkey)
+        if timeout is None:
+            timeout = self.opts.dial_timeout
+        deadline = time.monotonic() + timeout
+        driver = self._driver
+        with self._lock:
+            while True:
+                if self.closed:
+                    raise OSError(errno.EBADF, "dialer closed")
+                if driver.dead is not None:
+                    raise ConnectionAbortedError(*driver.dead.args)
+                conn = self._reusable(peer)
+                if conn is None:
+                    conn = driver.connect(peer, owner=self, opts=self.opts,
+                                          allow_unauthenticated=self.allow_unauthenticated)
+                    self._conns.add(conn)
+                    self._by_peer[peer] = conn
+                    mine = True
+                else:
+                    mine = False
+                while conn.state in (HANDSHAKE, AUTH):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        err = TimeoutError(
+                            f"dial {peer.b64()}: no answer within {timeout:g} s (is anyone listening on "
+                            f"that key at this relay?)" if not conn.received_any else
+                            f"dial {peer.b64()}: handshake did not complete within {timeout:g} s")
+                        if mine:
+                            driver.close_conn(conn, err)
+                        raise err
+                    conn.cond.wait(left)
+                if conn.state == READY:
+                    if not mine and not conn.ours:
+                        continue  # a Go peer: one connection per dial, make our own
+                    return self._open_stream(conn)
+                if mine:
+                    err = conn.error or ConnectionAbortedError("connection failed")
+                    raise type(err)(*err.args)
+                # someone else's attempt failed: try our own
+
+    def _reusable(self, peer: PublicKey) -> Optional[Conn]:
+        conn = self._by_peer.get(peer)
+        if conn is None or not self.reuse_connections:
+            return None
+        if conn.state in (HANDSHAKE, AUTH):
+            return conn  # wait for it; if it turns out to be a Go peer we dial our own
+        if conn.state == READY and conn.ours and not conn.quic.state_closed:
+            # Reuse only while the peer was heard from recently (no idle-timeout race).
+            if time.monotonic() - conn.last_rx < min(conn.opts.idle_timeout, 30.0) / 2:
+                return conn
+        return None
+
+    def _open_stream(self, conn: Conn) -> Stream:
+        quic = conn.quic
+        sid = quic.get_next_available_stream_id()
+        quic.announce_stream(sid)  # an empty STREAM frame: the listener sees the stream now
+        s = Stream(conn, sid)
+        conn.streams[sid] = s
+        conn.open_streams += 1
+        self._driver.flush(conn)
+        return s
+
+    def close(self, linger: float = DEFAULT_LINGER) -> None:
+        """Close every connection this dialer made (after up to `linger` s for data of
+        already-closed streams to be acknowledged) and, if we opened it, the PacketConn.
+        Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            for conn in self._conns:
+                conn.cond.notify_all()
+        self._close_common(ConnectionAbortedError("dialer closed"), linger)
+
+    def __repr__(self) -> str:
+        return f"<derpquic.Dialer {self.addr.b64()}{' closed' if self.closed else ''}>"
+
+    # driver hooks (lock held)
+    def _conn_closed(self, conn: Conn) -> None:
+        self._conns.discard(conn)
+        if self._by_peer.get(conn.peer) is conn:
+            del self._by_peer[conn.peer]

@@ -1,0 +1,456 @@
+"""Helpers to run our `derpconnect` (python -m derpnet.cmd) as real processes, plus the
+local services the CLI tests forward to. Plain functions and classes, no pytest: the
+interop tests reuse them next to tests/interop_peers.py's Go peers.
+
+Typical use::
+
+    env = cli_env(tmp_path)
+    with start_relay(tmp_path / "relay", env) as relay:            # our relay, plain HTTP
+        with CliProcess.serve(relay.url, 8000, env) as srv:         # waits for "Join with"
+            with CliProcess.join(relay.url, srv.pubkey, env) as cli:  # waits for "Listening on"
+                socket.create_connection(("127.0.0.1", cli.listen_port))
+
+Readiness is always a log line or a port (bounded polling), never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+JOIN_LINE_RX = r'Listening through DERP\. Join with "derpconnect --derp=(\S+) join ([A-Za-z0-9_-]{43})"'
+LISTEN_LINE_RX = r"Listening on (\S+)"
+
+
+# --------------------------------------------------------------------------
+# Environment and one-shot runs
+
+
+def cli_argv(*args) -> list[str]:
+    return [sys.executable, "-m", "derpnet.cmd", *[str(a) for a in args]]
+
+
+def cli_env(home, **extra) -> dict:
+    """An environment whose config and cache dirs (and HOME) are under `home`, so that no
+    test touches the real home; the repository is importable without installing it."""
+    home = Path(home)
+    (home / "config").mkdir(parents=True, exist_ok=True)
+    (home / "cache").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DERPNET_")}
+    env.update({
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "HOME": str(home),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(args: Sequence, env: dict, timeout: float = 60.0, input: Optional[bytes] = None
+            ) -> subprocess.CompletedProcess:
+    """Run `derpconnect ARGS` to completion; text stdout/stderr captured separately."""
+    return subprocess.run(cli_argv(*args), env=env, capture_output=True, timeout=timeout,
+                          input=input, cwd=str(REPO_ROOT), text=input is None)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The non-empty lines of stderr (what a user sees)."""
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------
+# Ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: Optional[subprocess.Popen] = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Optional[BaseException] = None
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError as e:
+            last = e
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited (rc={proc.returncode}) before {host}:{port} was ready")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{host}:{port} not accepting connections after {timeout}s: {last}")
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------
+# Processes with watched output
+
+
+class Proc:
+    """A subprocess whose stdout+stderr are read line by line into memory (and a log
+    file), so a test can wait for a line. Terminates, then kills, on stop()."""
+
+    def __init__(self, argv: Sequence, env: Optional[dict] = None, log_path=None, cwd=None) -> None:
+        self.argv = [str(a) for a in argv]
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._log = open(log_path, "w", encoding="utf-8", errors="replace") if log_path else None
+        if self._log:
+            self._log.write("$ " + " ".join(self.argv) + "\n")
+            self._log.flush()
+        self.proc = subprocess.Popen(self.argv, env=env, cwd=str(cwd or REPO_ROOT), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace", bufsize=1)
+        self._reader = threading.Thread(target=self._pump, name=f"out:{Path(self.argv[0]).name}", daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if self._log:
+                self._log.write(line)
+                self._log.flush()
+            with self._cond:
+                self._lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def lines(self) -> list[str]:
+        with self._cond:
+            return list(self._lines)
+
+    def output(self) -> str:
+        return "\n".join(self.lines())
+
+    def wait_for_line(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match:
+        """Block until a line (from index `start`) matches regex `pattern`; return the match.
+        RuntimeError if the process ends first, TimeoutError after `timeout`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._cond:
+            while True:
+                while seen < len(self._lines):
+                    m = rx.search(self._lines[seen])
+                    seen += 1
+                    if m:
+                        return m
+                if self._eof:
+                    raise RuntimeError(f"process exited (rc={self.proc.poll()}) before printing /{pattern}/:\n"
+                                       + "\n".join(self._lines[-40:]))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no line /{pattern}/ within {timeout}s:\n" + "\n".join(self._lines[-40:]))
+                self._cond.wait(left)
+
+    def wait_eof(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._eof:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("output still open")
+                self._cond.wait(left)
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return rc
+
+    def stop(self, timeout: float = 5.0) -> Optional[int]:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
+        if self._log and not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class CliProcess(Proc):
+    """A long-running `derpconnect` (serve, join or relay)."""
+
+    pubkey: Optional[str] = None  # serve: the 43-char base64url key from the "Join with" line
+    join_derp: Optional[str] = None  # serve: the --derp value in that line
+    listen_addr: Optional[str] = None  # join: "HOST:PORT" from "Listening on"
+    listen_port: Optional[int] = None
+
+    def __init__(self, args: Sequence, env: dict, log_path=None) -> None:
+        super().__init__(cli_argv(*args), env=env, log_path=log_path)
+
+    @classmethod
+    def serve(cls, relay: str, target, env: dict, *, extra: Sequence = (), log_path=None,
+              timeout: float = 30.0) -> "CliProcess":
+        """`derpconnect --derp=RELAY serve TARGET EXTRA...`, returned once the join line is out."""
+        p = cls([f"--derp={relay}", "serve", str(target), *extra], env, log_path)
+        try:
+            m = p.wait_for_line(JOIN_LINE_RX, timeout=timeout)
+            p.join_derp, p.pubkey = m.group(1), m.group(2)
+        except BaseException:
+            p.stop()
+            raise
+        return p
+
+    @classmethod
+    def join(cls, relay: str, pubkey: str, env: dict, listen="0", *, extra: Sequence = (), log_path=None,
+             timeout: float = 30.0) -> "CliProcess":
+        """`derpconnect --derp=RELAY join PUBKEY LISTEN EXTRA...`, returned once listening."""
+        p = cls([f"--derp={relay}", "join", pubkey, str(listen), *extra], env, log_path)
+        try:
+            p.listen_addr = p.wait_for_line(LISTEN_LINE_RX, timeout=timeout).group(1)
+            p.listen_port = int(p.listen_addr.rsplit(":", 1)[1])
+        except BaseException:
+            p.stop()
+            raise
+        return p
+
+    def interrupt(self) -> None:
+        self.send_signal(signal.SIGINT)
+
+
+# --------------------------------------------------------------------------
+# Relays
+
+
+class RelayProc:
+    """Our relay (`python -m derpnet.cmd relay`) on a free loopback port: `.url` is what to
+    pass as --derp. With `tls=True` it serves a self-signed certificate written to
+    `workdir` (`.ca_file`, to pass as --derp-ca)."""
+
+    def __init__(self, workdir, env: dict, *, tls: bool = False, extra: Sequence = ()) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = env
+        self.tls = tls
+        self.extra = list(extra)
+        self.port = free_port()
+        self.proc: Optional[CliProcess] = None
+        self.ca_file: Optional[str] = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def start(self) -> "RelayProc":
+        args = ["relay", "--listen", f"127.0.0.1:{self.port}"]
+        if self.tls:
+            cert, key = make_self_signed(self.workdir, ["localhost", "127.0.0.1"])
+            args += ["--cert", cert, "--key", key]
+            self.ca_file = cert
+        self.proc = CliProcess(args + self.extra, self.env, self.workdir / "relay.log")
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout=20, proc=self.proc.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def __enter__(self) -> "RelayProc":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_relay(workdir, env: dict, *, tls: bool = False, extra: Sequence = ()) -> RelayProc:
+    """A started RelayProc (use as a context manager)."""
+    return RelayProc(workdir, env, tls=tls, extra=extra).start()
+
+
+# --------------------------------------------------------------------------
+# Local services
+
+
+class HttpFileServer(Proc):
+    """`python -m http.server` serving `directory` on 127.0.0.1 (a real, separate process)."""
+
+    def __init__(self, directory, log_path=None) -> None:
+        self.port = free_port()
+        super().__init__([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(self.port),
+                          "--directory", str(directory)], log_path=log_path)
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout=20, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+
+class CountingServer:
+    """A TCP server in this process on 127.0.0.1: echoes every connection (half-close
+    aware: answers with what it got, then closes), and counts accepted connections."""
+
+    def __init__(self, *, echo: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        self.echo = echo
+        self.accepted = 0
+        self.lock = threading.Lock()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="counting-server", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    if self.echo:
+                        conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def __enter__(self) -> "CountingServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_self_signed(directory, names: Iterable[str] = ("localhost", "127.0.0.1")) -> tuple[str, str]:
+    """A self-signed server certificate (also usable as its own CA file) and its key, PEM."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derpnet test")])
+    sans = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+class TlsProbeServer:
+    """A TLS HTTP server in this process answering `GET /derp/latency-check` with 200 (the
+    part of a DERP server that `regions --probe` talks to). Counts requests."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self._thread = threading.Thread(target=self._loop, name="tls-probe-server", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, raw: socket.socket) -> None:
+        raw.settimeout(5)
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as s:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                ok = data.startswith(b"GET /derp/latency-check ")
+                self.requests += ok
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" if ok else
+                          b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        except (OSError, ssl.SSLError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def __enter__(self) -> "TlsProbeServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

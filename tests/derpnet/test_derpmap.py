@@ -1,0 +1,100 @@
+"""derpnet.derpmap: the shipped snapshot, parsing/validation, and --derp resolution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from derpnet import derpmap
+from derpnet.derpmap import DerpMapError, parse, resolve
+
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_snapshot_is_a_valid_default_map():
+    m = derpmap.snapshot()
+    assert len(m) >= 20
+    nyc = m.region("nyc")
+    assert nyc is not None and nyc.region_id == 1 and nyc.name == "New York City"
+    assert m.region(1) is nyc and m.region("1") is nyc and m.region("NYC") is nyc
+    for r in m:
+        assert r.code and r.name and r.derp_nodes(), r
+        for n in r.nodes:
+            assert n.region_id == r.region_id
+            assert n.host_name.endswith(".tailscale.com")
+    # round trip keeps the wire shape
+    again = parse(m.to_json())
+    assert again.raw == m.raw
+
+
+def test_load_prefers_a_valid_user_copy(tmp_path):
+    assert derpmap.load().source == "built-in snapshot"
+    lab = {"Regions": {"900": {"RegionID": 900, "RegionCode": "lab", "RegionName": "Lab",
+                               "Nodes": [{"Name": "900a", "RegionID": 900, "HostName": "127.0.0.1", "DERPPort": 3340}]}}}
+    src = tmp_path / "lab.json"
+    src.write_text(json.dumps(lab))
+    m, path = derpmap.refresh(str(src))
+    assert path == derpmap.user_cache_path()
+    assert derpmap.load().region("lab").nodes[0].port == 3340
+    path.write_text("{broken")
+    assert derpmap.load().source == "built-in snapshot"  # a damaged cache never breaks resolution
+    with pytest.raises(DerpMapError):
+        derpmap.load(path)  # ... but an explicitly named file does
+
+
+@pytest.mark.parametrize("doc, msg", [
+    ("[]", "expected a JSON object"),
+    ("{}", "Regions"),
+    ('{"Regions": {"x": {}}}', "decimal"),
+    ('{"Regions": {"1": {"RegionID": 2}}}', "does not match"),
+    ('{"Regions": {"1": {"RegionID": 1, "Nodes": [{"Name": "a"}]}}}', "HostName"),
+    ('{"Regions": {"1": {"RegionID": 1, "Nodes": [{"HostName": "h", "DERPPort": 70000}]}}}', "out of range"),
+    ('{"Regions": {"1": {"RegionID": "1"}}}', "must be int"),
+    ("not json", "not JSON"),
+])
+def test_parse_rejects(doc, msg):
+    with pytest.raises(DerpMapError, match=msg):
+        parse(doc)
+
+
+def test_parse_ignores_deleted_regions_and_unknown_fields():
+    m = parse('{"Regions": {"1": null, "2": {"RegionID": 2, "RegionCode": "b", "Extra": 1, '
+              '"Nodes": [{"HostName": "h", "STUNOnly": true}, {"HostName": "d"}]}}, "HomeParams": {}}')
+    assert list(m.regions) == [2]
+    assert [n.host_name for n in m.region("b").derp_nodes()] == ["d"]
+
+
+def test_resolve_forms():
+    m = derpmap.snapshot()
+    t = resolve("nyc", m)
+    assert t.region.region_id == 1 and t.host == "derp1f.tailscale.com" and len(t.hosts) >= 2
+    assert resolve("1", m).hosts == t.hosts
+    assert resolve("derp1f.tailscale.com", m).hosts == ("derp1f.tailscale.com",)
+    assert resolve("localhost", m).hosts == ("localhost",)
+    assert resolve("relay.example:8443").hosts == ("https://relay.example:8443",)
+    assert resolve("relay.example:443").hosts == ("relay.example",)
+    assert resolve("https://relay.example:8443/").hosts == ("https://relay.example:8443",)
+    assert resolve("http://127.0.0.1:3340").hosts == ("http://127.0.0.1:3340",)
+    assert resolve("[::1]:8443").hosts == ("https://[::1]:8443",)
+    lab = parse('{"Regions": {"900": {"RegionID": 900, "RegionCode": "lab", '
+                '"Nodes": [{"HostName": "127.0.0.1", "DERPPort": 8443, "InsecureForTests": true}]}}}')
+    t = resolve("lab", lab)
+    assert t.hosts == ("https://127.0.0.1:8443",) and t.insecure
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("", "empty"),
+    ("atlantis", "unknown region code"),
+    ("4242", "unknown region id"),
+    ("ftp://x.example", "scheme"),
+    ("https://x.example/derp?x=1", "scheme://host"),
+    ("host.example:99999", "bad port"),
+    ("ho st.example", "not a valid host name"),
+])
+def test_resolve_rejects(spec, msg):
+    with pytest.raises(DerpMapError, match=msg):
+        resolve(spec, derpmap.snapshot())
