@@ -230,6 +230,9 @@ def main(argv=None) -> int:
                               f" 8 streams {bulk(ln, d, args.mb << 20, 8):6.1f} MB/s", flush=True)
             else:
                 run_suite(name, url, ctx, args.mb, {})
+    if not (args.sweep_sizes or args.sweep_windows) and args.relay in ("go", "both"):
+        from bench.cli_pair import run as cli_pairs
+        cli_pairs(min(args.mb, 32))  # the Go derpconnect pair next to ours, same derper
     return 0
 
 
