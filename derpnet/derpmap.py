@@ -17,7 +17,6 @@ import os
 import re
 import socket
 import ssl
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
+
+from ._files import write_atomic
 
 __all__ = [
     "DEFAULT_MAP_URL", "DerpNode", "DerpRegion", "DerpMap", "RelayTarget", "DerpMapError",
@@ -281,18 +282,7 @@ def refresh(source: str = DEFAULT_MAP_URL, *, dest: Union[str, os.PathLike, None
         m = _read_file(Path(source))
     out = Path(dest) if dest is not None else user_cache_path()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-derpmap-")
-    try:
-        os.fchmod(fd, 0o644)  # a public document, like any cache file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(m.to_json())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(out, m.to_json().encode("utf-8"), 0o644)  # a public document, like any cache file
     m.source = str(out)
     return m, out
 

@@ -11,12 +11,13 @@ import binascii
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import nacl.bindings
 import nacl.public
+
+from ._files import write_atomic
 
 __all__ = ["PublicKey", "PrivateKey", "KEY_LEN", "PublicKeyLike", "PrivateKeyLike"]
 
@@ -192,20 +193,7 @@ class PrivateKey:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         data = self._raw if raw else (str(self) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-key-")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(p, data, 0o600)
 
     @property
     def public_key(self) -> PublicKey:

@@ -12,9 +12,9 @@ import argparse
 import datetime
 import ipaddress
 import logging
-import os
 from pathlib import Path
 
+from .._files import write_atomic
 from .common import UsageError, UserError, user_config_dir
 
 log = logging.getLogger("derpnet.cmd")
@@ -78,18 +78,9 @@ def _names(args) -> list[str]:
         host, _ = parse_listen(args.listen)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    names = [args.hostname or "localhost", "localhost", "127.0.0.1", "::1"]
-    if host:
-        try:
-            if not ipaddress.ip_address(host).is_unspecified:
-                names.append(host)
-        except ValueError:
-            names.append(host)
-    out: list[str] = []
-    for n in names:
-        if n not in out:
-            out.append(n)
-    return out
+    from ..server.certs import default_names
+
+    return default_names(args.hostname, host)
 
 
 def _persistent_self_signed(args) -> tuple[Path, Path]:
@@ -107,8 +98,8 @@ def _persistent_self_signed(args) -> tuple[Path, Path]:
     try:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         cert_pem, key_pem = certs.self_signed_cert(names)
-        _write(key_path, key_pem, 0o600)
-        _write(cert_path, cert_pem, 0o644)
+        write_atomic(key_path, key_pem, 0o600)
+        write_atomic(cert_path, cert_pem, 0o644)
     except OSError as e:
         raise UserError(f"cannot write the relay's certificate in {d}: {e.strerror or e}") from None
     log.info("made a self-signed certificate for %s in %s", ", ".join(names), cert_path)
@@ -140,18 +131,4 @@ def _is_ip(name: str) -> bool:
         return False
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 

@@ -54,6 +54,19 @@ def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(out)
 
 
+def default_names(hostname: Optional[str], listen_host: Optional[str]) -> list:
+    """Names for a self-signed relay certificate: the advertised hostname, loopback,
+    and the listen address when it is a specific host."""
+    names = [hostname or "localhost", "localhost", "127.0.0.1", "::1"]
+    if listen_host:
+        try:
+            if not ipaddress.ip_address(listen_host).is_unspecified:
+                names.append(listen_host)
+        except ValueError:
+            names.append(listen_host)
+    return list(dict.fromkeys(names))
+
+
 def self_signed_cert(names: Iterable[str], *, days: int = 365) -> Tuple[bytes, bytes]:
     """A self-signed ECDSA P-256 server certificate for `names` (DNS names or IPs): (cert PEM, key PEM).
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import itertools
 import logging
 import ssl
@@ -225,13 +224,7 @@ def tls_setup(tls: TLSArg, certfile: Optional[str], keyfile: Optional[str], host
     if certfile:
         chain, key = certs.read_cert_files(certfile, keyfile)
         return TLSSetup(certs.server_ssl_context(chain, key, extra_pem=extra), chain)
-    names = [hostname or "localhost", "localhost", "127.0.0.1", "::1"]
-    if host:
-        try:
-            if not ipaddress.ip_address(host).is_unspecified:
-                names.append(host)
-        except ValueError:
-            names.append(host)
+    names = certs.default_names(hostname, host)
     chain, key = certs.self_signed_cert(names)
     return TLSSetup(certs.server_ssl_context(chain, key, extra_pem=extra), chain, True, names)
 
