@@ -1,0 +1,421 @@
+"""derpnet.client.DerpClient, the relay link: addresses, connect errors, the handshake against
+broken relays, the reader thread (pings, unknown frames, idleness, write timeouts), TLS."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from derpnet import frames as F
+from derpnet.client import DerpClient, RelayAddress, parse_relay
+from derpnet.errors import HandshakeError, UpgradeError
+from derpnet.http11 import build_response
+from derpnet.keys import PrivateKey
+from tests.derpnet.fakes import (FakeRelay, StatusHTTPServer, derp_accept, drain_until_stop, read_frames,
+                                 real_relay, relay_params, recv_some)
+
+
+def reader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("derpnet-reader-")]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_readers():
+    yield
+    assert reader_threads() == [], "a test left a relay link reader running"
+
+
+class Collector:
+    """Callbacks that record what the reader thread delivers, with events to wait on."""
+
+    def __init__(self) -> None:
+        self.packets = []
+        self.events = []
+        self.closed = threading.Event()
+        self.close_error = None
+        self.got_packet = threading.Event()
+        self.got_event = threading.Event()
+
+    def on_packet(self, src, data):
+        self.packets.append((src, data))
+        self.got_packet.set()
+
+    def on_event(self, ev):
+        self.events.append(ev)
+        self.got_event.set()
+
+    def on_close(self, client, err):
+        self.close_error = err
+        self.closed.set()
+
+    def kwargs(self):
+        return dict(on_packet=self.on_packet, on_event=self.on_event, on_close=self.on_close)
+
+
+# ---------------------------------------------------------------- relay addresses
+
+@pytest.mark.parametrize("text,expected", [
+    ("derp1.tailscale.com", RelayAddress("https", "derp1.tailscale.com", 443)),
+    ("derp.example.com:8443", RelayAddress("https", "derp.example.com", 8443)),
+    ("https://derp.example.com", RelayAddress("https", "derp.example.com", 443)),
+    ("https://derp.example.com:444/derp", RelayAddress("https", "derp.example.com", 444)),
+    ("http://127.0.0.1:3340", RelayAddress("http", "127.0.0.1", 3340)),
+    ("HTTP://127.0.0.1:3340/", RelayAddress("http", "127.0.0.1", 3340)),
+    ("http://[::1]:3340", RelayAddress("http", "::1", 3340)),
+    ("::1", RelayAddress("https", "::1", 443)),
+])
+def test_parse_relay(text, expected):
+    assert parse_relay(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "ftp://x", "wss://x", "https://x/other", "https://x/derp?q=1",
+                                  "https://u:p@x", "https://x:99999"])
+def test_parse_relay_rejects(text):
+    with pytest.raises(ValueError):
+        parse_relay(text)
+
+
+def test_host_header_and_url():
+    assert parse_relay("derp.example.com").host_header == "derp.example.com"
+    assert parse_relay("https://derp.example.com:8443").host_header == "derp.example.com:8443"
+    assert parse_relay("http://[::1]:80").host_header == "[::1]"
+    assert parse_relay("http://[::1]:3340").url == "http://[::1]:3340"
+
+
+# ---------------------------------------------------------------- against real relays
+
+@pytest.mark.parametrize("kind", relay_params())
+def test_connect_send_to_self_and_close(kind, tmp_path):
+    with real_relay(kind, tmp_path) as relay:
+        c = Collector()
+        key = PrivateKey.generate()
+        client = DerpClient(relay.url, key, ssl_context=relay.ssl_context, **c.kwargs())
+        client.connect()
+        try:
+            assert client.connected and client.server_key is not None
+            assert client.server_info.get("version") == 2
+            [t] = reader_threads()
+            assert t.name == f"derpnet-reader-{key.public_key.b64()[:8]}" and t.daemon
+            client.send_packet(key.public_key, b"\x00", b"hello ", b"me")
+            assert c.got_packet.wait(5)
+            assert c.packets == [(key.public_key, b"\x00hello me")]
+        finally:
+            client.close()
+        assert not t.is_alive() and not client.connected
+        assert c.closed.is_set() and c.close_error is None
+        with pytest.raises(ConnectionResetError):
+            client.send_packet(key.public_key, b"late")
+        client.close()  # idempotent
+
+
+@pytest.mark.parametrize("kind", relay_params(("ours-tls", "go-tls")))
+def test_tls_without_the_test_ca_fails_verification(kind, tmp_path):
+    with real_relay(kind, tmp_path) as relay:
+        t0 = time.monotonic()
+        with pytest.raises(ssl.SSLCertVerificationError) as ei:
+            DerpClient(relay.url, PrivateKey.generate()).connect()  # system roots only
+        assert time.monotonic() - t0 < 5
+        assert relay.url in str(ei.value) and "certificate verify failed" in str(ei.value)
+        assert ei.value.verify_code != 0
+
+
+@pytest.mark.parametrize("kind", relay_params(("ours-tls", "go-tls")))
+def test_tls_concurrent_writers_and_reader(kind, tmp_path):
+    """Several threads writing through one TLS link while its reader decrypts: no corruption,
+    no dead link (the TLS object is only touched under its lock)."""
+    with real_relay(kind, tmp_path) as relay:
+        c = Collector()
+        key = PrivateKey.generate()
+        client = DerpClient(relay.url, key, ssl_context=relay.ssl_context, **c.kwargs())
+        client.connect()
+        try:
+            def writer(i):
+                for j in range(150):
+                    body = os.urandom(16 + (i * 7919 + j * 104729) % 20000)
+                    client.send_packet(key.public_key, bytes([i, j]), body, body[:16])
+
+            threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            client.send_ping(b"finished")
+            deadline = time.monotonic() + 10
+            while not any(isinstance(e, F.Pong) for e in c.events):  # the pong follows our packets
+                assert c.got_event.wait(max(0.0, deadline - time.monotonic())), "no pong"
+                c.got_event.clear()
+            assert client.connected and c.close_error is None
+            assert len(c.packets) >= 32  # the relay may drop some (queue), never corrupt them
+            for src, data in c.packets:
+                assert src == key.public_key and data[-16:] == data[2:18]
+        finally:
+            client.close()
+
+
+# ---------------------------------------------------------------- connect errors
+
+def test_refused_is_connection_refused_with_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionRefusedError) as ei:
+            DerpClient(f"http://127.0.0.1:{port}", PrivateKey.generate()).connect()
+    assert time.monotonic() - t0 < 2
+    assert f"http://127.0.0.1:{port}" in str(ei.value) and ei.value.errno == errno.ECONNREFUSED
+
+
+def test_unresolvable_name_is_gaierror_with_url():
+    with pytest.raises(socket.gaierror) as ei:
+        DerpClient("https://derpnet-test.invalid", PrivateKey.generate(), connect_timeout=5).connect()
+    assert "https://derpnet-test.invalid:443" in str(ei.value)
+
+
+@pytest.fixture
+def silent_listener():
+    """Accepts TCP (the kernel does) but never says anything."""
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as s:
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_connect_timeout_covers_the_handshake(silent_listener):
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as ei:
+        DerpClient(silent_listener, PrivateKey.generate(), connect_timeout=0.3).connect()
+    assert 0.3 <= time.monotonic() - t0 < 2
+    assert silent_listener in str(ei.value) and "DERP handshake" in str(ei.value)
+
+
+def test_close_aborts_a_connect_in_progress(silent_listener):
+    client = DerpClient(silent_listener, PrivateKey.generate(), connect_timeout=30)
+    result = []
+
+    def connect():
+        try:
+            client.connect()
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=connect)
+    t.start()
+    deadline = time.monotonic() + 5
+    while client._sock is None or client._wake_w is None:  # wait until it is inside connect()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    client.close()
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - t0 < 2
+    assert isinstance(result[0], ConnectionAbortedError)
+
+
+@pytest.mark.parametrize("status", [200, 404, 426, 500])
+def test_http_server_that_is_not_a_relay(status):
+    with StatusHTTPServer(status) as web:
+        t0 = time.monotonic()
+        with pytest.raises(UpgradeError) as ei:
+            DerpClient(web.url, PrivateKey.generate()).connect()
+        assert time.monotonic() - t0 < 2  # the status line is enough, never the 10 s timeout
+        assert ei.value.status == status and web.url in str(ei.value)
+        assert web.requests == ["/derp"]
+
+
+def _one_shot(script):
+    """A FakeRelay whose handler reads the request and then runs `script(sock)`."""
+    def handler(sock, relay, n):
+        assert recv_some(sock)  # the upgrade request
+        script(sock)
+    return FakeRelay(handler)
+
+
+@pytest.mark.parametrize("name,script", [
+    ("eof-before-response", lambda s: None),
+    ("truncated-server-key", lambda s: s.sendall(
+        build_response(101, [("Upgrade", "DERP"), ("Connection", "Upgrade")])
+        + F.encode_server_key(PrivateKey.generate().public_key)[:20])),
+    ("truncated-http-head", lambda s: s.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgr")),
+    ("html-without-http", lambda s: s.sendall(b"<!DOCTYPE html><html><body>hello</body></html>")),
+    ("wrong-first-frame", lambda s: s.sendall(F.encode_keep_alive())),
+])
+def test_broken_handshake_is_handshake_error(name, script):
+    with _one_shot(script) as relay:
+        t0 = time.monotonic()
+        with pytest.raises(HandshakeError) as ei:
+            DerpClient(relay.url, PrivateKey.generate(), connect_timeout=5).connect()
+        assert time.monotonic() - t0 < 2
+        assert relay.url in str(ei.value)
+
+
+def test_relay_closing_after_client_info_is_handshake_error():
+    def handler(sock, relay, n):
+        from derpnet.connection import ServerConnection
+        conn = ServerConnection(relay.key)
+        conn.receive_data(recv_some(sock))
+        out, _ = conn.accept_upgrade(False)
+        sock.sendall(out)
+        assert recv_some(sock)  # ClientInfo; then hang up without ServerInfo
+
+    with FakeRelay(handler) as relay:
+        with pytest.raises(HandshakeError, match="closed"):
+            DerpClient(relay.url, PrivateKey.generate(), connect_timeout=5).connect()
+
+
+# ---------------------------------------------------------------- the reader thread
+
+def test_unknown_frames_skipped_pings_answered_events_delivered():
+    got = {}
+
+    def handler(sock, relay, n):
+        conn, client_key = derp_accept(sock, relay.key)
+        src = PrivateKey.generate().public_key
+        sock.sendall(
+            F.encode_frame(0x7F, b"future frame " * 100)  # unknown type: skipped
+            + F.encode_health("disk on fire")
+            + F.encode_peer_gone(src, F.PeerGoneReason.NOT_HERE)
+            + F.encode_ping(b"pingpong")
+            + F.encode_recv_packet(src, b"\x00after")
+        )
+        got["pong"] = read_frames(sock, conn, F.Pong)
+        drain_until_stop(sock, relay)
+
+    with FakeRelay(handler) as relay:
+        c = Collector()
+        client = DerpClient(relay.url, PrivateKey.generate(), **c.kwargs()).connect()
+        try:
+            assert c.got_packet.wait(5)
+            assert c.packets[0][1] == b"\x00after"
+            assert client.frames_skipped == 1
+            kinds = [type(e) for e in c.events]
+            assert kinds == [F.Health, F.PeerGone]
+            assert c.events[0].problem == "disk on fire"
+            assert c.events[1].reason == F.PeerGoneReason.NOT_HERE
+            deadline = time.monotonic() + 5
+            while "pong" not in got:
+                assert time.monotonic() < deadline, "relay got no Pong"
+                time.sleep(0.01)
+            assert got["pong"].data == b"pingpong"
+            assert client.connected
+        finally:
+            client.close()
+
+
+def test_packets_pipelined_with_server_info_are_delivered():
+    def handler(sock, relay, n):
+        from derpnet.connection import ServerConnection, ClientHello
+        conn = ServerConnection(relay.key)
+        conn.receive_data(recv_some(sock))
+        out, _ = conn.accept_upgrade(False)
+        sock.sendall(out)
+        evs = conn.receive_data(recv_some(sock))
+        assert isinstance(evs[0], ClientHello)
+        sock.sendall(conn.accept() + F.encode_recv_packet(relay.key.public_key, b"\x00early"))
+        drain_until_stop(sock, relay)
+
+    with FakeRelay(handler) as relay:
+        c = Collector()
+        client = DerpClient(relay.url, PrivateKey.generate(), **c.kwargs()).connect()
+        try:
+            assert c.got_packet.wait(5)
+            assert c.packets == [(relay.key.public_key, b"\x00early")]
+        finally:
+            client.close()
+
+
+def test_silent_relay_is_dead_after_idle_timeout():
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)
+        drain_until_stop(sock, relay)
+
+    with FakeRelay(handler) as relay:
+        c = Collector()
+        client = DerpClient(relay.url, PrivateKey.generate(), idle_timeout=0.3, **c.kwargs()).connect()
+        t0 = time.monotonic()
+        try:
+            assert c.closed.wait(5)
+            assert time.monotonic() - t0 >= 0.25
+            assert isinstance(c.close_error, TimeoutError) and "no frames" in str(c.close_error)
+            assert not client.connected
+        finally:
+            client.close()
+
+
+def test_relay_that_stops_reading_fails_the_write():
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)
+        relay.stop.wait(20)  # never read again
+
+    with FakeRelay(handler, rcvbuf=4096) as relay:
+        c = Collector()
+        client = DerpClient(relay.url, PrivateKey.generate(), write_timeout=0.3, **c.kwargs()).connect()
+        try:
+            dst = PrivateKey.generate().public_key
+            payload = bytes(60000)
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionResetError):
+                for _ in range(2000):  # a few MB fill the socket buffers, then the write times out
+                    client.send_packet(dst, payload)
+            assert time.monotonic() - t0 < 10
+            assert c.closed.wait(5)
+            assert isinstance(c.close_error, TimeoutError) and "stopped reading" in str(c.close_error)
+        finally:
+            client.close()
+
+
+def test_relay_hanging_up_reports_connection_reset():
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)  # then return: the socket closes
+
+    with FakeRelay(handler) as relay:
+        c = Collector()
+        client = DerpClient(relay.url, PrivateKey.generate(), **c.kwargs()).connect()
+        try:
+            assert c.closed.wait(5)
+            assert isinstance(c.close_error, ConnectionResetError)
+            with pytest.raises(ConnectionResetError, match="is down"):
+                client.send_packet(relay.key.public_key, b"x")
+        finally:
+            client.close()
+
+
+def test_protocol_error_after_connect_kills_the_link():
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)
+        sock.sendall(F.encode_frame(F.FrameType.PING, b"short"))  # Ping < 8 bytes: malformed
+        drain_until_stop(sock, relay)
+
+    with FakeRelay(handler) as relay:
+        c = Collector()
+        client = DerpClient(relay.url, PrivateKey.generate(), **c.kwargs()).connect()
+        try:
+            assert c.closed.wait(5)
+            assert "PING" in str(c.close_error) or "Ping" in str(c.close_error)
+        finally:
+            client.close()
+
+
+def test_close_from_a_callback_does_not_deadlock():
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)
+        sock.sendall(F.encode_recv_packet(relay.key.public_key, b"\x00bye"))
+        drain_until_stop(sock, relay)
+
+    with FakeRelay(handler) as relay:
+        done = threading.Event()
+        holder = {}
+
+        def on_packet(src, data):
+            holder["client"].close()
+            done.set()
+
+        client = DerpClient(relay.url, PrivateKey.generate(), on_packet=on_packet)
+        holder["client"] = client
+        client.connect()
+        assert done.wait(5)
+        client.close()  # joins the reader, which ends on its own
+        assert not client.connected
