@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Union
 
 
-def write_atomic(path: Union[str, os.PathLike], data: bytes, mode: int) -> None:
+def write_atomic(path: Union[str, os.PathLike], data: bytes, mode: int, *, exclusive: bool = False) -> None:
     """Write `data` to `path` via a temporary file in the same directory, created with
     `mode` from the start (a secret is never readable by others, even briefly), then
-    renamed over the target so readers see the old or the new file, never half of one."""
+    renamed over the target so readers see the old or the new file, never half of one.
+
+    `exclusive`: never replace an existing file (FileExistsError), even one another
+    process creates at the same moment: the file is linked into place, not renamed."""
     p = Path(path)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".tmp-{p.name}-")
     try:
@@ -20,7 +23,11 @@ def write_atomic(path: Union[str, os.PathLike], data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
+        if exclusive:
+            os.link(tmp, p)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, p)
     except BaseException:
         try:
             os.unlink(tmp)

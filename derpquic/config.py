@@ -53,6 +53,7 @@ class Options:
     #: long, so idle tunnels stay up (well within quic-go's 30 s idle timeout).
     keepalive_interval: float = 10.0
     #: dial() timeout when the caller passes none (the QUIC + authentication handshake).
+    #: A Listener closes an incoming connection that has not finished both within this long.
     dial_timeout: float = 20.0
     #: Peer-opened streams a connection may have open at once.
     max_streams: int = 1024

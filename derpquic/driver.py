@@ -594,6 +594,11 @@ class Driver:
         if conn.terminated:
             return
         t = conn.quic.get_timer()
+        if not conn.is_client and conn.state in (HANDSHAKE, AUTH):
+            # A peer that never finishes the handshake or never proves its key must not
+            # hold the connection (and the unread data of its pending streams) forever.
+            d = conn.created + conn.opts.dial_timeout
+            t = d if t is None else min(t, d)
         if conn.open_streams > 0 and conn.state == READY:
             k = max(conn.last_rx, conn.last_ping) + conn.opts.keepalive_interval
             t = k if t is None else min(t, k)
@@ -631,6 +636,14 @@ class Driver:
 
     def _fire(self, conn: Conn, now: float) -> None:
         quic = conn.quic
+        if (not conn.is_client and conn.state in (HANDSHAKE, AUTH)
+                and now >= conn.created + conn.opts.dial_timeout):
+            log.info("derpquic: refusing %s: no handshake and key proof within %g s", conn.peer.b64(),
+                     conn.opts.dial_timeout)
+            self.close_conn(conn, TimeoutError(f"{conn.peer.b64()} did not complete the handshake and key "
+                                               f"proof within {conn.opts.dial_timeout:g} s"),
+                            code=ERR_AUTH_REQUIRED, reason="authentication timed out")
+            return
         qt = quic.get_timer()
         if qt is not None and qt <= now:
             quic.handle_timer(now)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Union
 
+from .._files import write_atomic
 from ..keys import PrivateKey
 
 __all__ = ["load_or_create_key"]
@@ -17,6 +18,13 @@ def load_or_create_key(path: Union[str, "os.PathLike[str]"]) -> PrivateKey:
     try:
         return PrivateKey.load(p)
     except FileNotFoundError:
-        key = PrivateKey.generate()
-        key.save(p)
-        return key
+        pass
+    key = PrivateKey.generate()
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        # Never rename over a key another process (a second relay starting on the same
+        # file) wrote meanwhile: its clients already know that identity. Use theirs.
+        write_atomic(p, (str(key) + "\n").encode(), 0o600, exclusive=True)
+    except FileExistsError:
+        return PrivateKey.load(p)
+    return key

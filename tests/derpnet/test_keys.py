@@ -90,3 +90,29 @@ def test_load_derper_json_and_garbage(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="PrivateKey"):
         PrivateKey.load(tmp_path / "bad.json")
+
+
+def test_relay_key_file_race_keeps_the_key_already_written(tmp_path, monkeypatch):
+    """Two relays start on the same missing --key-file: the second must not rename its
+    fresh key over the one the first just wrote (and is already serving with)."""
+    from derpnet.server.keyfile import load_or_create_key
+
+    path = tmp_path / "derper.key"
+    first = PrivateKey.generate()
+    real_load = PrivateKey.load.__func__
+    calls = []
+
+    def racing_load(cls, p):
+        calls.append(p)
+        if len(calls) == 1:  # we find no file; the other relay creates it right after
+            first.save(p)
+            raise FileNotFoundError(p)
+        return real_load(cls, p)
+
+    monkeypatch.setattr(PrivateKey, "load", classmethod(racing_load))
+    got = load_or_create_key(path)
+    monkeypatch.undo()
+    assert PrivateKey.load(path) == first
+    assert got == first
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert [f.name for f in tmp_path.iterdir()] == ["derper.key"]  # no temporary file left

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -199,3 +200,34 @@ def test_allow_list_impostor_with_allowed_address_refused(net):
         impostor.dial(ln.addr, timeout=10)
     with pytest.raises(TimeoutError):
         ln.accept(timeout=0.3)
+
+
+class ProoflessDriver(Driver):
+    """A dialler that completes the QUIC handshake (offering derpnet-auth), never sends its
+    key proof, and opens a stream with data at once, hoping to be buffered forever."""
+
+    def _send_proof(self, conn):
+        if conn.proof_sent:
+            return
+        conn.proof_sent = True
+        sid = conn.quic.get_next_available_stream_id()
+        conn.quic.send_stream_data(sid, b"x" * 4096, end_stream=False)
+
+
+def test_listener_drops_a_peer_that_never_proves_its_key(fake):
+    """Without a deadline a peer that stalls in the key-proof phase holds the connection,
+    and the unread data of its pending streams, for as long as it keeps sending PINGs."""
+    ln = fake.listener(require_auth=True, dial_timeout=1.0)
+    a_pc = fake.pc()
+    ProoflessDriver.acquire(a_pc, a_pc.private_key)
+    d = fake.track(derpquic.Dialer(a_pc))
+    d._driver.release()
+    assert isinstance(d._driver, ProoflessDriver)
+    start = time.monotonic()
+    with pytest.raises(AuthenticationError, match="requires peers to prove their key"):
+        d.dial(ln.addr, timeout=8)
+    assert time.monotonic() - start < 6
+    with pytest.raises(TimeoutError):
+        ln.accept(timeout=0.3)
+    with ln._driver.lock:
+        assert all(c.state == "closed" for c in ln._driver.conns)
