@@ -33,7 +33,7 @@ def _parse_hex(text: str, what: str) -> bytes:
     try:
         return bytes.fromhex(text)
     except ValueError:
-        raise ValueError(f"{what}: not hexadecimal: {text[:16]!r}...") from None
+        raise ValueError(f"{what}: not hexadecimal") from None  # never echo what may be a secret
 
 
 def _parse_raw(data: bytes, what: str) -> bytes:
@@ -192,7 +192,7 @@ class PrivateKey:
         """Write the key atomically with mode 0600: text `privkey:<hex>`, or the 32 raw bytes."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = self._raw if raw else (str(self) + "\n").encode()
+        data = self._raw if raw else (self.to_text() + "\n").encode()
         write_atomic(p, data, 0o600)
 
     @property
@@ -209,11 +209,14 @@ class PrivateKey:
     def nacl(self) -> nacl.public.PrivateKey:
         return nacl.public.PrivateKey(self._raw)
 
-    def __str__(self) -> str:
+    def to_text(self) -> str:
+        """The secret in Tailscale's text form, `privkey:<64 hex>`, for key files only."""
         return _PRIVKEY_PREFIX + self._raw.hex()
 
     def __repr__(self) -> str:
         return f"PrivateKey(public={self._public})"
+
+    __str__ = __repr__  # an f-string in a log line must never leak the secret
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PrivateKey):

@@ -153,7 +153,7 @@ def create_key_file(path: Path, key: PrivateKey, *, raw: bool = True, overwrite:
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(key.raw if raw else (str(key) + "\n").encode())
+            f.write(key.raw if raw else (key.to_text() + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
         os.link(tmp, path)

@@ -24,7 +24,7 @@ def load_or_create_key(path: Union[str, "os.PathLike[str]"]) -> PrivateKey:
     try:
         # Never rename over a key another process (a second relay starting on the same
         # file) wrote meanwhile: its clients already know that identity. Use theirs.
-        write_atomic(p, (str(key) + "\n").encode(), 0o600, exclusive=True)
+        write_atomic(p, (key.to_text() + "\n").encode(), 0o600, exclusive=True)
     except FileExistsError:
         return PrivateKey.load(p)
     return key

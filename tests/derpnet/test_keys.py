@@ -60,7 +60,8 @@ def test_private_key_repr_hides_secret():
 
 def test_private_key_parse_forms_and_errors():
     k = PrivateKey.generate()
-    assert PrivateKey.parse(str(k)) == k
+    assert PrivateKey.parse(k.to_text()) == k
+    assert k.raw.hex() not in str(k) and k.raw.hex() not in f"{k}"
     assert PrivateKey.parse(k.raw.hex()) == k
     assert PrivateKey.coerce(k.raw) == k
     with pytest.raises(ValueError, match="public key"):
@@ -76,13 +77,13 @@ def test_save_is_0600_and_loads_back(tmp_path, raw):
     k.save(path, raw=raw)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert PrivateKey.load(path) == k
-    assert len(path.read_bytes()) == (32 if raw else len(str(k)) + 1)
+    assert len(path.read_bytes()) == (32 if raw else len(k.to_text()) + 1)
     assert [p.name for p in path.parent.iterdir()] == ["node.key"]  # no temp file left
 
 
 def test_load_derper_json_and_garbage(tmp_path):
     k = PrivateKey.generate()
-    (tmp_path / "derper.json").write_text(json.dumps({"PrivateKey": str(k)}))
+    (tmp_path / "derper.json").write_text(json.dumps({"PrivateKey": k.to_text()}))
     assert PrivateKey.load(tmp_path / "derper.json") == k
     (tmp_path / "bad").write_bytes(b"\xff" * 33)
     with pytest.raises(ValueError, match="not a key file"):

@@ -83,7 +83,7 @@ def test_key_file_created_0600_and_reused(tmp_path):
 def test_derper_json_key_file(tmp_path):
     key = PrivateKey.generate()
     path = tmp_path / "derper.json"
-    path.write_text(json.dumps({"PrivateKey": str(key)}))
+    path.write_text(json.dumps({"PrivateKey": key.to_text()}))
     with OurRelay(extra_args=["--key-file", str(path)]) as relay:
         assert relay.public_key == key.public_key
 
