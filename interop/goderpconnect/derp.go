@@ -214,11 +214,21 @@ func (dc *derpConn) readLoop() {
 				writeDERPFrame(dc.rw.Writer, fPong, payload)
 			}(body)
 		case fRecvPacket:
-			select {
-			case dc.inbox <- body:
-			default:
-				<-dc.inbox // queue full: drop the oldest datagram
-				dc.inbox <- body
+			// Drop-oldest when full. The original does `<-inbox; inbox <- body` here, which
+			// blocks forever if the reader drains the queue between the two steps: its
+			// reader goroutine then stops reading and the relay drops the connection (a
+			// race seen under load in CI). This loop is the one deliberate fix (see README).
+			for {
+				select {
+				case dc.inbox <- body:
+				default:
+					select {
+					case <-dc.inbox:
+					default:
+					}
+					continue
+				}
+				break
 			}
 		default:
 			// PeerGone, PeerPresent, Health, Restarting, ...: ignored.

@@ -84,13 +84,19 @@ def origin(tmp_path_factory):
 
 
 def _download_sha(port: int, name: str, timeout: float = 120.0) -> str:
+    """SHA-256 of a download through the tunnel; a short body is an error, not a digest
+    (http.client's read(n) returns b"" on a premature close instead of raising)."""
     h = hashlib.sha256()
+    got = 0
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}", timeout=timeout) as r:
+        length = int(r.headers["Content-Length"])
         while True:
             chunk = r.read(1 << 16)
             if not chunk:
                 break
+            got += len(chunk)
             h.update(chunk)
+    assert got == length, f"download through the tunnel ended after {got} of {length} bytes"
     return h.hexdigest()
 
 

@@ -141,7 +141,7 @@ def test_write_batch(relay, conns):
 
 def test_keys_given_in_every_form(ours, conns):
     k = PrivateKey.generate()
-    for form in (k, k.raw, str(k)):
+    for form in (k, k.raw, k.to_text()):
         pc = conns(ours, key=form)
         assert pc.local_addr() == k.public_key and isinstance(pc.local_addr(), PublicKey)
         pc.close()
