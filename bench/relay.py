@@ -1,137 +1,236 @@
 """Relay load: many connected clients, many pairs exchanging packets; ours vs the Go derper.
 
-    python bench/relay.py [--clients 1000] [--pairs 200] [--seconds 10] [--size 1200] [--window 4]
+    python bench/relay.py [--clients 1000] [--pairs 200] [--seconds 10] [--size 1200]
+                          [--window 4] [--procs 2] [--relays ours,go]
 
-For each relay (our `python -m derpnet.server` and, when built, Tailscale's Go
-`derper`, both plain HTTP on loopback, each in its own process) it connects
-`--clients` DERP clients (all of them stay connected and keep reading), then lets
-the first `2*--pairs` of them play ping-pong in pairs: each sender keeps `--window`
-packets in flight, the partner echoes each packet back. It prints relayed packets/s,
-MB/s, round-trip latency p50/p99 (two relay traversals), the relay's peak RSS and
-the ratio ours/Go. The load generator is one asyncio process sharing the machine
-with the relay, so the absolute figures are a lower bound; the ratio is the point.
+For each relay (our `python -m derpnet.server` and, when built, Tailscale's Go `derper`,
+both plain HTTP on loopback, each in its own process, measured one after the other in
+the same run) it connects `--clients` DERP clients (all stay connected and keep
+reading), then lets the first `2*--pairs` of them play ping-pong in pairs: each sender
+keeps `--window` packets in flight, its partner echoes each one back, and a packet not
+echoed within a second counts as lost and is replaced.
+
+The load generator is split over `--procs` worker processes (asyncio Protocols on the
+sans-IO ClientConnection; a worker's clients and pairs stay in that worker), because
+one Python process cannot keep a Go relay busy. Reported per relay:
+
+- relayed packets/s (both directions of every pair), MB/s, lost packets;
+- relay latency, one way (sender → relay → echoer, CLOCK_MONOTONIC is shared by the
+  processes), p50/p99, and the round trip p50/p99. In this closed loop the latency is
+  mostly queueing: in-flight packets / throughput (Little's law);
+- the relay's CPU use over the measured interval (1.00 = one core busy) and packets
+  per relay CPU-second: the figure that does not depend on the load generator;
+- the load generator's CPU use (all workers): near `--procs` cores means the
+  generator, not the relay, is the bottleneck;
+- the relay's peak RSS (VmHWM).
+
+By default (2+ CPUs) the relay is pinned to CPU 0 and the generator to the others, so
+each relay gets one core and the generator never takes it (`--no-pin` to share).
+
+Measured (2-vCPU VM shared with other jobs, defaults: 1,000 clients, 200 pairs, window
+4, 1200 B, pinned; several runs): ours 25-28k relayed pkt/s, one-way p50 25-31 ms, p99
+68-90 ms, 33-35k pkt per relay CPU-second, peak RSS 41 MiB; Go derper 24-30k pkt/s,
+p50 27-30 ms, p99 38-98 ms, 39-41k pkt per CPU-second, peak RSS 76-77 MiB. The Go runs
+are generator-bound (its generator core ~100% busy, the relay's at 63-74%): on two
+cores a Python load generator cannot saturate derper, so compare packets per relay
+CPU-second (ours ~0.85x derper's) rather than packets/s. Unpinned, with two generator
+processes, derper reached 44-46k pkt/s at 51-52k per CPU-second (then ours ~0.55x).
+The earlier single-process generator (an asyncio.wait_for per packet; also a window
+that grew by one whenever an echo came later than its 1 s timeout) measured 3.8k vs
+6.6k pkt/s: it mostly measured itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import resource
-import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from derpnet import frames as F  # noqa: E402
 from derpnet.connection import ClientConnection, Connected  # noqa: E402
-from derpnet.keys import PrivateKey  # noqa: E402
+from derpnet.keys import PrivateKey, PublicKey  # noqa: E402
 
-_STAMP = struct.Struct(">Qd")  # sequence, send time
+_STAMP = struct.Struct(">QQ")  # sequence, send time (CLOCK_MONOTONIC ns)
+_now_ns = time.monotonic_ns     # CLOCK_MONOTONIC on Linux: comparable between processes
+LOSS_AFTER_NS = 1_000_000_000
 
 
-class LoadClient:
-    """One DERP client on an asyncio stream, driven by the sans-IO ClientConnection."""
+# ---------------------------------------------------------------- worker side
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+class LoadClient(asyncio.Protocol):
+    """One DERP client: an asyncio Protocol driving the sans-IO ClientConnection."""
+
+    def __init__(self, worker: "Worker", host: str) -> None:
+        self.worker = worker
         self.key = PrivateKey.generate()
-        self.conn = ClientConnection(self.key, f"{host}:{port}")
-        self.partner = None
-        self.echo = False
-        self.rtts: list = []
+        self.pub = self.key.public_key
+        self.conn = ClientConnection(self.key, host)
+        self.transport: Optional[asyncio.Transport] = None
+        self.connected = asyncio.get_running_loop().create_future()
+        self.partner: Optional[PublicKey] = None
+        self.role = "idle"          # "sender", "echoer" or "idle"
+        self.outstanding: Dict[int, int] = {}  # sender: seq -> send time
+        self.seq = 0
+        self.pad = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.conn.initiate())  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if not self.connected.done():
+            self.connected.set_exception(ConnectionError(f"relay closed during the handshake: {exc}"))
+        elif self.worker.running:
+            self.worker.errors.append(f"relay dropped a {self.role} client: {exc}")
+
+    def data_received(self, data: bytes) -> None:
+        events = self.conn.receive_data(data)
+        out = [self.conn.data_to_send()]
+        w = self.worker
+        now = None
+        for ev in events:
+            if type(ev) is F.RecvPacket:
+                if now is None:
+                    now = _now_ns()
+                seq, sent = _STAMP.unpack_from(ev.data)
+                if self.role == "echoer":
+                    out.append(F.encode_send_packet(ev.src, ev.data))
+                    if w.measuring(now):
+                        w.received += 1
+                        w.one_way.append(now - sent)
+                elif self.role == "sender":
+                    if self.outstanding.pop(seq, None) is None:
+                        continue  # already counted as lost
+                    if w.measuring(now):
+                        w.received += 1
+                        w.rtt.append(now - sent)
+                    if w.sending(now):
+                        out.append(self._next(now))
+            elif isinstance(ev, Connected):
+                self.connected.set_result(True)
+        data = b"".join(out)
+        if data:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def _next(self, now: int) -> bytes:
+        self.seq += 1
+        self.outstanding[self.seq] = now
+        return F.encode_send_packet(self.partner, _STAMP.pack(self.seq, now), self.pad)
+
+    def start_window(self, window: int) -> None:
+        now = _now_ns()
+        self.transport.write(b"".join(self._next(now) for _ in range(window)))  # type: ignore[union-attr]
+
+    def refill(self, now: int) -> int:
+        """Count packets unanswered for a second as lost and send replacements."""
+        lost = [s for s, t in self.outstanding.items() if now - t > LOSS_AFTER_NS]
+        for s in lost:
+            del self.outstanding[s]
+        if lost and self.worker.sending(now):
+            self.transport.write(b"".join(self._next(now) for _ in lost))  # type: ignore[union-attr]
+        return len(lost)
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
         self.received = 0
-        self.window: asyncio.Semaphore | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.lost = 0
+        self.rtt: List[int] = []
+        self.one_way: List[int] = []
+        self.errors: List[str] = []
+        self.running = False
+        self.t_measure = self.t_end = self.t_stop_sending = 0
 
-    async def connect(self) -> None:
-        reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(self.conn.initiate())
+    def measuring(self, now: int) -> bool:
+        return self.t_measure <= now < self.t_end
+
+    def sending(self, now: int) -> bool:
+        return now < self.t_stop_sending
+
+    async def run(self) -> dict:
+        a = self.args
+        loop = asyncio.get_running_loop()
+        clients = [LoadClient(self, f"127.0.0.1:{a.port}") for _ in range(a.clients)]
+        sem = asyncio.Semaphore(64)
+
+        async def connect(c: LoadClient) -> None:
+            async with sem:
+                await loop.create_connection(lambda: c, "127.0.0.1", a.port)
+                await c.connected
+
+        await asyncio.gather(*(connect(c) for c in clients))
+        senders, echoers = clients[:a.pairs], clients[a.pairs:2 * a.pairs]
+        pad = bytes(max(0, a.size - _STAMP.size))
+        for s, e in zip(senders, echoers):
+            s.partner, s.role, s.pad = e.pub, "sender", pad
+            e.role = "echoer"
+        self.running = True
+        print("READY", flush=True)
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        _, t_start, t_measure, t_end = line.split()
+        self.t_measure, self.t_end = int(t_measure), int(t_end)
+        self.t_stop_sending = self.t_end
+        await asyncio.sleep(max(0, int(t_start) - _now_ns()) / 1e9)
+        for s in senders:
+            s.start_window(a.window)
+        ru0 = None
         while True:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("relay closed during the handshake")
-            evs = self.conn.receive_data(data)
-            out = self.conn.data_to_send()
-            if out:
-                self.writer.write(out)
-            if any(isinstance(e, Connected) for e in evs):
+            now = _now_ns()
+            if ru0 is None and now >= self.t_measure:
+                ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            if now >= self.t_end + LOSS_AFTER_NS // 2:
                 break
-        self._reader = asyncio.create_task(self._read(reader))
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            data = await reader.read(1 << 18)
-            if not data:
-                return
-            for ev in self.conn.receive_data(data):
-                if isinstance(ev, F.RecvPacket):
-                    self.received += 1
-                    if self.echo:
-                        self.writer.write(self.conn.send_packet(ev.src, ev.data))
-                    else:
-                        _, sent = _STAMP.unpack_from(ev.data)
-                        self.rtts.append(time.perf_counter() - sent)
-                        self.window.release()
-            out = self.conn.data_to_send()
-            if out:
-                self.writer.write(out)
-
-    async def pump(self, size: int, window: int, stop_at: float) -> None:
-        self.window = asyncio.Semaphore(window)
-        pad = b"\0" * (size - _STAMP.size)
-        seq = 0
-        while time.perf_counter() < stop_at:
-            try:
-                await asyncio.wait_for(self.window.acquire(), timeout=1.0)
-            except asyncio.TimeoutError:
-                self.window.release()  # a packet was dropped by the relay: refill the window
-                continue
-            seq += 1
-            self.writer.write(self.conn.send_packet(self.partner, _STAMP.pack(seq, time.perf_counter()), pad))
-            if self.writer.transport.get_write_buffer_size() > 1 << 20:
-                await self.writer.drain()
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+            for s in senders:
+                lost = s.refill(now)
+                if self.measuring(now):
+                    self.lost += lost
+            await asyncio.sleep(0.1)
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.running = False
+        for c in clients:
+            c.transport.close()  # type: ignore[union-attr]
+        cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) if ru0 else float("nan")
+        # Latency samples are sent back in microseconds.
+        return {"received": self.received, "lost": self.lost, "cpu_s": cpu, "errors": self.errors[:5],
+                "rtt_us": [x // 1000 for x in self.rtt], "one_way_us": [x // 1000 for x in self.one_way]}
 
 
-async def run_load(host: str, port: int, clients: int, pairs: int, seconds: float, size: int, window: int) -> dict:
-    cs = [LoadClient(host, port) for _ in range(clients)]
-    t0 = time.perf_counter()
-    sem = asyncio.Semaphore(64)
+def worker_main(args: argparse.Namespace) -> int:
+    if args.pin_cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.pin_cpus.split(",")})
+    result = asyncio.run(Worker(args).run())
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
 
-    async def connect(c: LoadClient) -> None:
-        async with sem:
-            await c.connect()
 
-    await asyncio.gather(*(connect(c) for c in cs))
-    connect_s = time.perf_counter() - t0
-    senders, echoers = cs[:pairs], cs[pairs:2 * pairs]
-    for s, e in zip(senders, echoers):
-        s.partner, e.echo = e.key.public_key, True
-    stop_at = time.perf_counter() + seconds
-    t1 = time.perf_counter()
-    await asyncio.gather(*(s.pump(size, window, stop_at) for s in senders))
-    elapsed = time.perf_counter() - t1
-    await asyncio.sleep(0.5)  # let in-flight echoes land before counting (not a correctness wait)
-    rtts = sorted(r for s in senders for r in s.rtts)
-    relayed = sum(s.received for s in senders) + sum(e.received for e in echoers)
-    for c in cs:
-        c.close()
-    return {
-        "connect_s": connect_s,
-        "pps": relayed / elapsed,
-        "mbps": relayed * size / elapsed / 1e6,
-        "p50_ms": statistics.median(rtts) * 1e3 if rtts else float("nan"),
-        "p99_ms": rtts[int(len(rtts) * 0.99)] * 1e3 if rtts else float("nan"),
-        "round_trips": len(rtts),
-    }
+# ---------------------------------------------------------------- parent side
+
+def pin_process(pid: int, cpus: set) -> None:
+    """Pin every thread of `pid` (Go's runtime threads too) to `cpus`."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass  # the thread just ended
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -142,41 +241,128 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _pct(sorted_values: list, q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
+
+
+def run_load(port: int, relay_pid: int, args: argparse.Namespace) -> dict:
+    procs = args.procs
+    ncpu = os.cpu_count() or 1
+    pin = args.pin and ncpu >= 2
+    gen_cpus = ",".join(str(c) for c in range(1, ncpu)) if pin else ""
+    if pin:
+        pin_process(relay_pid, {0})
+    workers = []
+    for i in range(procs):
+        clients = args.clients // procs + (1 if i < args.clients % procs else 0)
+        pairs = args.pairs // procs + (1 if i < args.pairs % procs else 0)
+        argv = [sys.executable, __file__, "--worker", "--port", str(port), "--clients", str(clients),
+                "--pairs", str(pairs), "--size", str(args.size), "--window", str(args.window)]
+        if gen_cpus:
+            argv += ["--pin-cpus", gen_cpus]
+        workers.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT))
+    t0 = time.perf_counter()
+    for w in workers:
+        line = w.stdout.readline()
+        if line.strip() != "READY":
+            raise RuntimeError(f"worker failed to connect its clients: {line!r}")
+    connect_s = time.perf_counter() - t0
+    start = _now_ns() + 200_000_000
+    t_measure = start + int(args.warmup * 1e9)
+    t_end = t_measure + int(args.seconds * 1e9)
+    for w in workers:
+        w.stdin.write(f"GO {start} {t_measure} {t_end}\n")
+        w.stdin.flush()
+    time.sleep(max(0, t_measure - _now_ns()) / 1e9)  # a bench: sample the relay's CPU at the window edges
+    cpu0 = proc_cpu_s(relay_pid)
+    time.sleep(max(0, t_end - _now_ns()) / 1e9)
+    cpu1 = proc_cpu_s(relay_pid)
+    results = []
+    for w in workers:
+        out, _ = w.communicate(timeout=120)
+        line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        if w.returncode != 0 or not line:
+            raise RuntimeError(f"worker failed (rc={w.returncode}): {out[-500:]}")
+        results.append(json.loads(line[0][7:]))
+    received = sum(r["received"] for r in results)
+    rtt = sorted(x for r in results for x in r["rtt_us"])
+    one_way = sorted(x for r in results for x in r["one_way_us"])
+    errors = [e for r in results for e in r["errors"]]
+    return {
+        "connect_s": connect_s,
+        "pps": received / args.seconds,
+        "mbps": received * args.size / args.seconds / 1e6,
+        "lost": sum(r["lost"] for r in results),
+        "ow_p50_ms": _pct(one_way, 0.50) / 1e3,
+        "ow_p99_ms": _pct(one_way, 0.99) / 1e3,
+        "rtt_p50_ms": _pct(rtt, 0.50) / 1e3,
+        "rtt_p99_ms": _pct(rtt, 0.99) / 1e3,
+        "relay_cpu": (cpu1 - cpu0) / args.seconds,
+        "gen_cpu": sum(r["cpu_s"] for r in results) / args.seconds,
+        "errors": errors,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--size", type=int, default=1200)
     ap.add_argument("--window", type=int, default=4)
+    ap.add_argument("--procs", type=int, default=2, help="load generator worker processes")
+    ap.add_argument("--relays", default="ours,go", help="comma-separated: ours, go")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin the relay to CPU 0 and the load generator to the other CPUs")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--pin-cpus", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.size < _STAMP.size:
+        ap.error(f"--size must be at least {_STAMP.size}")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.clients + 256)), hard))
+    if args.worker:
+        return worker_main(args)
 
     from tests.interop_peers import GoDerper, derper_path
     from tests.relays import OurRelay
 
     results = {}
+    wanted = [r.strip() for r in args.relays.split(",") if r.strip()]
     with tempfile.TemporaryDirectory() as tmp:
-        relays = [("ours", lambda: OurRelay())]
-        if derper_path():
-            relays.append(("go derper", lambda: GoDerper(Path(tmp) / "derper")))
-        else:
-            print("Go derper not built (run interop/build.sh): measuring ours only", file=sys.stderr)
+        relays = []
+        if "ours" in wanted:
+            relays.append(("ours", lambda: OurRelay()))
+        if "go" in wanted:
+            if derper_path():
+                relays.append(("go derper", lambda: GoDerper(Path(tmp) / "derper")))
+            else:
+                print("Go derper not built (run interop/build.sh): measuring ours only", file=sys.stderr)
+        print(f"{args.clients} clients, {args.pairs} pairs, window {args.window}, {args.size} B, "
+              f"{args.seconds:g} s measured, load generator in {args.procs} process(es), {os.cpu_count()} CPUs"
+              + (", relay pinned to CPU 0, generator to the others" if args.pin and (os.cpu_count() or 1) >= 2 else ""))
         for name, make in relays:
             with make() as relay:
-                host, port = "127.0.0.1", relay.port
                 pid = relay.proc.pid
-                r = asyncio.run(run_load(host, port, args.clients, args.pairs, args.seconds, args.size, args.window))
+                r = run_load(relay.port, pid, args)
                 r["rss_mb"] = peak_rss_mb(pid)
                 results[name] = r
-            print(f"{name:10s} clients={args.clients} pairs={args.pairs} size={args.size}: "
-                  f"connect {r['connect_s']:.2f}s, {r['pps']:,.0f} pkt/s, {r['mbps']:.1f} MB/s, "
-                  f"RTT p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, peak RSS {r['rss_mb']:.1f} MiB")
+            print(f"{name:10s} connect {r['connect_s']:.2f}s | {r['pps']:8,.0f} pkt/s {r['mbps']:6.1f} MB/s "
+                  f"lost {r['lost']} | one-way p50 {r['ow_p50_ms']:6.2f} ms p99 {r['ow_p99_ms']:6.2f} ms | "
+                  f"RTT p50 {r['rtt_p50_ms']:6.2f} p99 {r['rtt_p99_ms']:6.2f} | relay CPU {r['relay_cpu']:.2f} "
+                  f"({r['pps'] / max(r['relay_cpu'], 1e-9):,.0f} pkt per CPU-s) | generator CPU {r['gen_cpu']:.2f} "
+                  f"| peak RSS {r['rss_mb']:.1f} MiB", flush=True)
+            if r["errors"]:
+                print(f"  errors: {r['errors']}")
     if len(results) == 2:
         o, g = results["ours"], results["go derper"]
-        print(f"ratio ours/go: pkt/s {o['pps'] / g['pps']:.2f}, p50 {o['p50_ms'] / g['p50_ms']:.2f}, "
-              f"p99 {o['p99_ms'] / g['p99_ms']:.2f}, RSS {o['rss_mb'] / g['rss_mb']:.2f}")
+        print(f"ratio ours/go: pkt/s {o['pps'] / g['pps']:.2f}, one-way p50 {o['ow_p50_ms'] / g['ow_p50_ms']:.2f}, "
+              f"p99 {o['ow_p99_ms'] / g['ow_p99_ms']:.2f}, pkt per relay CPU-s "
+              f"{(o['pps'] / o['relay_cpu']) / (g['pps'] / g['relay_cpu']):.2f}, RSS {o['rss_mb'] / g['rss_mb']:.2f}")
     return 0
 
 

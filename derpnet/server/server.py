@@ -36,6 +36,8 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
+import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -49,6 +51,8 @@ from .relay import Relay
 __all__ = ["RelayOptions", "RelayServer", "DerpServer", "serve", "relay_url"]
 
 log = logging.getLogger(__name__)
+
+ACCEPT_BATCH = 32  # connections accepted per wake-up of the listening socket (see RelayServer.start)
 
 
 @dataclass(frozen=True)
@@ -114,9 +118,22 @@ class RelayServer:
         """Bind and listen. Raises OSError (e.g. address in use) without leaving anything open."""
         self.loop = asyncio.get_running_loop()
         # TLS is done by ClientProtocol itself (see tls.py), not by asyncio's SSL transport.
+        # asyncio accepts up to `backlog` connections each time the listening socket wakes
+        # it, and sets them all up in the next loop turn: with a deep backlog a connection
+        # storm then holds the loop for half a second (1,024 set-ups) while the connected
+        # clients' packets wait. So accept in small batches, and deepen only the kernel's
+        # queue afterwards (listen() again on the same socket, through a duplicate).
         self._server = await self.loop.create_server(
             lambda: ClientProtocol(self), self.host or None, self.requested_port,
-            backlog=self.options.backlog, reuse_address=True)
+            backlog=min(ACCEPT_BATCH, self.options.backlog), reuse_address=True)
+        try:
+            for ts in self._server.sockets:
+                with socket.socket(fileno=os.dup(ts.fileno())) as dup:
+                    dup.listen(self.options.backlog)
+        except OSError:
+            self._server.close()
+            self._server = None
+            raise
         log.info("relay: listening on %s (server key %s)", ", ".join(self.addresses), self.public_key)
 
     @property
