@@ -138,8 +138,12 @@ class DerpQuicConnection(QuicConnection):
     # -- 2. long STREAM frames -----------------------------------------------------------------
 
     def _write_stream_frame(self, builder, space, stream: QuicStream, max_offset: int) -> int:
-        # Space that a 2-byte-length frame could use; above that we need a 4-byte length.
-        if builder.remaining_flight_space <= _MAX_2BYTE_VARINT + 3 + 8 + 8:
+        # aioquic's frame may carry up to remaining - (3 + len(stream id) + len(offset))
+        # bytes, i.e. at most remaining - 4: only when that fits a 2-byte length may it
+        # write the frame. (The bound used to be 16383 + 19, which let frames of 16384 to
+        # 16398 bytes through with a wrapped length: the peer then parsed data as frames
+        # and closed with "Unknown frame type", seen under packet loss.)
+        if builder.remaining_flight_space <= _MAX_2BYTE_VARINT + 4:
             return super()._write_stream_frame(builder=builder, space=space, stream=stream,
                                                max_offset=max_offset)
         frame_overhead = (1 + 4 + size_uint_var(stream.stream_id)

@@ -390,6 +390,7 @@ class GoDerper:
         self.port = port
         self.proc: Optional[LoggedProcess] = None
         self.log_path = self.workdir / "derper.log"
+        self._starts = 0
 
     @property
     def host(self) -> str:
@@ -441,6 +442,9 @@ class GoDerper:
                 "-http-port=-1",
             ]
         argv += self.extra_args
+        self._starts += 1
+        if self._starts > 1:  # restart(): keep the earlier logs
+            self.log_path = self.workdir / f"derper-{self._starts}.log"
         self.proc = LoggedProcess(argv, self.log_path)
         try:
             self.proc.wait_for_line(r"derper: serving on", timeout=self.ready_timeout)
@@ -464,6 +468,20 @@ class GoDerper:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+
+    def kill(self) -> None:
+        """SIGKILL derper (a crash, for fault tests)."""
+        if self.proc is not None:
+            if self.proc.proc.poll() is None:
+                self.proc.proc.kill()
+                self.proc.proc.wait(timeout=10)
+            self.proc.stop()
+
+    def restart(self) -> "GoDerper":
+        """Kill if running, then start again on the same port with the same server key
+        (the key lives in the -c config file in `workdir`)."""
+        self.kill()
+        return self.start()
 
     def output(self) -> str:
         return self.proc.output() if self.proc else ""
