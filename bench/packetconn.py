@@ -74,7 +74,7 @@ def measure(url: str, ca_file: Optional[str], size: int, seconds: float, window:
     ctx = mp.get_context("spawn")
     rkey = PrivateKey.generate()
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(url, ca_file, str(rkey), ack_every, child), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(url, ca_file, rkey.to_text(), ack_every, child), daemon=True)
     proc.start()
     try:
         if not parent.poll(30):

@@ -165,6 +165,7 @@ class PacketConn:
         self._queue_size = queue_size
         self._reconnect = reconnect
         self._on_event = on_event
+        self._listeners: Tuple[Callable[[object], None], ...] = ()  # add_event_listener()
         self._on_packet_cb = on_packet
 
         self._cond = threading.Condition(threading.Lock())  # queue, state, deadlines, receive counters
@@ -482,9 +483,21 @@ class PacketConn:
         self._emit(LinkUp(client.server_key, gen))
         return True
 
+    def add_event_listener(self, callback: Callable[[object], None]) -> None:
+        """Also deliver link and relay events (LinkUp, LinkDown, PeerGone, Health, ...) to
+        `callback`, besides the `on_event` option; layers above (the QUIC driver) use it.
+        Callbacks run on a relay reader thread and must not block."""
+        with self._cond:
+            self._listeners += (callback,)
+
+    def remove_event_listener(self, callback: Callable[[object], None]) -> None:
+        with self._cond:
+            self._listeners = tuple(cb for cb in self._listeners if cb is not callback)
+
     def _emit(self, event: object) -> None:
-        cb = self._on_event
-        if cb is not None:
+        for cb in (self._on_event, *self._listeners):
+            if cb is None:
+                continue
             try:
                 cb(event)
             except Exception:

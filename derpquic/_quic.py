@@ -45,7 +45,7 @@ from aioquic.quic.packet import (QuicFrameType, QuicStreamFrame, QuicTransportPa
 from aioquic.quic.packet_builder import QuicDeliveryState
 from aioquic.quic.stream import QuicStream
 
-__all__ = ["DerpQuicConnection", "set_max_datagram_size", "peer_transport_parameters", "END_STATES",
+__all__ = ["DerpQuicConnection", "set_max_datagram_size", "probe_now", "peer_transport_parameters", "END_STATES",
            "ALPN_AUTH"]
 
 logger = logging.getLogger("derpquic.quic")
@@ -290,6 +290,14 @@ def set_max_datagram_size(conn: QuicConnection, size: int) -> None:
             cc.additive_increase_factor = size
         if size > old and cc.congestion_window < K_INITIAL_WINDOW * size:
             cc.congestion_window = K_INITIAL_WINDOW * size
+
+
+def probe_now(conn: QuicConnection, uid: int) -> None:
+    """Send an ack-eliciting PING at once and forget the PTO back-off: used when the
+    relay link is back, so lost data is retransmitted as soon as the PING is acked
+    instead of after a probe timeout that kept doubling through the outage."""
+    conn._loss._pto_count = 0
+    conn.send_ping(uid)
 
 
 def peer_transport_parameters(conn: QuicConnection) -> Optional[QuicTransportParameters]:

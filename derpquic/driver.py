@@ -51,9 +51,10 @@ from aioquic.quic.packet import (QuicPacketType, encode_quic_version_negotiation
 
 from derpnet.errors import AuthenticationError
 from derpnet.keys import PrivateKey, PublicKey
+from derpnet.packetconn import LinkUp
 
 from . import auth
-from ._quic import ALPN_AUTH, DerpQuicConnection, peer_transport_parameters, set_max_datagram_size
+from ._quic import ALPN_AUTH, DerpQuicConnection, peer_transport_parameters, probe_now, set_max_datagram_size
 from .config import GO_PACKET_SIZE, Options
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,6 +190,25 @@ class Driver:
         self.thread = threading.Thread(target=self._run, name=f"derpquic-rx-{self.local.b64()[:8]}",
                                        daemon=True)
         self.thread.start()
+        self.link_ups = 0  # relay reconnects seen (each probes every connection at once)
+        if hasattr(pc, "add_event_listener"):
+            pc.add_event_listener(self._on_link_event)
+
+    def _on_link_event(self, ev: object) -> None:
+        """The relay link is back after an outage: probe every connection now rather
+        than wait out a PTO that backed off exponentially while packets were dropped."""
+        if not isinstance(ev, LinkUp) or ev.generation <= 1:
+            return
+        with self.lock:
+            if self.stopped:
+                return
+            self.link_ups += 1
+            now = time.monotonic()
+            for conn in list(self.conns):
+                if conn.terminated or conn.quic.state_closed:
+                    continue
+                probe_now(conn.quic, next(conn.ping_seq))
+                self.flush(conn, now)
 
     # ------------------------------------------------------------------ connections
 
@@ -711,6 +731,8 @@ class Driver:
                 self._drop_conn(conn)
             self.stopped = True
             self.heap.clear()
+        if hasattr(self.pc, "remove_event_listener"):
+            self.pc.remove_event_listener(self._on_link_event)
         try:
             self.pc.set_read_deadline(time.time() - 1)  # wake the receive thread
         except (OSError, ValueError):

@@ -100,6 +100,9 @@ def test_our_relay_restart_keeps_streams(tmp_path):
             s.shutdown(socket.SHUT_WR)
             got, digest = sink.result(timeout=120)
             assert got == len(data) and digest == hashlib.sha256(data).digest()
+            # Each side's driver heard its link come back and probed its connection at once
+            # (instead of waiting out a PTO that backed off during the outage).
+            assert d._driver.link_ups >= 1 and ln._driver.link_ups >= 1
             r.sendall(b"after restart")
             r.close()
             assert recv_all(s) == b"after restart"
