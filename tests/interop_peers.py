@@ -245,16 +245,18 @@ class LoggedProcess:
     """A subprocess whose stdout+stderr go, line by line, to a log file and to
     memory, so tests can wait for a line. Terminates (then kills) on close."""
 
-    def __init__(self, argv: Sequence[str], log_path, env: Optional[dict] = None, cwd=None):
+    def __init__(self, argv: Sequence[str], log_path=None, env: Optional[dict] = None, cwd=None):
         self.argv = [str(a) for a in argv]
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = Path(log_path) if log_path is not None else None
         self._lines: list[str] = []
         self._cond = threading.Condition()
         self._eof = False
-        self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
-        self._log.write("$ " + " ".join(self.argv) + "\n")
-        self._log.flush()
+        self._log = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
+            self._log.write("$ " + " ".join(self.argv) + "\n")
+            self._log.flush()
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -272,8 +274,9 @@ class LoggedProcess:
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self._log.write(line)
-            self._log.flush()
+            if self._log is not None:
+                self._log.write(line)
+                self._log.flush()
             with self._cond:
                 self._lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
@@ -292,12 +295,12 @@ class LoggedProcess:
     def output(self) -> str:
         return "\n".join(self.lines())
 
-    def wait_for_line(self, pattern: str, timeout: float = 15.0) -> re.Match:
-        """Block until a line matches regex `pattern`; return the match.
+    def wait_for_line(self, pattern: str, timeout: float = 15.0, start: int = 0) -> re.Match:
+        """Block until a line (from index `start`) matches regex `pattern`; return the match.
         Raises RuntimeError if the process exits first, TimeoutError on timeout."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = start
         with self._cond:
             while True:
                 while seen < len(self._lines):
@@ -328,9 +331,27 @@ class LoggedProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=timeout)
         self._reader.join(timeout=timeout)
-        if not self._log.closed:
+        if self._log is not None and not self._log.closed:
             self._log.close()
         return self.proc.returncode
+
+    def wait_eof(self, timeout: float) -> None:
+        """Block until the process closed its output (TimeoutError after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._eof:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("output still open")
+                self._cond.wait(left)
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return rc
 
     def __enter__(self):
         return self

@@ -18,16 +18,16 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
+
+from tests.interop_peers import LoggedProcess, free_port, wait_for_port  # noqa: E402,F401
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,131 +77,15 @@ def error_lines(stderr: str) -> list[str]:
 # Ports
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: Optional[subprocess.Popen] = None) -> None:
-    deadline = time.monotonic() + timeout
-    last: Optional[BaseException] = None
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError as e:
-            last = e
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited (rc={proc.returncode}) before {host}:{port} was ready")
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{host}:{port} not accepting connections after {timeout}s: {last}")
-        time.sleep(0.05)
-
-
 # --------------------------------------------------------------------------
 # Processes with watched output
 
 
-class Proc:
-    """A subprocess whose stdout+stderr are read line by line into memory (and a log
-    file), so a test can wait for a line. Terminates, then kills, on stop()."""
+class Proc(LoggedProcess):
+    """A subprocess whose output tests can wait on, started in the repository by default."""
 
     def __init__(self, argv: Sequence, env: Optional[dict] = None, log_path=None, cwd=None) -> None:
-        self.argv = [str(a) for a in argv]
-        self._lines: list[str] = []
-        self._cond = threading.Condition()
-        self._eof = False
-        self._log = open(log_path, "w", encoding="utf-8", errors="replace") if log_path else None
-        if self._log:
-            self._log.write("$ " + " ".join(self.argv) + "\n")
-            self._log.flush()
-        self.proc = subprocess.Popen(self.argv, env=env, cwd=str(cwd or REPO_ROOT), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", bufsize=1)
-        self._reader = threading.Thread(target=self._pump, name=f"out:{Path(self.argv[0]).name}", daemon=True)
-        self._reader.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if self._log:
-                self._log.write(line)
-                self._log.flush()
-            with self._cond:
-                self._lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def lines(self) -> list[str]:
-        with self._cond:
-            return list(self._lines)
-
-    def output(self) -> str:
-        return "\n".join(self.lines())
-
-    def wait_for_line(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match:
-        """Block until a line (from index `start`) matches regex `pattern`; return the match.
-        RuntimeError if the process ends first, TimeoutError after `timeout`."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = start
-        with self._cond:
-            while True:
-                while seen < len(self._lines):
-                    m = rx.search(self._lines[seen])
-                    seen += 1
-                    if m:
-                        return m
-                if self._eof:
-                    raise RuntimeError(f"process exited (rc={self.proc.poll()}) before printing /{pattern}/:\n"
-                                       + "\n".join(self._lines[-40:]))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no line /{pattern}/ within {timeout}s:\n" + "\n".join(self._lines[-40:]))
-                self._cond.wait(left)
-
-    def wait_eof(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not self._eof:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("output still open")
-                self._cond.wait(left)
-
-    def send_signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        rc = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return rc
-
-    def stop(self, timeout: float = 5.0) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=timeout)
-        if self._log and not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(argv, log_path, env=env, cwd=str(cwd or REPO_ROOT))
 
 
 class CliProcess(Proc):
