@@ -35,11 +35,7 @@ from tests.interop_peers import (
     make_test_ca,
 )
 
-try:  # the suite's skip-or-fail policy (fails when interop is required in CI)
-    from tests.conftest import missing_go_peer
-except ImportError:  # pragma: no cover
-    def missing_go_peer(reason: str) -> None:
-        pytest.skip(reason)
+from tests.conftest import missing_go_peer  # skip locally, fail when CI requires interop
 
 
 pytestmark = pytest.mark.interop
