@@ -95,7 +95,7 @@ def run(mb: int) -> dict:
                     GoDerpconnect.join(d, s.pubkey, 0, tmp / "go-j", binary=go) as j:
                 out["Go derpconnect"] = push(j.listen_port, mb << 20)
             url = f"https://localhost:{d.port}"
-            extra = ["--derp-ca", str(ca)]
+            extra = ["--derp-ca", str(ca), "--no-direct"]  # through the relay, like the Go pair
             with CliProcess.serve(url, sink.port, cli_env(tmp / "py-s"), extra=extra) as s, \
                     CliProcess.join(url, s.pubkey, cli_env(tmp / "py-j"), extra=extra) as j:
                 out["derpnet CLI"] = push(j.listen_port, mb << 20)

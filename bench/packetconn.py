@@ -45,7 +45,7 @@ def _context(ca_file: Optional[str]) -> Optional[ssl.SSLContext]:
 
 
 def _receiver(url: str, ca_file: Optional[str], key_text: str, ack_every: int, conn) -> None:
-    pc = listen_packet(url, PrivateKey.parse(key_text), ssl_context=_context(ca_file))
+    pc = listen_packet(url, PrivateKey.parse(key_text), ssl_context=_context(ca_file), direct=False)
     conn.send("ready")
     got = 0
     nbytes = 0
@@ -82,7 +82,7 @@ def measure(url: str, ca_file: Optional[str], size: int, seconds: float, window:
         assert parent.recv() == "ready"
         dst = rkey.public_key
         payload = bytearray(os.urandom(size))
-        with listen_packet(url, ssl_context=_context(ca_file)) as pc:
+        with listen_packet(url, ssl_context=_context(ca_file), direct=False) as pc:
             pc.settimeout(0.2)
             seq = 0
             acked = 0

@@ -194,7 +194,7 @@ def _relays(which: str, stack: ExitStack):
 
 
 def run_suite(name, url, ssl_ctx, mb, opts):
-    kw = dict(opts)
+    kw = {"direct": False, **opts}  # this bench measures the relay path
     if ssl_ctx is not None:
         kw["ssl_context"] = ssl_ctx
     with derpquic.listen(url, **kw) as ln, derpquic.Dialer(url, **kw) as d, \
@@ -218,13 +218,13 @@ def main(argv=None) -> int:
         for name, url, ctx in _relays(args.relay, stack):
             if args.sweep_sizes:
                 for size in [int(x) for x in args.sweep_sizes.split(",")]:
-                    with derpquic.listen(url, max_datagram_size=size) as ln, \
-                            derpquic.Dialer(url, max_datagram_size=size) as d:
+                    with derpquic.listen(url, max_datagram_size=size, direct=False) as ln, \
+                            derpquic.Dialer(url, max_datagram_size=size, direct=False) as d:
                         print(f"{name:10s} max_datagram_size {size:6d}: {bulk(ln, d, args.mb << 20):6.1f} MB/s",
                               flush=True)
             elif args.sweep_windows:
                 for w in [float(x) for x in args.sweep_windows.split(",")]:
-                    kw = dict(stream_window=int(w * (1 << 20)), connection_window=int(4 * w * (1 << 20)))
+                    kw = dict(stream_window=int(w * (1 << 20)), connection_window=int(4 * w * (1 << 20)), direct=False)
                     with derpquic.listen(url, **kw) as ln, derpquic.Dialer(url, **kw) as d:
                         print(f"{name:10s} stream window {w:5g} MiB: 1 stream {bulk(ln, d, args.mb << 20):6.1f} MB/s,"
                               f" 8 streams {bulk(ln, d, args.mb << 20, 8):6.1f} MB/s", flush=True)

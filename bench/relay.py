@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from derpnet import frames as F  # noqa: E402
-from derpnet.connection import ClientConnection, Connected  # noqa: E402
+from derpnet.connection import ClientConnection, Connected, Hello, Upgrade  # noqa: E402
 from derpnet.keys import PrivateKey, PublicKey  # noqa: E402
 
 _STAMP = struct.Struct(">QQ")  # sequence, send time (CLOCK_MONOTONIC ns)
@@ -87,7 +87,7 @@ class LoadClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.write(self.conn.initiate())  # type: ignore[attr-defined]
+        transport.write(self.conn.send(Upgrade()))  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if not self.connected.done():
@@ -97,7 +97,7 @@ class LoadClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         events = self.conn.receive_data(data)
-        out = [self.conn.data_to_send()]
+        out = []
         w = self.worker
         now = None
         for ev in events:
@@ -118,6 +118,11 @@ class LoadClient(asyncio.Protocol):
                         w.rtt.append(now - sent)
                     if w.sending(now):
                         out.append(self._next(now))
+            elif isinstance(ev, F.ServerKey):
+                out.append(self.conn.send(Hello()))
+                events.extend(self.conn.receive_data(b""))  # what waited for the hello
+            elif isinstance(ev, F.Ping):
+                out.append(self.conn.send(ev.response()))
             elif isinstance(ev, Connected):
                 self.connected.set_result(True)
         data = b"".join(out)

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from derpnet import frames as F  # noqa: E402
-from derpnet.connection import ClientConnection, Connected  # noqa: E402
+from derpnet.connection import ClientConnection, Connected, Hello, Upgrade  # noqa: E402
 from derpnet.keys import PrivateKey  # noqa: E402
 
 
@@ -41,15 +41,15 @@ class Live:
     async def connect(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(
             "127.0.0.1", self.port, ssl=self.ssl_ctx, server_hostname="localhost" if self.ssl_ctx else None)
-        self.writer.write(self.conn.initiate())
+        self.writer.write(self.conn.send(Upgrade()))
         while True:
             data = await self.reader.read(65536)
             if not data:
                 raise ConnectionError("relay closed during the handshake")
             events = self.conn.receive_data(data)
-            out = self.conn.data_to_send()
-            if out:
-                self.writer.write(out)
+            if any(isinstance(e, F.ServerKey) for e in events):
+                self.writer.write(self.conn.send(Hello()))
+                events += self.conn.receive_data(b"")
             if any(isinstance(e, Connected) for e in events):
                 break
         self.task = asyncio.create_task(self._read())
@@ -59,12 +59,11 @@ class Live:
             for ev in self.conn.receive_data(data):
                 if isinstance(ev, F.RecvPacket):
                     self.inbox.put_nowait(ev)
-            out = self.conn.data_to_send()
-            if out:
-                self.writer.write(out)
+                elif isinstance(ev, F.Ping):
+                    self.writer.write(self.conn.send(ev.response()))
 
     def send(self, dst, data: bytes) -> None:
-        self.writer.write(self.conn.send_packet(dst, data))
+        self.writer.write(self.conn.send(F.SendPacket(dst, data)))
 
     def close(self) -> None:
         if self.task:

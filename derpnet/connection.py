@@ -1,110 +1,130 @@
 """DERP connections as sans-IO state machines (in the manner of h11 and wsproto).
 
-`ClientConnection` and `ServerConnection` combine the HTTP upgrade, the hello and the
-frame codec. Feed them received bytes with `receive_data()`, get events back, and send
-whatever `data_to_send()` returns. They never touch sockets, threads or clocks.
+Layer: protocol. `ClientConnection` and `ServerConnection` combine the HTTP upgrade,
+the hello and the frame codec. One way in, one way out, on both sides:
+`receive_data(bytes) -> list[Event]` and `send(Event) -> bytes`. Nothing is answered
+behind the caller's back: a `Ping` is answered by sending `ping.response()`, a
+`ServerKey` by sending `Hello()`, an `UpgradeRequest` by `AcceptUpgrade()`, a
+`ClientHello` by `AcceptClient()`. A connection stops decoding at a step that waits
+for such an answer; after sending it, call `receive_data(b"")` for what was buffered
+behind it. They never touch sockets, threads or clocks.
+
+Failures before the connection is up raise `HandshakeError` (a `RemoteProtocolError`),
+after it `RemoteProtocolError`; sending what the state does not allow raises
+`LocalProtocolError`.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 from . import frames as F
 from .errors import HandshakeError, LocalProtocolError, RemoteProtocolError, UpgradeError
-from .handshake import (DEFAULT_CLIENT_INFO, DEFAULT_SERVER_INFO, open_client_info,
-                        open_server_info, seal_client_info, seal_server_info)
-from .http11 import Request, build_request, build_response, parse_request_head, parse_response_head
+from .events import (AcceptClient, AcceptUpgrade, ClientHello, Connected, Event, Hello, HttpRequest, Reject,
+                     Upgrade, UpgradeRequest)
+from .handshake import (DEFAULT_CLIENT_INFO, DEFAULT_SERVER_INFO, open_client_info, open_server_info,
+                        seal_client_info, seal_server_info)
+from .http11 import build_request, build_response, parse_request_head, parse_response_head
 from .keys import PrivateKey, PublicKey
 
-__all__ = ["ClientConnection", "ServerConnection", "Connected", "ClientHello", "UpgradeRequest",
-           "HttpRequest", "State"]
+__all__ = ["ClientConnection", "ServerConnection", "State", "Connected", "ClientHello", "UpgradeRequest",
+           "HttpRequest", "Upgrade", "Hello", "AcceptUpgrade", "Reject", "AcceptClient"]
 
 
 class State(enum.Enum):
     AWAIT_HTTP = "await-http"  # client: response or first frame; server: request head
     AWAIT_SERVER_KEY = "await-server-key"
+    SEND_HELLO = "send-hello"  # client: ServerKey received, waiting for send(Hello())
     AWAIT_CLIENT_INFO = "await-client-info"
     AWAIT_SERVER_INFO = "await-server-info"
-    AWAIT_ACCEPT = "await-accept"  # server: ClientInfo opened, app decides
+    AWAIT_ACCEPT = "await-accept"  # server: upgrade request received, waiting for send(AcceptUpgrade())
     CONNECTED = "connected"
     CLOSED = "closed"
 
 
-@dataclass(frozen=True)
-class Connected:
-    """Client: the relay's ServerInfo opened; the connection is up."""
-
-    server_key: PublicKey
-    server_info: Dict[str, Any]
+def _handshake_error(e: RemoteProtocolError) -> HandshakeError:
+    """A protocol error before the connection is up is a handshake failure, on both sides."""
+    return e if isinstance(e, HandshakeError) else HandshakeError(f"during the handshake: {e}")
 
 
-@dataclass(frozen=True)
-class UpgradeRequest:
-    """Server: a `GET /derp` asking to switch to DERP; call accept_upgrade() or reject."""
+class _Connection:
+    """What both sides share: the state, the frame decoder, and error bookkeeping."""
 
-    request: Request
-    fast_start: bool
+    def __init__(self, key: PrivateKey, role: F.Role) -> None:
+        self.key = key
+        self.state = State.AWAIT_HTTP
+        self._buf = bytearray()  # only before frames start
+        self._decoder = F.FrameDecoder(role)
+
+    @property
+    def decoder(self) -> F.FrameDecoder:
+        return self._decoder
+
+    def _check_open(self) -> None:
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("connection is closed")
+
+    def _decode(self, step: Callable[[F.Frame, list[Event]], bool]) -> list[Event]:
+        """Decode buffered frames through `step(frame, events)` while it returns True.
+
+        Errors close the connection; before CONNECTED they are HandshakeErrors."""
+        events: list[Event] = []
+        try:
+            while (ev := self._decoder.next_event()) is not None:
+                if not step(ev, events):
+                    break
+        except RemoteProtocolError as e:
+            connected = self.state is State.CONNECTED
+            self.state = State.CLOSED
+            if connected:
+                raise
+            raise _handshake_error(e) from None
+        return events
+
+    def _send_frame(self, ev: Event) -> bytes:
+        if not isinstance(ev, F.Frame):
+            raise LocalProtocolError(f"cannot send {type(ev).__name__} in state {self.state.value}")
+        if self.state is not State.CONNECTED:
+            raise LocalProtocolError(f"cannot send {type(ev).__name__} before the connection is up "
+                                     f"(state {self.state.value})")
+        return F.encode(ev)
 
 
-@dataclass(frozen=True)
-class HttpRequest:
-    """Server: any other HTTP request (probes, /generate_204, a browser); answer and close."""
-
-    request: Request
-
-
-@dataclass(frozen=True)
-class ClientHello:
-    """Server: a client proved its key (its ClientInfo box opened); call accept() or close."""
-
-    key: PublicKey
-    info: Dict[str, Any] = field(default_factory=dict)
-
-
-class ClientConnection:
+class ClientConnection(_Connection):
     """The client side of one DERP connection to a relay."""
 
     def __init__(self, key: PrivateKey, host: str, *, path: str = "/derp",
-                 user_agent: str = "derpnet-python", client_info: Optional[Dict[str, Any]] = None) -> None:
-        self.key = key
+                 user_agent: str = "derpnet-python", client_info: dict[str, Any] | None = None) -> None:
+        super().__init__(key, F.Role.CLIENT)
         self.host = host
         self.path = path
         self.user_agent = user_agent
         self.client_info = dict(client_info if client_info is not None else DEFAULT_CLIENT_INFO)
-        self.state = State.AWAIT_HTTP
-        self.server_key: Optional[PublicKey] = None
-        self.server_info: Dict[str, Any] = {}
-        self._buf = bytearray()  # only before frames start
-        self._decoder = F.FrameDecoder("client")
-        self._out: List[bytes] = []
+        self.server_key: PublicKey | None = None
+        self.server_info: dict[str, Any] = {}
 
-    # -- sending
-    def initiate(self) -> bytes:
-        """The HTTP upgrade request to write first."""
-        return build_request("GET", self.path, [
-            ("Host", self.host), ("User-Agent", self.user_agent),
-            ("Connection", "Upgrade"), ("Upgrade", "DERP"),
-        ])
+    def send(self, event: Event) -> bytes:
+        """The bytes for `event`: `Upgrade()` first, `Hello()` after ServerKey, then frames."""
+        self._check_open()
+        match event:
+            case Upgrade(fast_start=fast_start):
+                if self.state is not State.AWAIT_HTTP:
+                    raise LocalProtocolError(f"Upgrade in state {self.state.value}")
+                headers = [("Host", self.host), ("User-Agent", self.user_agent),
+                           ("Connection", "Upgrade"), ("Upgrade", "DERP")]
+                if fast_start:
+                    headers.append(("Derp-Fast-Start", "1"))
+                return build_request("GET", self.path, headers)
+            case Hello():
+                if self.state is not State.SEND_HELLO or self.server_key is None:
+                    raise LocalProtocolError(f"Hello in state {self.state.value} (send it after ServerKey)")
+                self.state = State.AWAIT_SERVER_INFO
+                sealed = seal_client_info(self.key, self.server_key, self.client_info)
+                return F.encode_client_info(self.key.public_key, sealed)
+        return self._send_frame(event)
 
-    def data_to_send(self) -> bytes:
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
-
-    def send_packet(self, dst: PublicKey, *data: bytes) -> bytes:
-        if self.state is State.CLOSED:
-            raise LocalProtocolError("connection is closed")
-        return F.encode_send_packet(dst, *data)
-
-    def ping(self, data: bytes) -> bytes:
-        return F.encode_ping(data)
-
-    def note_preferred(self, preferred: bool) -> bytes:
-        return F.encode_note_preferred(preferred)
-
-    # -- receiving
     def receive_eof(self) -> None:
         """The relay closed its side: an error unless we had already closed."""
         was = self.state
@@ -112,13 +132,9 @@ class ClientConnection:
         if was is not State.CONNECTED and was is not State.CLOSED:
             raise HandshakeError(f"relay closed the connection during the handshake ({was.value})")
 
-    def receive_data(self, data: bytes) -> List[object]:
-        """Feed received bytes; return events (Connected and decoded frames).
-
-        Pings are answered automatically: the Pong is queued in data_to_send().
-        """
-        if self.state is State.CLOSED:
-            raise LocalProtocolError("connection is closed")
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed received bytes; return events: the ServerKey frame, Connected, then frames."""
+        self._check_open()
         if self.state is State.AWAIT_HTTP:
             self._buf += data
             if not self._take_http():
@@ -126,10 +142,12 @@ class ClientConnection:
             data, self._buf = bytes(self._buf), bytearray()
         try:
             self._decoder.feed(data)
-            return self._frames()
-        except (RemoteProtocolError, HandshakeError):
+        except RemoteProtocolError:
             self.state = State.CLOSED
             raise
+        if self.state is State.SEND_HELLO:
+            return []
+        return self._decode(self._step)
 
     def _take_http(self) -> bool:
         """Consume a 101 response if there is one; True once frames may follow."""
@@ -161,122 +179,110 @@ class ClientConnection:
         self.state = State.AWAIT_SERVER_KEY
         return True
 
-    def _frames(self) -> List[object]:
-        events: List[object] = []
-        for ev in self._decoder.events():
-            if self.state is State.CONNECTED:
-                if isinstance(ev, F.Ping):
-                    self._out.append(F.encode_pong(ev.data))
-                events.append(ev)
-            elif self.state is State.AWAIT_SERVER_KEY:
-                if not isinstance(ev, F.ServerKey):
-                    raise HandshakeError(f"relay's first frame is {type(ev).__name__}, not ServerKey "
-                                         "(is this a DERP server?)")
-                self.server_key = ev.key
-                sealed = seal_client_info(self.key, ev.key, self.client_info)
-                self._out.append(F.encode_client_info(self.key.public_key, sealed))
-                self.state = State.AWAIT_SERVER_INFO
-            elif self.state is State.AWAIT_SERVER_INFO:
-                if isinstance(ev, F.UnknownFrame):
-                    continue
-                if not isinstance(ev, F.ServerInfo):
-                    raise HandshakeError(f"expected ServerInfo from the relay, got {type(ev).__name__}")
-                assert self.server_key is not None
-                self.server_info = open_server_info(self.key, self.server_key, ev.sealed)
-                self.state = State.CONNECTED
-                events.append(Connected(self.server_key, self.server_info))
-        return events
+    def _step(self, ev: F.Frame, events: list[Event]) -> bool:
+        state = self.state
+        if state is State.CONNECTED:
+            events.append(ev)
+        elif state is State.AWAIT_SERVER_KEY:
+            if not isinstance(ev, F.ServerKey):
+                raise HandshakeError(f"relay's first frame is {type(ev).__name__}, not ServerKey "
+                                     "(is this a DERP server?)")
+            self.server_key = ev.key
+            self.state = State.SEND_HELLO
+            events.append(ev)
+            return False  # the rest waits for send(Hello())
+        elif state is State.AWAIT_SERVER_INFO and not isinstance(ev, F.UnknownFrame):
+            if not isinstance(ev, F.ServerInfo):
+                raise HandshakeError(f"expected ServerInfo from the relay, got {type(ev).__name__}")
+            assert self.server_key is not None
+            self.server_info = open_server_info(self.key, self.server_key, ev.sealed)
+            self.state = State.CONNECTED
+            events.append(Connected(self.server_key, self.server_info))
+        return True
 
 
-class ServerConnection:
+class ServerConnection(_Connection):
     """The relay side of one client connection: HTTP request, hello, then frames."""
 
-    def __init__(self, key: PrivateKey, *, server_info: Optional[Dict[str, Any]] = None) -> None:
-        self.key = key
+    def __init__(self, key: PrivateKey, *, server_info: dict[str, Any] | None = None) -> None:
+        super().__init__(key, F.Role.SERVER)
         self.server_info = dict(server_info if server_info is not None else DEFAULT_SERVER_INFO)
-        self.state = State.AWAIT_HTTP
-        self.client_key: Optional[PublicKey] = None
-        self.client_info: Dict[str, Any] = {}
-        self._buf = bytearray()
-        self._decoder = F.FrameDecoder("server")
+        self.client_key: PublicKey | None = None
+        self.client_info: dict[str, Any] = {}
+        self.fast_start = False
 
-    def receive_data(self, data: bytes) -> List[object]:
-        """Feed received bytes; return events: HttpRequest/UpgradeRequest, ClientHello, frames."""
-        if self.state is State.CLOSED:
-            raise LocalProtocolError("connection is closed")
-        if self.state is State.AWAIT_HTTP:
-            self._buf += data
-            try:
-                parsed = parse_request_head(self._buf)
-            except RemoteProtocolError:
+    def send(self, event: Event) -> bytes:
+        """The bytes for `event`: `AcceptUpgrade()` or `Reject()`, `AcceptClient()`, then frames."""
+        self._check_open()
+        match event:
+            case AcceptUpgrade():
+                if self.state is not State.AWAIT_ACCEPT:
+                    raise LocalProtocolError(f"AcceptUpgrade in state {self.state.value}")
+                out = b""
+                if not self.fast_start:
+                    out = build_response(101, [
+                        ("Upgrade", "DERP"), ("Connection", "Upgrade"),
+                        ("Derp-Version", str(F.PROTOCOL_VERSION)), ("Derp-Public-Key", self.key.public_key.hex()),
+                    ])
+                self.state = State.AWAIT_CLIENT_INFO
+                return out + F.encode_server_key(self.key.public_key)
+            case Reject(status=status, body=body):
                 self.state = State.CLOSED
-                raise
-            if parsed is None:
-                return []
-            req, used = parsed
-            rest = bytes(self._buf[used:])
-            self._buf = bytearray()
-            upgrade = (req.get("Upgrade") or "").lower()
-            if req.path == "/derp" and upgrade in ("derp", "websocket"):
-                self.state = State.AWAIT_ACCEPT
-                self._decoder.feed(rest)  # pipelined ClientInfo (fast start)
-                return [UpgradeRequest(req, fast_start=req.get("Derp-Fast-Start") == "1")]
-            self.state = State.CLOSED
-            return [HttpRequest(req)]
-        self._decoder.feed(data)
-        if self.state is State.AWAIT_ACCEPT:
-            return []  # buffered until accept_upgrade()
-        return self._frames()
+                return build_response(status, {"Content-Type": "text/plain; charset=utf-8", "Connection": "close"},
+                                      body.encode())
+            case AcceptClient():
+                if self.state is not State.AWAIT_SERVER_INFO or self.client_key is None:
+                    raise LocalProtocolError(f"AcceptClient in state {self.state.value}")
+                self.state = State.CONNECTED
+                return F.encode_server_info(seal_server_info(self.key, self.client_key, self.server_info))
+        return self._send_frame(event)
 
-    def accept_upgrade(self, fast_start: bool) -> Tuple[bytes, List[object]]:
-        """Switch to DERP: the 101 (none for fast start) and ServerKey to send, plus any
-        events already buffered (a pipelined ClientInfo)."""
-        if self.state is not State.AWAIT_ACCEPT:
-            raise LocalProtocolError(f"accept_upgrade() in state {self.state.value}")
-        out = b""
-        if not fast_start:
-            out = build_response(101, [
-                ("Upgrade", "DERP"), ("Connection", "Upgrade"), ("Derp-Version", str(F.PROTOCOL_VERSION)),
-                ("Derp-Public-Key", self.key.public_key.hex()),
-            ])
-        out += F.encode_server_key(self.key.public_key)
-        self.state = State.AWAIT_CLIENT_INFO
-        return out, self._frames()
-
-    def reject(self, status: int, body: str) -> bytes:
-        """An HTTP error response; the connection is then finished."""
-        self.state = State.CLOSED
-        return build_response(status, {"Content-Type": "text/plain; charset=utf-8", "Connection": "close"},
-                              body.encode())
-
-    def accept(self) -> bytes:
-        """Admit the client that sent ClientHello: the ServerInfo frame to send."""
-        if self.state is not State.AWAIT_SERVER_INFO or self.client_key is None:
-            raise LocalProtocolError(f"accept() in state {self.state.value}")
-        self.state = State.CONNECTED
-        return F.encode_server_info(seal_server_info(self.key, self.client_key, self.server_info))
-
-    def _frames(self) -> List[object]:
-        events: List[object] = []
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed received bytes; return events: HttpRequest/UpgradeRequest, ClientHello, frames."""
+        self._check_open()
+        if self.state is State.AWAIT_HTTP:
+            return self._receive_head(data)
         try:
-            for ev in self._decoder.events():
-                if self.state is State.AWAIT_CLIENT_INFO:
-                    if not isinstance(ev, F.ClientInfo):
-                        name = type(ev).__name__ if not isinstance(ev, F.UnknownFrame) else f"frame type 0x{ev.type:02x}"
-                        raise RemoteProtocolError(f"first frame from the client is {name}, not ClientInfo")
-                    self.client_info = open_client_info(self.key, ev.key, ev.sealed)
-                    self.client_key = ev.key
-                    self.state = State.AWAIT_SERVER_INFO
-                    events.append(ClientHello(ev.key, self.client_info))
-                elif isinstance(ev, F.ClientInfo):
-                    raise RemoteProtocolError("a second ClientInfo")
-                else:
-                    events.append(ev)
-        except (RemoteProtocolError, HandshakeError):
+            self._decoder.feed(data)
+        except RemoteProtocolError:
             self.state = State.CLOSED
             raise
-        return events
+        if self.state is State.AWAIT_ACCEPT or self.state is State.AWAIT_SERVER_INFO:
+            return []  # buffered until send(AcceptUpgrade()) / send(AcceptClient())
+        return self._decode(self._step)
 
-    @property
-    def decoder(self) -> F.FrameDecoder:
-        return self._decoder
+    def _receive_head(self, data: bytes) -> list[Event]:
+        self._buf += data
+        try:
+            parsed = parse_request_head(self._buf)
+        except RemoteProtocolError as e:
+            self.state = State.CLOSED
+            raise _handshake_error(e) from None
+        if parsed is None:
+            return []
+        req, used = parsed
+        rest = bytes(self._buf[used:])
+        self._buf = bytearray()
+        upgrade = (req.get("Upgrade") or "").lower()
+        if req.path == "/derp" and upgrade in ("derp", "websocket"):
+            self.state = State.AWAIT_ACCEPT
+            self.fast_start = req.get("Derp-Fast-Start") == "1"
+            self._decoder.feed(rest)  # a pipelined ClientInfo (fast start), judged after AcceptUpgrade
+            return [UpgradeRequest(req, fast_start=self.fast_start)]
+        self.state = State.CLOSED
+        return [HttpRequest(req)]
+
+    def _step(self, ev: F.Frame, events: list[Event]) -> bool:
+        if self.state is State.AWAIT_CLIENT_INFO:
+            if not isinstance(ev, F.ClientInfo):
+                name = type(ev).__name__ if not isinstance(ev, F.UnknownFrame) else f"frame type 0x{ev.type:02x}"
+                raise HandshakeError(f"first frame from the client is {name}, not ClientInfo")
+            self.client_info = open_client_info(self.key, ev.key, ev.sealed)
+            self.client_key = ev.key
+            self.state = State.AWAIT_SERVER_INFO
+            events.append(ClientHello(ev.key, self.client_info))
+            return False  # the rest waits for send(AcceptClient())
+        if isinstance(ev, F.ClientInfo):
+            raise RemoteProtocolError("a second ClientInfo")
+        events.append(ev)
+        return True

@@ -1,4 +1,13 @@
-"""The exception hierarchy shared by every layer of derpnet and derpquic."""
+"""The exception hierarchy shared by every layer of derpnet and derpquic.
+
+    DerpError
+    ├── ProtocolError
+    │   ├── RemoteProtocolError
+    │   │   └── HandshakeError
+    │   │       └── UpgradeError
+    │   └── LocalProtocolError
+    └── AuthenticationError
+"""
 
 from __future__ import annotations
 
@@ -29,8 +38,9 @@ class LocalProtocolError(ProtocolError):
     """We were asked to send something the protocol does not allow."""
 
 
-class HandshakeError(DerpError):
-    """The DERP handshake failed (ServerKey, ClientInfo or ServerInfo)."""
+class HandshakeError(RemoteProtocolError):
+    """The DERP handshake failed: the peer broke the upgrade or the hello (ServerKey,
+    ClientInfo, ServerInfo), or its box did not open. Both sides raise it the same way."""
 
 
 class UpgradeError(HandshakeError):

@@ -1,8 +1,8 @@
-"""DERP framing, sans-IO: constants, frame encoders and an incremental frame decoder.
+"""DERP framing, sans-IO: constants, frame events, encoders and an incremental decoder.
 
-Every frame is `type(1) ‖ length(4, big-endian) ‖ payload(length)`. This module is the
-only place that knows a frame's byte layout; it never touches a socket or a clock.
-See shared/derp-protocol.md §2.
+Layer: protocol. Every frame is `type(1) ‖ length(4, big-endian) ‖ payload(length)`.
+This module is the only place that knows a frame's byte layout; it never touches a
+socket or a clock. See shared/derp-protocol.md §2.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Union
+from collections.abc import Callable, Iterator, Mapping
 
 from .errors import LocalProtocolError, RemoteProtocolError
+from .events import Event
 from .keys import KEY_LEN, PublicKey
 
 __all__ = [
@@ -21,7 +22,7 @@ __all__ = [
     "Frame", "ServerKey", "ClientInfo", "ServerInfo", "SendPacket", "RecvPacket",
     "KeepAlive", "NotePreferred", "PeerGone", "PeerPresent", "ForwardPacket",
     "WatchConns", "ClosePeer", "Ping", "Pong", "Health", "Restarting", "UnknownFrame",
-    "FrameDecoder", "encode_frame", "CLIENT_LIMITS", "SERVER_LIMITS",
+    "Role", "FrameLimits", "FrameDecoder", "encode_frame", "encode", "CLIENT_LIMITS", "SERVER_LIMITS",
 ]
 
 MAGIC = b"DERP\xf0\x9f\x94\x91"  # "DERP🔑"
@@ -55,6 +56,9 @@ class FrameType(enum.IntEnum):
     RESTARTING = 0x15
 
 
+_TYPE_NAMES = {t.value: t.name for t in FrameType}
+
+
 class PeerGoneReason(enum.IntEnum):
     DISCONNECTED = 0x00
     NOT_HERE = 0x01
@@ -70,8 +74,8 @@ class PeerPresentFlags(enum.IntFlag):
 
 # ---------------------------------------------------------------- events (decoded frames)
 
-class Frame:
-    """Base class of decoded frames."""
+class Frame(Event):
+    """Base class of frame events (decoded, or to be encoded by `encode`)."""
 
     __slots__ = ()
 
@@ -123,8 +127,8 @@ class PeerGone(Frame):
 @dataclass(frozen=True, slots=True)
 class PeerPresent(Frame):
     key: PublicKey
-    ip: Optional[bytes] = None  # 16 bytes, IPv4 as ::ffff:a.b.c.d
-    port: Optional[int] = None
+    ip: bytes | None = None  # 16 bytes, IPv4 as ::ffff:a.b.c.d
+    port: int | None = None
     flags: int = 0
 
 
@@ -148,6 +152,10 @@ class ClosePeer(Frame):
 @dataclass(frozen=True, slots=True)
 class Ping(Frame):
     data: bytes
+
+    def response(self) -> "Pong":
+        """The Pong that answers this Ping."""
+        return Pong(self.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +189,7 @@ def encode_frame(ftype: int, *parts: bytes) -> bytes:
     return b"".join((_HEADER.pack(ftype, sum(map(len, parts))), *parts))
 
 
-def _key(k: Union[PublicKey, bytes]) -> bytes:
+def _key(k: PublicKey | bytes) -> bytes:
     if type(k) is PublicKey:
         return k.raw
     raw = bytes(k)
@@ -269,24 +277,79 @@ def encode_restarting(reconnect_in: float, try_for: float) -> bytes:
     return encode_frame(FrameType.RESTARTING, struct.pack(">II", round(reconnect_in * 1000), round(try_for * 1000)))
 
 
+def encode(frame: Frame) -> bytes:
+    """The wire bytes of any frame event (the connections' `send()` uses this)."""
+    match frame:
+        case SendPacket(dst, data):
+            return encode_send_packet(dst, data)
+        case RecvPacket(src, data):
+            return encode_recv_packet(src, data)
+        case Ping(data):
+            return encode_ping(data)
+        case Pong(data):
+            return encode_pong(data)
+        case KeepAlive():
+            return encode_keep_alive()
+        case NotePreferred(preferred):
+            return encode_note_preferred(preferred)
+        case PeerGone(key, reason):
+            return encode_peer_gone(key, reason)
+        case PeerPresent(key, None, None, 0):
+            return encode_frame(FrameType.PEER_PRESENT, _key(key))  # the old short form
+        case PeerPresent(key, ip, port, flags):
+            return encode_peer_present(key, bytes(16) if ip is None else ip, port or 0, flags)
+        case ForwardPacket(src, dst, data):
+            return encode_forward_packet(src, dst, data)
+        case WatchConns():
+            return encode_watch_conns()
+        case ClosePeer(key):
+            return encode_close_peer(key)
+        case Health(problem):
+            return encode_health(problem)
+        case Restarting(reconnect_in, try_for):
+            return encode_restarting(reconnect_in, try_for)
+        case ServerKey(key):
+            return encode_server_key(key)
+        case ClientInfo(key, sealed):
+            return encode_client_info(key, sealed)
+        case ServerInfo(sealed):
+            return encode_server_info(sealed)
+    raise LocalProtocolError(f"cannot encode {type(frame).__name__}")
+
+
 # ---------------------------------------------------------------- decoding
 
-# Largest frame (payload bytes) accepted per type, checked on the header before any
-# payload is buffered. A type absent from the table uses `default`; frames longer
-# than their limit are a protocol error, never an allocation.
-CLIENT_LIMITS: Mapping[int, int] = {
+class Role(enum.Enum):
+    """Which side's frames a decoder reads: a CLIENT decodes what a relay sends, and the reverse."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """Largest frame (payload bytes) accepted per type, checked on the header before any
+    payload is buffered; types absent from `per_type` use `default`. Frames longer than
+    their limit are a protocol error, never an allocation."""
+
+    per_type: Mapping[int, int]
+    default: int = 1 << 20  # the Go client's receive-loop limit
+
+    def limit(self, ftype: int) -> int:
+        return self.per_type.get(ftype, self.default)
+
+
+CLIENT_LIMITS = FrameLimits({
     FrameType.SERVER_KEY: 1 << 10,
     FrameType.SERVER_INFO: NONCE_LEN + MAX_INFO_LEN,
     FrameType.RECV_PACKET: KEY_LEN + MAX_PACKET_SIZE,
-    "default": 1 << 20,  # the Go client's receive-loop limit
-}
-SERVER_LIMITS: Mapping[int, int] = {
+})
+SERVER_LIMITS = FrameLimits({
     FrameType.CLIENT_INFO: 256 << 10,
     FrameType.SEND_PACKET: KEY_LEN + MAX_PACKET_SIZE,
     FrameType.FORWARD_PACKET: 2 * KEY_LEN + MAX_PACKET_SIZE,
     FrameType.PING: 1000,
-    "default": 1 << 20,
-}
+})
 
 
 def _min_len_error(ftype: int, length: int, minimum: int) -> RemoteProtocolError:
@@ -297,21 +360,23 @@ def _min_len_error(ftype: int, length: int, minimum: int) -> RemoteProtocolError
 class FrameDecoder:
     """Incremental DERP frame parser: `feed()` bytes as they arrive, iterate `events()`.
 
-    `role` is "client" (decodes what a server sends) or "server" (what a client sends):
-    frames a role never receives are reported as UnknownFrame and skipped, as both Go
-    sides do. Malformed known frames raise RemoteProtocolError; the decoder is then dead.
+    `role` says which side decodes (`Role.CLIENT` reads what a relay sends; the value
+    strings "client"/"server" are coerced): frames a role never receives are reported as
+    UnknownFrame and skipped, as both Go sides do. Malformed known frames raise
+    RemoteProtocolError; the decoder is then dead.
     """
 
-    def __init__(self, role: str = "client", limits: Optional[Mapping] = None) -> None:
-        if role not in ("client", "server"):
-            raise ValueError("role must be 'client' or 'server'")
-        self.role = role
-        self._known = _ROLE_TYPES[role]
-        self._limits = dict(limits if limits is not None else (CLIENT_LIMITS if role == "client" else SERVER_LIMITS))
-        self._default_limit = self._limits.pop("default")
+    def __init__(self, role: Role = Role.CLIENT, limits: FrameLimits | None = None) -> None:
+        self.role = Role(role)
+        self._known = _ROLE_TYPES[self.role]
+        if limits is None:
+            limits = CLIENT_LIMITS if self.role is Role.CLIENT else SERVER_LIMITS
+        self.limits = limits
+        self._limits = dict(limits.per_type)  # the hot path: one dict lookup per frame
+        self._default_limit = limits.default
         self._buf = bytearray()
         self._skip = 0  # bytes of an unknown frame still to discard
-        self._error: Optional[RemoteProtocolError] = None
+        self._error: RemoteProtocolError | None = None
         self.frames_skipped = 0
         self.frames_dropped = 0  # known frames too short to use, dropped as Go does
 
@@ -329,12 +394,6 @@ class FrameDecoder:
         if data:
             self._buf += data
 
-    def take_buffered(self) -> bytes:
-        """Remove and return buffered, undecoded bytes (used when switching parsers)."""
-        out = bytes(self._buf)
-        self._buf.clear()
-        return out
-
     def events(self) -> Iterator[Frame]:
         """Yield every complete frame now buffered."""
         while True:
@@ -343,7 +402,8 @@ class FrameDecoder:
                 return
             yield ev
 
-    def next_event(self) -> Optional[Frame]:
+    def next_event(self) -> Frame | None:
+        """The next complete frame, or None until more bytes are fed."""
         if self._error is not None:
             raise self._error
         buf = self._buf
@@ -354,7 +414,7 @@ class FrameDecoder:
             known = ftype in self._known
             limit = self._limits.get(ftype, self._default_limit)
             if length > limit:
-                name = FrameType(ftype).name if ftype in FrameType._value2member_map_ else f"type 0x{ftype:02x}"
+                name = _TYPE_NAMES.get(ftype, f"type 0x{ftype:02x}")
                 self._error = RemoteProtocolError(f"{name} frame length {length} exceeds limit {limit}")
                 raise self._error
             if not known:
@@ -409,7 +469,7 @@ def _p_send_packet(p: bytes) -> Frame:
     return SendPacket(PublicKey(p[:KEY_LEN]), p[KEY_LEN:])
 
 
-def _p_recv_packet(p: bytes) -> Optional[Frame]:
+def _p_recv_packet(p: bytes) -> Frame | None:
     if len(p) < KEY_LEN:
         return None  # the Go client drops these
     return RecvPacket(PublicKey(p[:KEY_LEN]), p[KEY_LEN:])
@@ -425,17 +485,18 @@ def _p_note_preferred(p: bytes) -> Frame:
     return NotePreferred(p[0] != 0)
 
 
-def _p_peer_gone(p: bytes) -> Optional[Frame]:
+def _p_peer_gone(p: bytes) -> Frame | None:
     if len(p) < KEY_LEN:
         return None
     reason = p[KEY_LEN] if len(p) > KEY_LEN else PeerGoneReason.DISCONNECTED
     return PeerGone(PublicKey(p[:KEY_LEN]), reason)
 
 
-def _p_peer_present(p: bytes) -> Optional[Frame]:
+def _p_peer_present(p: bytes) -> Frame | None:
     if len(p) < KEY_LEN:
         return None
-    ip = port = None
+    ip: bytes | None = None
+    port: int | None = None
     flags = 0
     if len(p) >= KEY_LEN + 18:
         ip = p[KEY_LEN:KEY_LEN + 16]
@@ -469,7 +530,7 @@ def _p_ping(p: bytes) -> Frame:
     return Ping(p[:PING_LEN])
 
 
-def _p_pong(p: bytes) -> Optional[Frame]:
+def _p_pong(p: bytes) -> Frame | None:
     if len(p) < PING_LEN:
         return None
     return Pong(p[:PING_LEN])
@@ -479,14 +540,14 @@ def _p_health(p: bytes) -> Frame:
     return Health(p.decode("utf-8", "replace"))
 
 
-def _p_restarting(p: bytes) -> Optional[Frame]:
+def _p_restarting(p: bytes) -> Frame | None:
     if len(p) < 8:
         return None
     a, b = struct.unpack_from(">II", p)
     return Restarting(a / 1000.0, b / 1000.0)
 
 
-_PARSERS = {
+_PARSERS: dict[int, Callable[[bytes], Frame | None]] = {
     FrameType.SERVER_KEY: _p_server_key,
     FrameType.CLIENT_INFO: _p_client_info,
     FrameType.SERVER_INFO: _p_server_info,
@@ -506,13 +567,13 @@ _PARSERS = {
 }
 
 # What each role decodes; everything else is skipped like an unknown type.
-_ROLE_TYPES = {
-    "client": frozenset({
+_ROLE_TYPES: dict[Role, frozenset[int]] = {
+    Role.CLIENT: frozenset({
         FrameType.SERVER_KEY, FrameType.SERVER_INFO, FrameType.RECV_PACKET, FrameType.KEEP_ALIVE,
         FrameType.PEER_GONE, FrameType.PEER_PRESENT, FrameType.PING, FrameType.PONG,
         FrameType.HEALTH, FrameType.RESTARTING,
     }),
-    "server": frozenset({
+    Role.SERVER: frozenset({
         FrameType.CLIENT_INFO, FrameType.SEND_PACKET, FrameType.NOTE_PREFERRED,
         FrameType.FORWARD_PACKET, FrameType.WATCH_CONNS, FrameType.CLOSE_PEER,
         FrameType.PING, FrameType.PONG,

@@ -1,6 +1,6 @@
 """The DERP hello's NaCl boxes, sans-IO: sealing and opening ClientInfo and ServerInfo.
 
-ClientInfo is sealed with the client's private key to the server's public key, so a
+Layer: protocol. ClientInfo is sealed with the client's private key to the server's public key, so a
 server that opens it knows the client holds the private key of the key it claims.
 Wire form of a sealed message: nonce(24) ‖ tag(16) ‖ ciphertext (PyNaCl's layout).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict
+from typing import Any
 
 import nacl.exceptions
 import nacl.public
@@ -23,8 +23,8 @@ __all__ = [
     "seal_client_info", "open_client_info", "seal_server_info", "open_server_info",
 ]
 
-DEFAULT_CLIENT_INFO: Dict[str, Any] = {"version": PROTOCOL_VERSION, "CanAckPings": True}
-DEFAULT_SERVER_INFO: Dict[str, Any] = {"version": PROTOCOL_VERSION}
+DEFAULT_CLIENT_INFO: dict[str, Any] = {"version": PROTOCOL_VERSION, "CanAckPings": True}
+DEFAULT_SERVER_INFO: dict[str, Any] = {"version": PROTOCOL_VERSION}
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -51,7 +51,7 @@ def open_sealed(ours: PrivateKey, theirs: PublicKey, sealed: bytes, what: str) -
         raise HandshakeError(f"{what}: box does not open (wrong key or tampered)") from None
 
 
-def _json_object(data: bytes, what: str) -> Dict[str, Any]:
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -61,13 +61,13 @@ def _json_object(data: bytes, what: str) -> Dict[str, Any]:
     return obj
 
 
-def seal_client_info(client: PrivateKey, server: PublicKey, info: Dict[str, Any] = DEFAULT_CLIENT_INFO) -> bytes:
+def seal_client_info(client: PrivateKey, server: PublicKey, info: dict[str, Any] = DEFAULT_CLIENT_INFO) -> bytes:
     """The sealed part of a ClientInfo frame. An empty meshKey is never sent (derper rejects it)."""
     info = {k: v for k, v in info.items() if not (k == "meshKey" and not v)}
     return seal(client, server, json.dumps(info, separators=(",", ":")).encode(), "ClientInfo")
 
 
-def open_client_info(server: PrivateKey, client: PublicKey, sealed: bytes) -> Dict[str, Any]:
+def open_client_info(server: PrivateKey, client: PublicKey, sealed: bytes) -> dict[str, Any]:
     """Open and parse a ClientInfo box; keys are matched case-insensitively, as Go's decoder does.
 
     Returns the info with lower-cased keys. Raises HandshakeError if the box does not open,
@@ -81,9 +81,9 @@ def open_client_info(server: PrivateKey, client: PublicKey, sealed: bytes) -> Di
     return info
 
 
-def seal_server_info(server: PrivateKey, client: PublicKey, info: Dict[str, Any] = DEFAULT_SERVER_INFO) -> bytes:
+def seal_server_info(server: PrivateKey, client: PublicKey, info: dict[str, Any] = DEFAULT_SERVER_INFO) -> bytes:
     return seal(server, client, json.dumps(info, separators=(",", ":")).encode(), "ServerInfo")
 
 
-def open_server_info(client: PrivateKey, server: PublicKey, sealed: bytes) -> Dict[str, Any]:
+def open_server_info(client: PrivateKey, server: PublicKey, sealed: bytes) -> dict[str, Any]:
     return _json_object(open_sealed(client, server, sealed, "ServerInfo"), "ServerInfo")

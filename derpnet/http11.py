@@ -1,6 +1,6 @@
 """The small part of HTTP/1.1 DERP needs, sans-IO: request and response heads, parsed and built.
 
-Only message heads are handled (the DERP upgrade and the relay's probe endpoints have
+Layer: protocol. Only message heads are handled (the DERP upgrade and the relay's probe endpoints have
 no request bodies). Parsers take a buffer and return None until a whole head is there;
 they raise on garbage or on a head larger than MAX_HEAD_SIZE, so a slowloris cannot
 make us buffer without bound.
@@ -9,7 +9,7 @@ make us buffer without bound.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from collections.abc import Iterable
 
 from .errors import RemoteProtocolError
 
@@ -31,9 +31,9 @@ REASONS = {
 
 @dataclass
 class _Head:
-    headers: List[Tuple[str, str]] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)
 
-    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+    def get(self, name: str, default: str | None = None) -> str | None:
         """First value of a header, by case-insensitive name."""
         lname = name.lower()
         for k, v in self.headers:
@@ -60,7 +60,7 @@ class Response(_Head):
     version: str = "HTTP/1.1"
 
 
-def _head_end(buf: Union[bytes, bytearray]) -> Optional[int]:
+def _head_end(buf: bytes | bytearray) -> int | None:
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE + 4)
     if end < 0:
         if len(buf) > MAX_HEAD_SIZE:
@@ -69,14 +69,14 @@ def _head_end(buf: Union[bytes, bytearray]) -> Optional[int]:
     return end + 4
 
 
-def _split_head(raw: bytes) -> Tuple[str, List[Tuple[str, str]]]:
+def _split_head(raw: bytes) -> tuple[str, list[tuple[str, str]]]:
     try:
         text = raw.decode("iso-8859-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
         raise RemoteProtocolError("undecodable HTTP head") from None
     lines = text.split("\r\n")
     start = lines[0]
-    headers: List[Tuple[str, str]] = []
+    headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         if not line:
             continue
@@ -89,7 +89,7 @@ def _split_head(raw: bytes) -> Tuple[str, List[Tuple[str, str]]]:
     return start, headers
 
 
-def parse_request_head(buf: Union[bytes, bytearray]) -> Optional[Tuple[Request, int]]:
+def parse_request_head(buf: bytes | bytearray) -> tuple[Request, int] | None:
     """Parse a request head at the start of `buf`: (Request, bytes consumed), or None if incomplete."""
     if buf and not (65 <= buf[0] <= 90):  # request methods are upper-case tokens
         raise RemoteProtocolError("not an HTTP request")
@@ -103,7 +103,7 @@ def parse_request_head(buf: Union[bytes, bytearray]) -> Optional[Tuple[Request, 
     return Request(headers=headers, method=parts[0], target=parts[1], version=parts[2]), end
 
 
-def parse_response_head(buf: Union[bytes, bytearray]) -> Optional[Tuple[Response, int]]:
+def parse_response_head(buf: bytes | bytearray) -> tuple[Response, int] | None:
     """Parse a response head at the start of `buf`: (Response, bytes consumed), or None if incomplete."""
     end = _head_end(buf)
     if end is None:
@@ -115,7 +115,7 @@ def parse_response_head(buf: Union[bytes, bytearray]) -> Optional[Tuple[Response
     return Response(headers=headers, status=int(parts[1]), reason=parts[2] if len(parts) > 2 else "", version=parts[0]), end
 
 
-def _headers_bytes(headers: Iterable[Tuple[str, str]]) -> str:
+def _headers_bytes(headers: Iterable[tuple[str, str]]) -> str:
     out = []
     for k, v in headers:
         if "\r" in k or "\n" in k or "\r" in v or "\n" in v:
@@ -124,12 +124,12 @@ def _headers_bytes(headers: Iterable[Tuple[str, str]]) -> str:
     return "".join(out)
 
 
-def build_request(method: str, target: str, headers: Iterable[Tuple[str, str]]) -> bytes:
+def build_request(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
     return (f"{method} {target} HTTP/1.1\r\n" + _headers_bytes(headers) + "\r\n").encode("iso-8859-1")
 
 
-def build_response(status: int, headers: Union[Dict[str, str], Iterable[Tuple[str, str]]] = (),
-                   body: bytes = b"", *, reason: Optional[str] = None, content_length: bool = True) -> bytes:
+def build_response(status: int, headers: dict[str, str] | Iterable[tuple[str, str]] = (),
+                   body: bytes = b"", *, reason: str | None = None, content_length: bool = True) -> bytes:
     items = list(headers.items()) if isinstance(headers, dict) else list(headers)
     if content_length and status not in (101, 204) and not any(k.lower() == "content-length" for k, _ in items):
         items.append(("Content-Length", str(len(body))))

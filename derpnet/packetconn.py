@@ -41,80 +41,56 @@ Behaviour decisions
   `BlockingIOError` when nothing is queued). The write deadline is checked before each
   write and bounds the wait for other writers; it never cuts a frame in half.
 
-Throughput: `write_batch([(data, addr), ...])` sends several datagrams in one write (one
-syscall, one TLS pass): use it when several are ready (a QUIC flush). `stats()` counts
-packets/bytes in/out, drops by reason (queue_full, bad_framing, offline), reconnects and
-PeerGone frames.
+Direct paths (``direct=True``, the default): between two derpnet peers, datagrams take
+a direct UDP path when one is found (hole punching, see derpnet.paths), and the relay
+otherwise; receiving from either path delivers the same ``(data, PublicKey)``. Discovery
+only starts with a peer that proved it is one of ours (`note_peer_verified`, called by
+derpquic after the key proof) or that sent us a valid disco message: a Go derpnet peer
+never receives anything but 0x00-framed datagrams. `paths()` shows each peer's path,
+`path_mtu(peer)` its packet size, and `PathChanged` events report every change.
 
-Threads: none of its own. Each relay link has one reader thread
-("derpnet-reader-<key>"); after a link dies, that same thread runs the reconnect loop
-and exits once the new link (with its own reader) is up. `close()` joins them all.
+Throughput: `write_batch([(data, addr), ...])` sends several datagrams in one write (one
+syscall, one TLS pass). `stats()` counts packets/bytes in/out, drops by reason
+(queue_full, bad_framing, offline), reconnects and PeerGone frames.
+
+Threads: the relay link's reader (see derpnet.relaylink) and, with direct paths, one UDP
+reader ("derpnet-udp-<key>"). `close()` joins them all.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import random
 import ssl
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Optional, Union
 
 from . import frames as F
 from .client import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_AFTER, DEFAULT_PING_TIMEOUT,
-                     DEFAULT_WRITE_TIMEOUT, DerpClient, RelayAddress, parse_relay)
+                     DEFAULT_WRITE_TIMEOUT, RelayAddress, parse_relay)
+from .disco import looks_like_disco
 from .keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
+from .paths import RELAY_PATH_MTU, PathChanged
+from .relaylink import LinkDown, LinkUp, RelayLink, backoff_delay
+from .rxqueue import ReceiveQueue, ShortBufferError, closed_error
 
-__all__ = ["listen_packet", "PacketConn", "ShortBufferError", "LinkUp", "LinkDown", "MAX_DATAGRAM_SIZE",
-           "DEFAULT_QUEUE_SIZE", "backoff_delay"]
+__all__ = ["listen_packet", "PacketConn", "ShortBufferError", "LinkUp", "LinkDown", "PathChanged",
+           "MAX_DATAGRAM_SIZE", "DEFAULT_QUEUE_SIZE", "backoff_delay"]
 
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM_SIZE = F.MAX_PACKET_SIZE - 1  # 65,535: one byte goes to the 0x00 framing
 DEFAULT_QUEUE_SIZE = 512
 _FRAMING = b"\x00"
-_RESET_AFTER = 1.0  # a link that lived this long resets the backoff
 
 
-class ShortBufferError(OSError):
-    """A datagram does not fit in the `bufsize` given to read_from(); it stays queued."""
-
-    def __init__(self, size: int, bufsize: int) -> None:
-        super().__init__(errno.EMSGSIZE, f"datagram of {size} bytes does not fit in bufsize {bufsize} "
-                                         "(it stays queued: read again with a larger bufsize)")
-        self.size = size
-        self.bufsize = bufsize
+def _size(data: Any) -> int:
+    return len(data) if type(data) is bytes else memoryview(data).nbytes
 
 
-@dataclass(frozen=True)
-class LinkUp:
-    """on_event: a relay link is up (generation 1 = the first connect)."""
-
-    server_key: PublicKey
-    generation: int
-
-
-@dataclass(frozen=True)
-class LinkDown:
-    """on_event: the relay link ended; a reconnect follows unless the conn is closed."""
-
-    error: Optional[BaseException]
-
-
-def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
-    """Tailscale's reconnect delay: min(n² × 10 ms, 5 s) × uniform[0.5, 1.5)."""
-    base = min(failures * failures * 0.010, 5.0)
-    return base * (0.5 + rng())
-
-
-def _closed_error() -> OSError:
-    return OSError(errno.EBADF, "PacketConn is closed")
-
-
-def listen_packet(relay: "str | RelayAddress", key: Optional[PrivateKeyLike] = None, **options: Any) -> "PacketConn":
+def listen_packet(relay: Union[str, RelayAddress], key: Optional[PrivateKeyLike] = None,
+                  **options: Any) -> "PacketConn":
     """Connect to `relay` with `key` (None: a fresh key) and return a `PacketConn`.
 
     `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port`` or
@@ -130,17 +106,18 @@ class PacketConn:
     ``write_timeout`` (5 s; a relay that takes no bytes for that long is dead),
     ``idle_timeout`` (120 s of silence = dead), ``ping_after``/``ping_timeout`` (5 s/5 s: a
     relay silent for ping_after while we send gets a DERP Ping, and no answer within
-    ping_timeout = dead, so a black-holed path is left after ~10 s, not 120; None
-    disables; see derpnet.client "Liveness"), ``queue_size`` (512 received datagrams,
-    drop-oldest), ``reconnect`` (True), ``on_event(event)`` (LinkUp, LinkDown and relay
-    frames: frames.PeerGone, frames.Health, frames.Restarting, frames.PeerPresent...;
-    runs in the reader thread, must not block), ``on_packet(data, src)`` (instead of the
-    queue: every datagram is handed to it in the reader thread; must not block).
+    ping_timeout = dead; None disables; see derpnet.liveness), ``queue_size``
+    (512 received datagrams, drop-oldest), ``reconnect`` (True), ``on_event(event)``
+    (LinkUp, LinkDown, PathChanged and relay frames: frames.PeerGone, frames.Health,
+    frames.Restarting...; runs in a reader thread, must not block), ``on_packet(data,
+    src)`` (instead of the queue: every datagram is handed to it in a reader thread; must
+    not block). Direct paths: ``direct`` (True), ``stun`` ("host:port" of a STUN server;
+    default the relay's host, port 3478), ``udp_port`` (0 = any).
     """
 
     def __init__(
         self,
-        relay: "str | RelayAddress",
+        relay: Union[str, RelayAddress],
         key: Optional[PrivateKeyLike] = None,
         *,
         ssl_context: Optional[ssl.SSLContext] = None,
@@ -153,46 +130,45 @@ class PacketConn:
         reconnect: bool = True,
         on_event: Optional[Callable[[object], None]] = None,
         on_packet: Optional[Callable[[bytes, PublicKey], None]] = None,
+        direct: bool = True,
+        stun: Optional[str] = None,
+        udp_port: int = 0,
     ) -> None:
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
         self._relay = parse_relay(relay)
         self._key = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
         self._addr = self._key.public_key
-        self._client_opts: Dict[str, Any] = dict(ssl_context=ssl_context, connect_timeout=connect_timeout,
-                                                 write_timeout=write_timeout, idle_timeout=idle_timeout,
-                                                 ping_after=ping_after, ping_timeout=ping_timeout)
-        self._queue_size = queue_size
-        self._reconnect = reconnect
+        stun_server = _parse_host_port(stun, "stun") if stun is not None else None
         self._on_event = on_event
-        self._listeners: Tuple[Callable[[object], None], ...] = ()  # add_event_listener()
+        self._listeners: tuple[Callable[[object], None], ...] = ()  # add_event_listener()
         self._on_packet_cb = on_packet
 
-        self._cond = threading.Condition(threading.Lock())  # queue, state, deadlines, receive counters
-        self._queue: "deque[Tuple[bytes, PublicKey]]" = deque()
-        self._closed = False
-        self._dead: Optional[BaseException] = None  # reconnect=False and the link died
-        self._link: Optional[DerpClient] = None
-        self._pending: Optional[DerpClient] = None  # a reconnect attempt in progress
-        self._old_readers: List[threading.Thread] = []  # readers of dead links (reconnecting, or ending)
-        self._closing = threading.Event()
-        self._generation = 0
-        self._failures = 0
-        self._read_deadline: Optional[float] = None
-        self._write_deadline: Optional[float] = None
-        self._timeout: Optional[float] = None
-        self._health = ""
+        self._rx = ReceiveQueue(queue_size)
+        self._cond = self._rx.cond  # also guards the listeners and the counters below
 
         self._stats_lock = threading.Lock()  # send-side counters (writers run in any thread)
-        self._packets_in = self._bytes_in = 0
         self._packets_out = self._bytes_out = 0
-        self._drop_queue_full = self._drop_bad_framing = self._drop_offline = 0
-        self._reconnects = 0
+        self._direct_out = 0
+        self._drop_offline = 0
         self._peer_gone = 0
 
-        client = self._new_client()
-        client.connect(start=False)  # raises: no silent retry at start
-        self._install(client)
+        self._direct = None
+        if direct:
+            from .direct import DirectPaths  # imported only when used
+            self._direct = DirectPaths(self._key, deliver=self._deliver, send_relay=self._send_raw,
+                                       emit=self._emit, relay_host=self._relay.host, stun_server=stun_server,
+                                       port=udp_port)
+        client_opts: dict[str, Any] = dict(ssl_context=ssl_context, connect_timeout=connect_timeout,
+                                           write_timeout=write_timeout, idle_timeout=idle_timeout,
+                                           ping_after=ping_after, ping_timeout=ping_timeout)
+        try:
+            self._link = RelayLink(self._relay, self._key, client_opts=client_opts, on_packet=self._on_packet,
+                                   on_event=self._on_frame, reconnect=reconnect)
+        except BaseException:
+            if self._direct is not None:
+                self._direct.close()
+            raise
+        if self._direct is not None:
+            self._direct.start()
 
     # ------------------------------------------------------------ net.PacketConn
 
@@ -201,135 +177,117 @@ class PacketConn:
         return self._addr
 
     @property
+    def private_key(self) -> PrivateKey:
+        """Our identity (layers above, such as derpquic, prove it to peers). Never shown in
+        repr() or str()."""
+        return self._key
+
+    @property
     def relay_url(self) -> str:
         return self._relay.url
 
     def write_to(self, data: bytes, addr: PublicKeyLike) -> int:
         """Send one datagram (≤ 65,535 bytes) to `addr` (PublicKey, 32 bytes or any text form).
 
-        Returns len(data). Dropped silently (counted) while the relay link is down; see the
-        module docstring. Raises ValueError (too big), TimeoutError (write deadline),
-        OSError EBADF (closed), ConnectionResetError (reconnect=False and the link died).
+        Returns len(data). Dropped silently (counted) while the relay link is down and no
+        direct path exists; see the module docstring. Raises ValueError (too big),
+        TimeoutError (write deadline), OSError EBADF (closed), ConnectionResetError
+        (reconnect=False and the link died).
         """
-        n = len(data) if type(data) is bytes else memoryview(data).nbytes
+        n = _size(data)
         if n > MAX_DATAGRAM_SIZE:
             raise ValueError(f"datagram of {n} bytes exceeds the maximum of {MAX_DATAGRAM_SIZE}")
-        if self._closed:
-            raise _closed_error()
+        if self._rx.closed:
+            raise closed_error()
         dst = addr if type(addr) is PublicKey else PublicKey.coerce(addr)
-        lock_timeout = self._write_lock_timeout() if (self._write_deadline is not None
-                                                      or self._timeout is not None) else None
-        link = self._link
-        if link is not None:
-            try:
-                link.send_packet(dst, _FRAMING, data, lock_timeout=lock_timeout)
-            except ConnectionError:
-                link = None  # died under us: the reader reconnects; this datagram is lost
-            except TimeoutError:
-                raise TimeoutError(errno.ETIMEDOUT, "write timed out waiting for other writers") from None
-            else:
-                with self._stats_lock:
-                    self._packets_out += 1
-                    self._bytes_out += n
-                return n
-        self._offline_drop(1)
+        direct = self._direct
+        if direct is not None and direct.send(dst, data):
+            with self._stats_lock:
+                self._packets_out += 1
+                self._bytes_out += n
+                self._direct_out += 1
+            return n
+        lock_timeout = self._rx.write_wait()
+        try:
+            self._link.send(dst, _FRAMING, data, lock_timeout=lock_timeout)
+        except ConnectionError:
+            return self._offline_drop(1) and n  # down (or died under us): the reader reconnects
+        except TimeoutError:
+            raise TimeoutError(errno.ETIMEDOUT, "write timed out waiting for other writers") from None
+        with self._stats_lock:
+            self._packets_out += 1
+            self._bytes_out += n
         return n
 
-    def _write_lock_timeout(self) -> Optional[float]:
-        """How long a write may wait for other writers; TimeoutError if the write deadline passed."""
-        lock_timeout = None
-        wd, to = self._write_deadline, self._timeout
-        if wd is not None:
-            lock_timeout = wd - time.time()
-            if lock_timeout <= 0:
-                raise TimeoutError(errno.ETIMEDOUT, "write deadline exceeded")
-        if to is not None:
-            lock_timeout = to if lock_timeout is None else min(lock_timeout, to)
-        return lock_timeout
-
-    def _offline_drop(self, count: int) -> int:
-        if self._closed:
-            raise _closed_error()
-        if self._dead is not None:
-            raise ConnectionResetError(errno.ECONNRESET, f"relay link is down: {self._dead}")
-        with self._stats_lock:
-            self._drop_offline += count
-        return count
-
-    def write_batch(self, datagrams: Iterable[Tuple[bytes, PublicKeyLike]]) -> int:
-        """Send several datagrams [(data, addr), ...] in one write to the relay (one syscall,
-        one TLS record run): much cheaper per datagram than write_to() in a loop. Same
-        rules as write_to(); all are checked before any is sent. Returns the number sent
-        (or dropped while offline)."""
-        items: List[Tuple[PublicKey, Tuple[bytes, bytes]]] = []
-        total = 0
+    def write_batch(self, datagrams: Iterable[tuple[bytes, PublicKeyLike]]) -> int:
+        """Send several datagrams [(data, addr), ...]: those on a direct path go at once, the
+        rest in one write to the relay (one syscall, one TLS record run), much cheaper per
+        datagram than write_to() in a loop. Same rules as write_to(); all are checked
+        before any is sent. Returns the number sent (or dropped while offline)."""
+        items: list[tuple[PublicKey, bytes, int]] = []
         for data, addr in datagrams:
-            n = len(data) if type(data) is bytes else memoryview(data).nbytes
+            n = _size(data)
             if n > MAX_DATAGRAM_SIZE:
                 raise ValueError(f"datagram of {n} bytes exceeds the maximum of {MAX_DATAGRAM_SIZE}")
-            items.append((addr if type(addr) is PublicKey else PublicKey.coerce(addr), (_FRAMING, data)))
-            total += n
-        if self._closed:
-            raise _closed_error()
-        if not items:
-            return 0
-        lock_timeout = self._write_lock_timeout()
-        link = self._link
-        if link is not None:
-            try:
-                link.send_packets(items, lock_timeout=lock_timeout)
-            except ConnectionError:
-                link = None
-            except TimeoutError:
-                raise TimeoutError(errno.ETIMEDOUT, "write timed out waiting for other writers") from None
+            items.append((addr if type(addr) is PublicKey else PublicKey.coerce(addr), data, n))
+        if self._rx.closed:
+            raise closed_error()
+        direct = self._direct
+        relayed: list[tuple[PublicKey, tuple[bytes, bytes]]] = []
+        sent_direct = total_direct = total_relay = 0
+        for dst, data, n in items:
+            if direct is not None and direct.send(dst, data):
+                sent_direct += 1
+                total_direct += n
             else:
-                with self._stats_lock:
-                    self._packets_out += len(items)
-                    self._bytes_out += total
-                return len(items)
-        return self._offline_drop(len(items))
+                relayed.append((dst, (_FRAMING, data)))
+                total_relay += n
+        with self._stats_lock:
+            self._packets_out += sent_direct
+            self._bytes_out += total_direct
+            self._direct_out += sent_direct
+        if not relayed:
+            return len(items)
+        lock_timeout = self._rx.write_wait()
+        try:
+            self._link.send_many(relayed, lock_timeout=lock_timeout)
+        except ConnectionError:
+            return sent_direct + self._offline_drop(len(relayed))
+        except TimeoutError:
+            raise TimeoutError(errno.ETIMEDOUT, "write timed out waiting for other writers") from None
+        with self._stats_lock:
+            self._packets_out += len(relayed)
+            self._bytes_out += total_relay
+        return len(items)
 
-    def read_from(self, bufsize: int = 65536) -> Tuple[bytes, PublicKey]:
+    def read_from(self, bufsize: int = 65536) -> tuple[bytes, PublicKey]:
         """Block for the next datagram: (payload, sender's PublicKey).
 
         Raises TimeoutError at the read deadline / timeout, ShortBufferError if the datagram
         is larger than `bufsize` (it stays queued), OSError EBADF once closed.
         """
-        data, src = self._take(bufsize)
-        return data[1:], src
+        return self._rx.take(bufsize, self._dead)
 
-    def read_from_into(self, buffer: Any) -> Tuple[int, PublicKey]:
+    def read_from_into(self, buffer: Any) -> tuple[int, PublicKey]:
         """Like read_from(), into a writable buffer: (nbytes, sender). ShortBufferError if too small."""
         view = memoryview(buffer).cast("B")
-        data, src = self._take(len(view))
-        n = len(data) - 1
-        view[:n] = memoryview(data)[1:]
+        data, src = self._rx.take(len(view), self._dead)
+        n = len(data)
+        view[:n] = data
         return n, src
 
     def close(self) -> None:
-        """Close (idempotent): wakes blocked readers, closes the relay link, joins its threads."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            link, pending = self._link, self._pending
-            self._link = None
-            self._queue.clear()
-            self._cond.notify_all()
-        self._closing.set()
-        if pending is not None:
-            pending.close()
-        if link is not None:
-            link.close()
-        with self._cond:
-            threads = list(self._old_readers)
-        for t in threads:
-            if t is not threading.current_thread():
-                t.join()
+        """Close (idempotent): wakes blocked readers, closes the relay link and the UDP
+        socket, joins their threads."""
+        if not self._rx.close():
+            return
+        if self._direct is not None:
+            self._direct.close()
+        self._link.close()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._rx.closed
 
     def __enter__(self) -> "PacketConn":
         return self
@@ -338,11 +296,11 @@ class PacketConn:
         self.close()
 
     def __repr__(self) -> str:
-        if self._closed:
+        if self._rx.closed:
             state = "closed"
-        elif self._link is not None:
+        elif self._link.connected:
             state = "connected"
-        elif self._dead is not None:
+        elif self._link.dead is not None:
             state = "dead"
         else:
             state = "reconnecting"
@@ -357,142 +315,113 @@ class PacketConn:
 
     def set_read_deadline(self, t: Optional[float]) -> None:
         """Read deadline (absolute time.time() seconds, None clears); wakes blocked readers."""
-        with self._cond:
-            self._read_deadline = None if t is None else float(t)
-            self._cond.notify_all()
+        self._rx.set_read_deadline(t)
 
     def set_write_deadline(self, t: Optional[float]) -> None:
-        self._write_deadline = None if t is None else float(t)
+        self._rx.write_deadline = None if t is None else float(t)
 
     def settimeout(self, seconds: Optional[float]) -> None:
         """Per-call timeout for read_from/write_to, as socket.settimeout (None = block)."""
-        if seconds is not None:
-            seconds = float(seconds)
-            if seconds < 0:
-                raise ValueError("timeout must be non-negative or None")
-        with self._cond:
-            self._timeout = seconds
-            self._cond.notify_all()
+        self._rx.settimeout(seconds)
 
     def gettimeout(self) -> Optional[float]:
-        return self._timeout
+        return self._rx.timeout
 
-    # ------------------------------------------------------------ observation
+    # ------------------------------------------------------------ relay link state
 
     @property
     def connected(self) -> bool:
-        return self._link is not None
+        return self._link.connected
 
     @property
     def generation(self) -> int:
         """Number of successful relay connections so far (1 after listen_packet)."""
-        return self._generation
+        return self._link.generation
 
     def wait_connected(self, timeout: Optional[float] = None, *, min_generation: int = 1) -> bool:
         """Wait until a relay link of generation ≥ `min_generation` is up; False on timeout or close."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not (self._link is not None and self._generation >= min_generation):
-                if self._closed or self._dead is not None:
-                    return False
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
+        return self._link.wait_connected(timeout, min_generation=min_generation)
+
+    @property
+    def relay_link(self) -> RelayLink:
+        """The relay connection (reconnecting); its `client` is the current DerpClient."""
+        return self._link
 
     @property
     def health(self) -> str:
         """The relay's last Health problem text ("" = healthy)."""
-        return self._health
+        return self._link.health
 
     @property
     def server_key(self) -> Optional[PublicKey]:
-        link = self._link
-        return link.server_key if link is not None else None
+        return self._link.server_key
 
-    def stats(self) -> Dict[str, Any]:
+    # ------------------------------------------------------------ direct paths
+
+    def note_peer_verified(self, peer: PublicKeyLike) -> None:
+        """`peer` proved (end to end) that it is a derpnet peer: path discovery may start.
+        Never call it for a peer that may be a Go derpnet (it would receive disco packets)."""
+        if self._direct is not None and not self._rx.closed:
+            self._direct.enable(PublicKey.coerce(peer))
+
+    def path_mtu(self, peer: PublicKeyLike) -> int:
+        """The largest datagram the current path to `peer` carries (65,535 on the relay)."""
+        direct = self._direct
+        return RELAY_PATH_MTU if direct is None else direct.table.mtu(PublicKey.coerce(peer))
+
+    def paths(self) -> dict[PublicKey, dict[str, Any]]:
+        """Per peer: the current path ("relay" or "ip:port"), its rtt (s), mtu, and bytes per path."""
+        return {} if self._direct is None else self._direct.paths()
+
+    def stats(self) -> dict[str, Any]:
+        rx = self._rx
         with self._cond:
-            d: Dict[str, Any] = {
-                "packets_in": self._packets_in, "bytes_in": self._bytes_in, "queued": len(self._queue),
-                "reconnects": self._reconnects, "peer_gone": self._peer_gone, "connected": self._link is not None,
+            d: dict[str, Any] = {
+                "packets_in": rx.packets_in, "bytes_in": rx.bytes_in, "queued": len(rx.items),
+                "reconnects": self._link.reconnects, "peer_gone": self._peer_gone, "connected": self._link.connected,
             }
-            bad = self._drop_bad_framing
-            qfull = self._drop_queue_full
+            bad = rx.drop_bad_framing
+            qfull = rx.drop_queue_full
         with self._stats_lock:
             d["packets_out"] = self._packets_out
             d["bytes_out"] = self._bytes_out
+            d["packets_out_direct"] = self._direct_out
             d["drops"] = {"queue_full": qfull, "bad_framing": bad, "offline": self._drop_offline}
+        if self._direct is not None:
+            d["direct"] = self._direct.stats()
         return d
 
-    # ------------------------------------------------------------ internals
-
-    @staticmethod
-    def _time_left(deadline: Optional[float], timeout: Optional[float], start: float) -> Optional[float]:
-        left = None
-        if deadline is not None:
-            left = deadline - time.time()
-        if timeout is not None:
-            t = timeout - (time.monotonic() - start)
-            left = t if left is None else min(left, t)
-        return left
-
-    def _take(self, bufsize: int) -> Tuple[bytes, PublicKey]:
-        start = time.monotonic()
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise _closed_error()
-                q = self._queue
-                if q:
-                    item = q[0]
-                    size = len(item[0]) - 1
-                    if size > bufsize:
-                        raise ShortBufferError(size, bufsize)
-                    q.popleft()
-                    return item
-                if self._dead is not None:
-                    raise ConnectionResetError(errno.ECONNRESET, f"relay link is down: {self._dead}")
-                timeout = self._timeout
-                left = self._time_left(self._read_deadline, timeout, start)
-                if left is not None and left <= 0:
-                    if timeout == 0.0 and self._read_deadline is None:
-                        raise BlockingIOError(errno.EAGAIN, "no datagram queued")
-                    raise TimeoutError(errno.ETIMEDOUT, "read deadline exceeded")
-                self._cond.wait(left)
-
-    def _new_client(self) -> DerpClient:
-        return DerpClient(self._relay, self._key, on_packet=self._on_packet, on_event=self._on_frame,
-                          on_close=self._on_link_closed, **self._client_opts)
-
-    def _install(self, client: DerpClient) -> bool:
-        """Make a connected client the current link and start its reader; False if closed."""
-        with self._cond:
-            if self._closed:
-                ok = False
-            else:
-                ok = True
-                self._link = client
-                self._generation += 1
-                gen = self._generation
-                self._cond.notify_all()
-        if not ok or not client.start():  # close() came first
-            client.close()
-            return False
-        assert client.server_key is not None
-        self._emit(LinkUp(client.server_key, gen))
-        return True
-
     def add_event_listener(self, callback: Callable[[object], None]) -> None:
-        """Also deliver link and relay events (LinkUp, LinkDown, PeerGone, Health, ...) to
-        `callback`, besides the `on_event` option; layers above (the QUIC driver) use it.
-        Callbacks run on a relay reader thread and must not block."""
+        """Also deliver link, path and relay events (LinkUp, LinkDown, PathChanged, PeerGone,
+        Health, ...) to `callback`, besides the `on_event` option; layers above (the QUIC
+        driver) use it. Callbacks run on a reader thread and must not block."""
         with self._cond:
             self._listeners += (callback,)
 
     def remove_event_listener(self, callback: Callable[[object], None]) -> None:
         with self._cond:
             self._listeners = tuple(cb for cb in self._listeners if cb is not callback)
+
+    # ------------------------------------------------------------ internals
+
+    def _offline_drop(self, count: int) -> int:
+        if self._rx.closed:
+            raise closed_error()
+        if self._link.dead is not None:
+            raise ConnectionResetError(errno.ECONNRESET, f"relay link is down: {self._link.dead}")
+        with self._stats_lock:
+            self._drop_offline += count
+        return count
+
+    def _send_raw(self, dst: PublicKey, packet: bytes) -> None:
+        """A disco packet over the relay (no 0x00 framing: the relay files it as disco)."""
+        try:
+            self._link.send(dst, packet)
+        except (ConnectionError, TimeoutError) as e:
+            log.debug("disco to %s over the relay dropped: %s", dst, e)
+
+    def _dead(self) -> Optional[BaseException]:
+        return self._link.dead
 
     def _emit(self, event: object) -> None:
         for cb in (self._on_event, *self._listeners):
@@ -504,99 +433,45 @@ class PacketConn:
                 log.exception("on_event callback failed")
 
     def _on_packet(self, src: PublicKey, data: bytes) -> None:
-        # The reader thread's hot path: never blocks, never raises.
-        if not data or data[0] != 0:
+        # The relay reader thread's hot path: never blocks, never raises.
+        if data and data[0] == 0:
+            if self._direct is not None:
+                self._direct.note_relay_received(src, len(data) - 1)
+            self._deliver(data[1:], src)
+        elif self._direct is not None and looks_like_disco(data):
+            self._direct.on_relay_disco(src, data)
+        else:
             with self._cond:
-                self._drop_bad_framing += 1
+                self._rx.drop_bad_framing += 1
             log.debug("dropped a packet from %s without the 0x00 framing byte (%d bytes)", src, len(data))
-            return
+
+    def _deliver(self, data: bytes, src: PublicKey) -> None:
+        """A datagram from `src`, from either path (a reader thread; never blocks)."""
         cb = self._on_packet_cb
         if cb is not None:
-            with self._cond:
-                self._packets_in += 1
-                self._bytes_in += len(data) - 1
+            self._rx.count(len(data))
             try:
-                cb(data[1:], src)
+                cb(data, src)
             except Exception:
                 log.exception("on_packet callback failed")
             return
-        with self._cond:
-            q = self._queue
-            if len(q) >= self._queue_size:
-                q.popleft()
-                self._drop_queue_full += 1
-            q.append((data, src))
-            self._packets_in += 1
-            self._bytes_in += len(data) - 1
-            self._cond.notify()
+        self._rx.put(data, src)
 
     def _on_frame(self, ev: object) -> None:
-        t = type(ev)
-        if t is F.PeerGone:
+        if isinstance(ev, F.PeerGone):
             with self._cond:
                 self._peer_gone += 1
-            log.debug("relay: peer %s gone (reason %d)", ev.key, ev.reason)  # type: ignore[attr-defined]
-        elif t is F.Health:
-            problem = ev.problem  # type: ignore[attr-defined]
-            if problem:
-                log.warning("relay %s health problem: %s", self._relay.url, problem)
-            elif self._health:
-                log.info("relay %s healthy again", self._relay.url)
-            self._health = problem
-        elif t is F.Restarting:
-            log.info("relay %s is restarting: reconnect in %.3gs, try for %.3gs", self._relay.url,
-                     ev.reconnect_in, ev.try_for)  # type: ignore[attr-defined]
+            log.debug("relay: peer %s gone (reason %d)", ev.key, ev.reason)
+        elif isinstance(ev, LinkDown):
+            self._rx.wake()  # readers re-check: the link may be dead for good
+        elif isinstance(ev, LinkUp) and ev.generation > 1 and self._direct is not None:
+            self._direct.restun()
         self._emit(ev)
 
-    def _on_link_closed(self, client: DerpClient, err: Optional[BaseException]) -> None:
-        # Runs in the dead link's reader thread, which then runs the reconnect loop.
-        with self._cond:
-            if client is not self._link:
-                return
-            self._link = None
-            closed = self._closed
-            if not closed and not self._reconnect:
-                self._dead = err or ConnectionResetError(errno.ECONNRESET, "relay link closed")
-            self._cond.notify_all()
-            if not closed:  # close() joins it: it runs the reconnect loop, or just ends
-                self._old_readers = [t for t in self._old_readers if t.is_alive()]
-                self._old_readers.append(threading.current_thread())
-        self._emit(LinkDown(err))
-        if closed or not self._reconnect:
-            if not closed:
-                log.warning("relay link to %s lost: %s (reconnect disabled)", self._relay.url, err)
-            return
-        if client.uptime >= _RESET_AFTER:
-            self._failures = 0
-        self._failures += 1
-        restarting = client.restarting
-        delay = restarting.reconnect_in if restarting is not None else backoff_delay(self._failures)
-        log.warning("relay link to %s lost: %s; reconnecting in %.3fs", self._relay.url, err, delay)
-        self._reconnect_loop(delay)  # close() joins this thread (self._old_readers)
 
-    def _reconnect_loop(self, delay: float) -> None:
-        while True:
-            if self._closing.wait(delay):
-                return
-            client = self._new_client()
-            with self._cond:
-                if self._closed:
-                    return
-                self._pending = client
-            try:
-                client.connect(start=False)
-            except Exception as e:
-                with self._cond:
-                    self._pending = None
-                    if self._closed:
-                        return
-                self._failures += 1
-                delay = backoff_delay(self._failures)
-                log.warning("reconnecting to relay %s failed: %s; next try in %.3fs", self._relay.url, e, delay)
-                continue
-            with self._cond:
-                self._pending = None
-                self._reconnects += 1
-            if self._install(client):
-                log.info("reconnected to relay %s", self._relay.url)
-            return
+def _parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" → (host, port); ValueError with a clear message."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)

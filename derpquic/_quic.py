@@ -1,51 +1,28 @@
 """Our adaptation of aioquic's sans-IO `QuicConnection` (no I/O, no threads, no locks here).
 
-aioquic 1.x is used unchanged except for four narrow adjustments, each one a
-small override of a method of `QuicConnection` (names checked at import time,
-so an aioquic that renamed them fails loudly instead of misbehaving):
-
-1. **Receive windows follow the application, not the network.** aioquic doubles
-   MAX_DATA / MAX_STREAM_DATA whenever the peer has used half of them, i.e. as
-   soon as data *arrives*, whether or not anybody reads it: a slow reader's
-   buffer grows without bound. We switch that doubling off and raise the limits
-   ourselves as the application consumes bytes (`grant_stream` / `grant_connection`),
-   so at most `window` unread bytes are ever buffered per stream (and
-   `connection window` per connection).
-2. **STREAM frames longer than 16383 bytes.** aioquic writes the frame length as
-   a 2-byte varint, so packets above ~16 KiB corrupt themselves. We write a
-   4-byte varint when the frame would not fit in 2 bytes; this lets us use
-   large packets between our own peers.
-3. **An empty STREAM frame can open a stream** (`announce_stream`), so that the
-   listener sees a dialled stream before the dialler writes anything
-   (server-speaks-first protocols). If the packet carrying it is lost, it is
-   sent again (until real data or FIN has gone out).
-4. **ALPN is optional on both sides.** aioquic's server either ignores ALPN or
-   refuses clients that offer none, and its client refuses servers that select
-   none (RFC 9001 8.1). We want "derpnet-auth/1 if both speak it, else nothing",
-   so that our peers find each other and Go peers (no ALPN; quic-go's server
-   without NextProtos ignores what the client offers) still connect: the server
-   peeks at the ClientHello's ALPN list before aioquic processes it, and the
-   client accepts EncryptedExtensions without ALPN.
-
-Plus helpers: `set_max_datagram_size` (raise the packet size once we know the
-peer is ours) and `peer_transport_parameters`.
+aioquic 1.x unchanged but for four narrow overrides, checked at import time: receive
+windows that follow the application, STREAM frames longer than 16383 bytes, streams
+announced by an empty STREAM frame, and optional ALPN on both sides. Plus helpers to
+resize packets of a live connection and to probe at once. Why each: docs/derpquic.md.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 from aioquic import tls
-from aioquic.buffer import Buffer, size_uint_var
+from aioquic.quic import events
+from aioquic.buffer import Buffer, size_uint_var  # type: ignore[attr-defined]  # re-exported by aioquic
 from aioquic.quic.congestion.base import K_INITIAL_WINDOW
 from aioquic.quic.connection import QuicConnection, QuicConnectionState, stream_is_client_initiated
 from aioquic.quic.packet import (QuicFrameType, QuicStreamFrame, QuicTransportParameters,
                                  pull_quic_transport_parameters)
-from aioquic.quic.packet_builder import QuicDeliveryState
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 
-__all__ = ["DerpQuicConnection", "set_max_datagram_size", "probe_now", "peer_transport_parameters", "END_STATES",
+__all__ = ["DerpQuicConnection", "peer_transport_parameters", "END_STATES",
            "ALPN_AUTH"]
 
 logger = logging.getLogger("derpquic.quic")
@@ -68,7 +45,8 @@ class DerpQuicConnection(QuicConnection):
     announceable streams and optional server-side ALPN. Not thread-safe: the
     driver calls it with its lock held."""
 
-    def __init__(self, *args, max_streams_bidi: int = 1024, ack_delay: Optional[float] = None, **kwargs) -> None:
+    def __init__(self, *args: Any, max_streams_bidi: int = 1024, ack_delay: Optional[float] = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if ack_delay is not None:
             self._ack_delay = ack_delay  # aioquic's local ACK delay (K_GRANULARITY = 1 ms by default)
@@ -92,7 +70,7 @@ class DerpQuicConnection(QuicConnection):
 
     # -- 1. receive windows ------------------------------------------------------------------
 
-    def _write_connection_limits(self, builder, space) -> None:
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
         # aioquic doubles max_data when used * 2 > value; hide `used` so it never does.
         limit = self._local_max_data
         used = limit.used
@@ -102,7 +80,8 @@ class DerpQuicConnection(QuicConnection):
         finally:
             limit.used = used
 
-    def _write_stream_limits(self, builder, space, stream: QuicStream) -> None:
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace,
+                             stream: QuicStream) -> None:
         # aioquic doubles max_stream_data when highest_offset * 2 > limit; hide it.
         receiver = stream.receiver
         highest = receiver.highest_offset
@@ -137,7 +116,8 @@ class DerpQuicConnection(QuicConnection):
 
     # -- 2. long STREAM frames -----------------------------------------------------------------
 
-    def _write_stream_frame(self, builder, space, stream: QuicStream, max_offset: int) -> int:
+    def _write_stream_frame(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream,
+                            max_offset: int) -> int:
         # aioquic's frame may carry up to remaining - (3 + len(stream id) + len(offset))
         # bytes, i.e. at most remaining - 4: only when that fits a 2-byte length may it
         # write the frame. (The bound used to be 16383 + 19, which let frames of 16384 to
@@ -146,7 +126,9 @@ class DerpQuicConnection(QuicConnection):
         if builder.remaining_flight_space <= _MAX_2BYTE_VARINT + 4:
             return super()._write_stream_frame(builder=builder, space=space, stream=stream,
                                                max_offset=max_offset)
-        frame_overhead = (1 + 4 + size_uint_var(stream.stream_id)
+        stream_id = stream.stream_id
+        assert stream_id is not None
+        frame_overhead = (1 + 4 + size_uint_var(stream_id)
                           + (size_uint_var(stream.sender.next_offset) if stream.sender.next_offset else 0))
         previous_send_highest = stream.sender.highest_offset
         frame = stream.sender.get_frame(builder.remaining_flight_space - frame_overhead, max_offset)
@@ -163,13 +145,13 @@ class DerpQuicConnection(QuicConnection):
             handler=stream.sender.on_data_delivery,
             handler_args=(frame.offset, frame.offset + len(frame.data), frame.fin),
         )
-        buf.push_uint_var(stream.stream_id)
+        buf.push_uint_var(stream_id)
         if frame.offset:
             buf.push_uint_var(frame.offset)
         buf.push_uint32(len(frame.data) | 0x80000000)  # 4-byte varint
         buf.push_bytes(frame.data)
-        if self._quic_logger is not None:
-            builder.quic_logger_frames.append(self._quic_logger.encode_stream_frame(frame, stream_id=stream.stream_id))
+        if self._quic_logger is not None and builder.quic_logger_frames is not None:
+            builder.quic_logger_frames.append(self._quic_logger.encode_stream_frame(frame, stream_id=stream_id))
         return stream.sender.highest_offset - previous_send_highest
 
     # -- 3. announce a stream with an empty STREAM frame -------------------------------------
@@ -180,11 +162,11 @@ class DerpQuicConnection(QuicConnection):
         self.send_stream_data(stream_id, b"", end_stream=False)  # creates the stream
         stream = self._streams[stream_id]
         sender = stream.sender
-        original_get_frame = type(sender).get_frame.__get__(sender)
-        original_delivery = type(sender).on_data_delivery.__get__(sender)
+        original_get_frame = sender.get_frame
+        original_delivery = sender.on_data_delivery
         state = {"armed": True}
 
-        def get_frame(max_size, max_offset=None):
+        def get_frame(max_size: int, max_offset: Optional[int] = None) -> Optional[QuicStreamFrame]:
             frame = original_get_frame(max_size, max_offset)
             if frame is None and state["armed"] and max_size >= 0 and sender.highest_offset == 0:
                 state["armed"] = False
@@ -193,7 +175,7 @@ class DerpQuicConnection(QuicConnection):
                 state["armed"] = False
             return frame
 
-        def on_data_delivery(delivery, start, stop, fin):
+        def on_data_delivery(delivery: QuicDeliveryState, start: int, stop: int, fin: bool) -> None:
             original_delivery(delivery, start, stop, fin)
             if (delivery == QuicDeliveryState.LOST and start == stop == 0 and not fin
                     and sender.highest_offset == 0 and not sender.is_finished
@@ -201,8 +183,8 @@ class DerpQuicConnection(QuicConnection):
                 state["armed"] = True
                 sender.buffer_is_empty = False
 
-        sender.get_frame = get_frame
-        sender.on_data_delivery = on_data_delivery
+        sender.get_frame = get_frame  # type: ignore[method-assign]
+        sender.on_data_delivery = on_data_delivery  # type: ignore[method-assign]
         sender.buffer_is_empty = False
 
     # -- 4. optional ALPN on the server ------------------------------------------------------
@@ -217,7 +199,7 @@ class DerpQuicConnection(QuicConnection):
                 # server that selects none is a peer that does not speak derpnet-auth.
                 original_ee = ctx._client_handle_encrypted_extensions
 
-                def client_handle_encrypted_extensions(input_buf, *args):
+                def client_handle_encrypted_extensions(input_buf: Buffer, *args: Any) -> Any:
                     saved = ctx._alpn_protocols
                     ctx._alpn_protocols = None
                     try:
@@ -225,14 +207,15 @@ class DerpQuicConnection(QuicConnection):
                     finally:
                         ctx._alpn_protocols = saved
 
-                ctx._client_handle_encrypted_extensions = client_handle_encrypted_extensions
+                ctx._client_handle_encrypted_extensions = (  # type: ignore[method-assign]
+                    client_handle_encrypted_extensions)
             return
         if not self.optional_alpn:
             return
         original = ctx._server_handle_hello
         protocols = list(self.optional_alpn)
 
-        def server_handle_hello(input_buf, *args):
+        def server_handle_hello(input_buf: Buffer, *args: Any) -> Any:
             pos = input_buf.tell()
             try:
                 hello = tls.pull_client_hello(input_buf)
@@ -244,7 +227,7 @@ class DerpQuicConnection(QuicConnection):
             ctx._alpn_protocols = [p for p in protocols if p in offered] or None
             return original(input_buf, *args)
 
-        ctx._server_handle_hello = server_handle_hello
+        ctx._server_handle_hello = server_handle_hello  # type: ignore[method-assign, assignment]
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -253,7 +236,7 @@ class DerpQuicConnection(QuicConnection):
         return self._state in END_STATES
 
     @property
-    def close_event(self):
+    def close_event(self) -> Optional[events.ConnectionTerminated]:
         """The ConnectionTerminated event describing why we are closing, as soon as
         the close starts (aioquic only emits it after the draining period)."""
         return self._close_event
@@ -261,43 +244,62 @@ class DerpQuicConnection(QuicConnection):
     def stream(self, stream_id: int) -> Optional[QuicStream]:
         return self._streams.get(stream_id)
 
+    def take_new_peer_streams(self) -> list[int]:
+        """The IDs of streams the peer opened since the last call, in order."""
+        ids, self.new_peer_streams = self.new_peer_streams, []
+        return ids
+
+    @property
+    def idle_timeout(self) -> float:
+        """The negotiated idle timeout in seconds (the smaller of ours and the peer's)."""
+        return float(self._idle_timeout())
+
     @property
     def max_datagram_size(self) -> int:
         return self._max_datagram_size
 
     @property
+    def peer_max_datagram_size(self) -> int:
+        """The largest UDP payload the peer says it reads (max_udp_payload_size; QUIC's
+        maximum, 65,527, when it does not say)."""
+        params = peer_transport_parameters(self)
+        if params is None or not params.max_udp_payload_size:
+            return 65527
+        return params.max_udp_payload_size
+
+    @property
     def smoothed_rtt(self) -> float:
         return self._loss._rtt_smoothed
 
+    # -- adjusting a live connection -----------------------------------------------------------
 
-def set_max_datagram_size(conn: QuicConnection, size: int) -> None:
-    """Change the packet size of a live connection (after the handshake, once we know
-    what the peer can read): the packet builder, pacer and congestion controller all
-    keep their own copy of it."""
-    old = conn._max_datagram_size
-    if size == old:
-        return
-    conn._max_datagram_size = size
-    loss = conn._loss
-    pacer = getattr(loss, "_pacer", None)
-    if pacer is not None and hasattr(pacer, "_max_datagram_size"):
-        pacer._max_datagram_size = size
-    cc = getattr(loss, "_cc", None)
-    if cc is not None:
-        if hasattr(cc, "_max_datagram_size"):
-            cc._max_datagram_size = size
-        if hasattr(cc, "additive_increase_factor"):  # cubic
-            cc.additive_increase_factor = size
-        if size > old and cc.congestion_window < K_INITIAL_WINDOW * size:
-            cc.congestion_window = K_INITIAL_WINDOW * size
+    def set_max_datagram_size(self, size: int) -> None:
+        """Change the packet size of a live connection (once we know what the peer can
+        read, or the path changed): the packet builder, pacer and congestion controller
+        all keep their own copy of it."""
+        old = self._max_datagram_size
+        if size == old:
+            return
+        self._max_datagram_size = size
+        loss = self._loss
+        pacer = getattr(loss, "_pacer", None)
+        if pacer is not None and hasattr(pacer, "_max_datagram_size"):
+            pacer._max_datagram_size = size
+        cc = getattr(loss, "_cc", None)
+        if cc is not None:
+            if hasattr(cc, "_max_datagram_size"):
+                cc._max_datagram_size = size
+            if hasattr(cc, "additive_increase_factor"):  # cubic
+                cc.additive_increase_factor = size
+            if size > old and cc.congestion_window < K_INITIAL_WINDOW * size:
+                cc.congestion_window = K_INITIAL_WINDOW * size
 
-
-def probe_now(conn: QuicConnection, uid: int) -> None:
-    """Send an ack-eliciting PING at once and forget the PTO back-off: used when the
-    relay link is back, so lost data is retransmitted as soon as the PING is acked
-    instead of after a probe timeout that kept doubling through the outage."""
-    conn._loss._pto_count = 0
-    conn.send_ping(uid)
+    def probe_now(self, uid: int) -> None:
+        """Send an ack-eliciting PING at once and forget the PTO back-off: when the relay
+        link is back or the path changed, lost data is retransmitted as soon as the PING
+        is acked instead of after a probe timeout that kept doubling meanwhile."""
+        self._loss._pto_count = 0
+        self.send_ping(uid)
 
 
 def peer_transport_parameters(conn: QuicConnection) -> Optional[QuicTransportParameters]:

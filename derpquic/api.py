@@ -1,4 +1,9 @@
-"""`listen`, `Listener` and `Dialer`: the derpquic API (mirrors the Go derpquic package)."""
+"""`listen`, `Listener` and `Dialer`: the derpquic API (mirrors the Go derpquic package).
+
+Each owns a set of connections on a shared `Driver`: `AcceptQueue` (the Listener's
+incoming connections and the streams their peers open) and `DialedConns` (the Dialer's
+connections, by peer, for reuse) are what the driver's connections report to.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,28 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable, Optional
-
-from aioquic.quic.configuration import QuicConfiguration
+from typing import Any, Iterable, Iterator, Optional, Self
 
 from derpnet.keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
 
+from .auth import AuthPolicy
 from .config import Options, coerce_keys
-from .driver import AUTH, HANDSHAKE, READY, Conn, Driver
+from .conn import Conn, ConnState
+from .driver import SUPPORTED_VERSIONS, Driver
 from .stream import Stream
 
-__all__ = ["listen", "Listener", "Dialer"]
+__all__ = ["listen", "Listener", "Dialer", "DEFAULT_LINGER"]
 
 log = logging.getLogger("derpquic")
 
 #: How long close() waits for data of already-closed streams to be acknowledged.
 DEFAULT_LINGER = 2.0
 
+_HANDSHAKING = (ConnState.HANDSHAKE, ConnState.AUTH)
 
-def _open_packet_conn(host, key: Optional[PrivateKeyLike], options: dict):
+
+def _open_packet_conn(host: Any, key: Optional[PrivateKeyLike],
+                      options: dict[str, Any]) -> tuple[Any, PrivateKey, bool]:
     """(pc, private key, owned) from a relay URL/host, or an existing PacketConn."""
     if isinstance(host, str) or type(host).__name__ == "RelayAddress":
         import derpnet
@@ -38,7 +46,7 @@ def _open_packet_conn(host, key: Optional[PrivateKeyLike], options: dict):
     if not all(hasattr(pc, m) for m in ("read_from", "write_to", "set_read_deadline", "local_addr")):
         raise TypeError(f"expected a relay URL or a PacketConn, not {type(pc).__name__}")
     if key is None:
-        key = getattr(pc, "private_key", None) or getattr(pc, "_key", None)
+        key = getattr(pc, "private_key", None)
         if key is None:
             raise ValueError("pass key= (the PacketConn's private key): derpquic proves it to peers")
     priv = PrivateKey.coerce(key)
@@ -47,10 +55,100 @@ def _open_packet_conn(host, key: Optional[PrivateKeyLike], options: dict):
     return pc, priv, False
 
 
+class ConnSet:
+    """The connections one Listener or Dialer owns (`ConnOwner`; driver lock held)."""
+
+    def __init__(self) -> None:
+        self.conns: set[Conn] = set()
+
+    def conn_ready(self, conn: Conn) -> None:
+        pass
+
+    def conn_closed(self, conn: Conn) -> None:
+        self.conns.discard(conn)
+
+    def stream_opened(self, stream: Stream) -> None:  # pragma: no cover - dialled conns refuse them first
+        stream.refuse(ConnectionRefusedError("unexpected stream"))
+
+
+class AcceptQueue(ConnSet):
+    """A Listener's side of the driver (`Acceptor`): the options and policy for incoming
+    connections, and the streams waiting for accept()."""
+
+    def __init__(self, lock: threading.Lock, opts: Options, policy: AuthPolicy) -> None:
+        super().__init__()
+        self.opts = opts
+        self.policy = policy
+        self.closed = False
+        self.failure: Optional[BaseException] = None  # the driver stopped for good
+        self._queue: deque[Stream] = deque()
+        self._cond = threading.Condition(lock)
+
+    def conn_accepted(self, conn: Conn) -> None:
+        self.conns.add(conn)
+
+    def conn_ready(self, conn: Conn) -> None:
+        self.conns.add(conn)
+
+    def driver_failed(self, error: BaseException) -> None:
+        self.failure = error
+        self._cond.notify_all()
+
+    def stream_opened(self, stream: Stream) -> None:
+        if self.closed or len(self._queue) >= self.opts.backlog:
+            log.warning("derpquic: refusing a stream from %s: %s", stream.remote_addr().b64(),
+                        "listener closed" if self.closed else "accept backlog full")
+            stream.refuse(ConnectionRefusedError("refused"))
+            return
+        self._queue.append(stream)
+        self._cond.notify()
+
+    def get(self, timeout: Optional[float]) -> Stream:
+        """The next stream (lock NOT held). Raises TimeoutError, or OSError once closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self.closed:
+                    raise OSError(errno.EBADF, "listener closed")
+                if self.failure is not None and not self._queue:
+                    raise ConnectionAbortedError(*self.failure.args)
+                while self._queue:
+                    s = self._queue.popleft()
+                    if not s.closed:
+                        return s
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("accept timed out")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        """Stop accepting; refuse what is queued (lock held)."""
+        self.closed = True
+        queued, self._queue = list(self._queue), deque()
+        for s in queued:
+            s.refuse(ConnectionAbortedError("listener closed"))
+        self._cond.notify_all()
+
+
+class DialedConns(ConnSet):
+    """A Dialer's connections, and the one per peer that new dials reuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_peer: dict[PublicKey, Conn] = {}
+
+    def conn_closed(self, conn: Conn) -> None:
+        super().conn_closed(conn)
+        if self.by_peer.get(conn.peer) is conn:
+            del self.by_peer[conn.peer]
+
+
 class _Endpoint:
     """What Listener and Dialer share: the PacketConn, its driver, closing."""
 
-    def __init__(self, host, key, options: dict) -> None:
+    _owner: ConnSet
+
+    def __init__(self, host: Any, key: Optional[PrivateKeyLike], options: dict[str, Any]) -> None:
         self.opts = Options.pop_from(options)
         self._pc, self._key, self._owns_pc = _open_packet_conn(host, key, options)
         try:
@@ -61,7 +159,6 @@ class _Endpoint:
             raise
         self._lock = self._driver.lock
         self.closed = False
-        self._conns: set[Conn] = set()
 
     @property
     def addr(self) -> PublicKey:
@@ -72,7 +169,7 @@ class _Endpoint:
         return self._driver.local
 
     @property
-    def packet_conn(self):
+    def packet_conn(self) -> Any:
         """The underlying PacketConn (another Listener/Dialer may share it)."""
         return self._pc
 
@@ -82,7 +179,7 @@ class _Endpoint:
 
     def _close_common(self, error: BaseException, linger: float) -> None:
         with self._lock:
-            conns = list(self._conns)
+            conns = list(self._owner.conns)
         self._driver.close_conns(conns, error, linger=linger)
         self._driver.release()
         if self._owns_pc:
@@ -91,21 +188,14 @@ class _Endpoint:
             except OSError:  # pragma: no cover
                 pass
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # hooks called by the driver (lock held)
-    def _conn_ready(self, conn: Conn) -> None:
-        pass
-
-    def _conn_closed(self, conn: Conn) -> None:
-        self._conns.discard(conn)
-
-    def _enqueue(self, stream: Stream) -> None:  # pragma: no cover - dialers get no peer streams
-        stream._abort(ConnectionRefusedError("unexpected stream"))
+    def close(self, linger: float = DEFAULT_LINGER) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
 
 
 class Listener(_Endpoint):
@@ -121,52 +211,31 @@ class Listener(_Endpoint):
     derpnet.listen_packet options (ssl_context, ...).
     """
 
-    def __init__(self, host, key: Optional[PrivateKeyLike] = None, *, allow: Optional[Iterable[PublicKeyLike]] = None,
-                 require_auth: bool = False, **options: Any) -> None:
+    def __init__(self, host: Any, key: Optional[PrivateKeyLike] = None, *,
+                 allow: Optional[Iterable[PublicKeyLike]] = None, require_auth: bool = False,
+                 **options: Any) -> None:
         self.allow = coerce_keys(allow)
         self.require_auth = bool(require_auth)
-        self.supported_versions = QuicConfiguration().supported_versions
+        self.supported_versions = SUPPORTED_VERSIONS  # (answered by the driver's Version Negotiation)
         super().__init__(host, key, options)
-        self._queue: deque[Stream] = deque()
-        self._accept_cond = threading.Condition(self._lock)
+        self._owner = self._queue = AcceptQueue(self._lock, self.opts,
+                                                AuthPolicy(require_auth=self.require_auth, allow=self.allow))
         with self._lock:
-            if self._driver.listener is not None and not self._driver.listener.closed:
-                busy = True
-            else:
-                busy = False
-                self._driver.listener = self
+            current = self._driver.acceptor
+            busy = current is not None and not current.closed
+            if not busy:
+                self._driver.acceptor = self._queue
         if busy:
             self._driver.release()
             if self._owns_pc:
                 self._pc.close()
             raise OSError(errno.EADDRINUSE, "a Listener is already accepting on this PacketConn")
 
-    @property
-    def addr(self) -> PublicKey:
-        return self._driver.local
-
     def accept(self, timeout: Optional[float] = None) -> Stream:
         """The next stream a peer opened. Raises TimeoutError, or OSError once closed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._accept_cond:
-            while True:
-                if self.closed:
-                    raise OSError(errno.EBADF, "listener closed")
-                if self._driver.dead is not None and not self._queue:
-                    raise ConnectionAbortedError(*self._driver.dead.args)
-                while self._queue:
-                    s = self._queue.popleft()
-                    if not s._closed:
-                        return s
-                if deadline is None:
-                    self._accept_cond.wait()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError("accept timed out")
-                    self._accept_cond.wait(left)
+        return self._queue.get(timeout)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Stream]:
         while True:
             try:
                 yield self.accept()
@@ -182,34 +251,16 @@ class Listener(_Endpoint):
             if self.closed:
                 return
             self.closed = True
-            if self._driver.listener is self:
-                self._driver.listener = None
-            queued, self._queue = list(self._queue), deque()
-            for s in queued:
-                s._abort(ConnectionAbortedError("listener closed"))
-            self._accept_cond.notify_all()
+            if self._driver.acceptor is self._queue:
+                self._driver.acceptor = None
+            self._queue.close()
         self._close_common(ConnectionAbortedError("listener closed"), linger)
 
     def __repr__(self) -> str:
         return f"<derpquic.Listener {self.addr.b64()}{' closed' if self.closed else ''}>"
 
-    # driver hooks (lock held)
-    def _conn_ready(self, conn: Conn) -> None:
-        self._conns.add(conn)
 
-    def _enqueue(self, stream: Stream) -> None:
-        self._conns.add(stream._conn)
-        if self.closed or len(self._queue) >= self.opts.backlog:
-            log.warning("derpquic: refusing a stream from %s: %s", stream.remote_addr.b64(),
-                        "listener closed" if self.closed else "accept backlog full")
-            stream._abort(ConnectionRefusedError("refused"))
-            self._driver.flush(stream._conn)
-            return
-        self._queue.append(stream)
-        self._accept_cond.notify()
-
-
-def listen(host, key: Optional[PrivateKeyLike] = None, **options: Any) -> Listener:
+def listen(host: Any, key: Optional[PrivateKeyLike] = None, **options: Any) -> Listener:
     """Listen for derpquic streams on our key through the relay `host` (see Listener)."""
     return Listener(host, key, **options)
 
@@ -224,12 +275,13 @@ class Dialer(_Endpoint):
     `allow_unauthenticated=True`.
     """
 
-    def __init__(self, host, key: Optional[PrivateKeyLike] = None, *, allow_unauthenticated: bool = False,
+    def __init__(self, host: Any, key: Optional[PrivateKeyLike] = None, *, allow_unauthenticated: bool = False,
                  reuse_connections: bool = True, **options: Any) -> None:
         self.allow_unauthenticated = bool(allow_unauthenticated)
         self.reuse_connections = bool(reuse_connections)
         super().__init__(host, key, options)
-        self._by_peer: dict[PublicKey, Conn] = {}
+        self._owner = self._dialed = DialedConns()
+        self._policy = AuthPolicy(allow_unauthenticated=self.allow_unauthenticated)
 
     def dial(self, pubkey: PublicKeyLike, timeout: Optional[float] = None) -> Stream:
         """A new stream to `pubkey`, visible to the peer's listener at once.
@@ -250,15 +302,12 @@ class Dialer(_Endpoint):
                 if driver.dead is not None:
                     raise ConnectionAbortedError(*driver.dead.args)
                 conn = self._reusable(peer)
+                mine = conn is None
                 if conn is None:
-                    conn = driver.connect(peer, owner=self, opts=self.opts,
-                                          allow_unauthenticated=self.allow_unauthenticated)
-                    self._conns.add(conn)
-                    self._by_peer[peer] = conn
-                    mine = True
-                else:
-                    mine = False
-                while conn.state in (HANDSHAKE, AUTH):
+                    conn = driver.connect(peer, owner=self._dialed, opts=self.opts, policy=self._policy)
+                    self._dialed.conns.add(conn)
+                    self._dialed.by_peer[peer] = conn
+                while conn.state in _HANDSHAKING:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         err = TimeoutError(
@@ -266,39 +315,29 @@ class Dialer(_Endpoint):
                             f"that key at this relay?)" if not conn.received_any else
                             f"dial {peer.b64()}: handshake did not complete within {timeout:g} s")
                         if mine:
-                            driver.close_conn(conn, err)
+                            conn.close(err)
                         raise err
                     conn.cond.wait(left)
-                if conn.state == READY:
+                if conn.state is ConnState.READY:
                     if not mine and not conn.ours:
                         continue  # a Go peer: one connection per dial, make our own
-                    return self._open_stream(conn)
+                    return conn.open_stream()
                 if mine:
-                    err = conn.error or ConnectionAbortedError("connection failed")
-                    raise type(err)(*err.args)
+                    why = conn.error or ConnectionAbortedError("connection failed")
+                    raise type(why)(*why.args)
                 # someone else's attempt failed: try our own
 
     def _reusable(self, peer: PublicKey) -> Optional[Conn]:
-        conn = self._by_peer.get(peer)
+        conn = self._dialed.by_peer.get(peer)
         if conn is None or not self.reuse_connections:
             return None
-        if conn.state in (HANDSHAKE, AUTH):
+        if conn.state in _HANDSHAKING:
             return conn  # wait for it; if it turns out to be a Go peer we dial our own
-        if conn.state == READY and conn.ours and not conn.quic.state_closed:
+        if conn.state is ConnState.READY and conn.ours and not conn.quic.state_closed:
             # Reuse only while the peer was heard from recently (no idle-timeout race).
             if time.monotonic() - conn.last_rx < min(conn.opts.idle_timeout, 30.0) / 2:
                 return conn
         return None
-
-    def _open_stream(self, conn: Conn) -> Stream:
-        quic = conn.quic
-        sid = quic.get_next_available_stream_id()
-        quic.announce_stream(sid)  # an empty STREAM frame: the listener sees the stream now
-        s = Stream(conn, sid)
-        conn.streams[sid] = s
-        conn.open_streams += 1
-        self._driver.flush(conn)
-        return s
 
     def close(self, linger: float = DEFAULT_LINGER) -> None:
         """Close every connection this dialer made (after up to `linger` s for data of
@@ -308,15 +347,9 @@ class Dialer(_Endpoint):
             if self.closed:
                 return
             self.closed = True
-            for conn in self._conns:
+            for conn in self._dialed.conns:
                 conn.cond.notify_all()
         self._close_common(ConnectionAbortedError("dialer closed"), linger)
 
     def __repr__(self) -> str:
         return f"<derpquic.Dialer {self.addr.b64()}{' closed' if self.closed else ''}>"
-
-    # driver hooks (lock held)
-    def _conn_closed(self, conn: Conn) -> None:
-        self._conns.discard(conn)
-        if self._by_peer.get(conn.peer) is conn:
-            del self._by_peer[conn.peer]

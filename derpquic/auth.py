@@ -1,38 +1,20 @@
-"""Peer authentication: prove, inside the QUIC session, that each side holds the
-private node key behind its DERP address.
+"""Peer authentication: each side proves, inside the QUIC session, that it holds the
+private node key behind its DERP address, so the relay cannot impersonate a peer.
 
-Why: DERP routes by public key, but the relay (or anyone who can inject packets
-for a key) could answer a dial itself and relay a second QUIC session to the real
-peer. The TLS certificate proves nothing (throw-away, self-signed, unchecked).
-
-Construction (both sides ours: ALPN "derpnet-auth/1" negotiated):
-
-    shared  = X25519(my_private, peer_public)              # only the two key holders know it
-    key     = HKDF-SHA256(shared, salt="derpnet-auth/1", info=client_pub ‖ server_pub)
-    binding = SHA-256("derpnet-auth/1 binding" ‖ client_random ‖
-                      client_application_traffic_secret_0 ‖ server_application_traffic_secret_0)
-    proof   = HMAC-SHA256(key, "derpnet-auth/1 " ‖ role ‖ binding)     role = "client" | "server"
-
-The *binding* identifies this TLS session: the 1-RTT traffic secrets come from the
-session's ECDHE exchange and its whole handshake transcript (both randoms, both key
-shares, the certificate), like the TLS exporter. A man in the middle runs two TLS
-sessions with different ECDHE secrets, so its two legs have different bindings: a
-proof made on one leg is worthless on the other, and it cannot make a fresh proof
-without one of the private node keys. The secrets come from aioquic's public
-`secrets_log_file` hook (the SSLKEYLOGFILE lines), read into memory only, and the
-binding is a one-way hash of them, so neither the proof nor the binding reveals them.
-
-Each side sends its proof on its first unidirectional stream (client: stream 2,
-server: stream 3) as soon as its handshake completes: MAGIC ‖ proof, then FIN.
-A stream is handed to the application only after the peer's proof verified.
-Go peers (no ALPN) never see these streams.
+Holds the proof itself (`make_proof`, `verify_proof`, bound to the TLS session by
+`SecretsCollector`) and `KeyProof`, the sans-IO state machine one connection runs:
+events in (handshake completed, proof bytes received, time passed), actions out
+(send this proof, hand out streams, refuse with this code). The construction and why
+it stops a man in the middle: docs/derpquic.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Optional
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional, Union
 
 import nacl.bindings
 import nacl.exceptions
@@ -42,8 +24,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from derpnet.errors import AuthenticationError
 from derpnet.keys import PrivateKey, PublicKey
 
+from .codes import AppError
+
 __all__ = ["AuthenticationError", "SecretsCollector", "session_binding", "make_proof", "verify_proof",
-           "MAGIC", "PROOF_MESSAGE_LEN", "LABEL"]
+           "MAGIC", "PROOF_MESSAGE_LEN", "LABEL", "Role", "ProofState", "AuthPolicy", "KeyProof",
+           "SendProof", "Ready", "Refuse", "Action"]
 
 LABEL = b"derpnet-auth/1"
 MAGIC = b"DQA1"
@@ -129,3 +114,205 @@ def verify_proof(my_private: PrivateKey, peer: PublicKey, message: bytes, *, pee
         raise AuthenticationError(
             f"peer could not prove it holds the key {peer.b64()}: a relay or another node may be "
             f"impersonating it")
+
+
+# ---------------------------------------------------------------------- the state machine
+
+
+class Role(Enum):
+    """Which end of the QUIC connection we are."""
+
+    CLIENT = "client"  # we dialled
+    SERVER = "server"  # we accepted
+
+    @property
+    def is_client(self) -> bool:
+        return self is Role.CLIENT
+
+
+class ProofState(Enum):
+    HANDSHAKE = "handshake"  # the QUIC handshake is not complete
+    PROVING = "proving"      # both speak derpnet-auth: proofs are being exchanged
+    DONE = "done"            # streams may flow (`KeyProof.authenticated` says whether proven)
+    REFUSED = "refused"      # the connection must be closed (a `Refuse` action said how)
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    """Whom a connection accepts. Client side: `allow_unauthenticated` lets a peer that cannot
+    prove its key (a Go derpconnect) through. Server side: `require_auth` refuses such peers;
+    `allow` (keys) refuses every other key and unproven peers."""
+
+    allow_unauthenticated: bool = False
+    require_auth: bool = False
+    allow: Optional[frozenset[PublicKey]] = None
+
+
+@dataclass(frozen=True)
+class SendProof:
+    """Send `message` on our first unidirectional stream, then FIN."""
+
+    message: bytes
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Hand out streams; `authenticated`: the peer proved its key."""
+
+    authenticated: bool
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Close the connection with application error `code` and `reason`; `error` is what
+    our own callers get, `detail` what we log."""
+
+    code: AppError
+    reason: str
+    error: BaseException
+    detail: str
+
+
+Action = Union[SendProof, Ready, Refuse]
+
+
+class KeyProof:
+    """The key-proof exchange of one connection (sans-IO: no aioquic, no clock).
+
+    Feed it `handshake_completed(ours)` (ours: the peer negotiated ALPN derpnet-auth/1),
+    the bytes of the peer's first unidirectional stream (`proof_received`) and the time
+    (`expire`); apply the actions it returns, in order. The client sends its proof when the
+    handshake completes; the server answers with its own once the client's verified.
+    `timeout` (server side): refuse a peer that has not finished both `timeout` seconds
+    after `now` (the connection's first packet).
+    Subclasses may override `make_proof` / `verify` (the tests' impostors do)."""
+
+    def __init__(self, private_key: PrivateKey, peer: PublicKey, role: Role,
+                 policy: AuthPolicy = AuthPolicy(), *, now: float = 0.0, timeout: Optional[float] = None,
+                 secrets: Optional[SecretsCollector] = None) -> None:
+        self.private_key = private_key
+        self.peer = peer
+        self.role = role
+        self.policy = policy
+        self.timeout = timeout
+        self.deadline = None if timeout is None else now + timeout
+        self.secrets = secrets if secrets is not None else SecretsCollector()
+        self.state = ProofState.HANDSHAKE
+        self.ours = False
+        self.authenticated = False
+        self.sent = False
+        self.received = bytearray()
+        self.received_all = False
+
+    @property
+    def wake_at(self) -> Optional[float]:
+        """When `expire` has something to do (None: never)."""
+        if self.state in (ProofState.HANDSHAKE, ProofState.PROVING):
+            return self.deadline
+        return None
+
+    # -- events ------------------------------------------------------------------------------
+
+    def handshake_completed(self, ours: bool) -> list[Action]:
+        if self.state is not ProofState.HANDSHAKE:
+            return []
+        self.ours = ours
+        allow = self.policy.allow
+        if self.role is Role.SERVER and allow is not None and self.peer not in allow:
+            # Refused only now: before the handshake completes, CONNECTION_CLOSE cannot carry
+            # our application error code (QUIC turns it into a bare APPLICATION_ERROR).
+            return self._refuse(AppError.NOT_ALLOWED, "not allowed", ConnectionRefusedError("peer not allowed"),
+                                f"refusing {self.peer.b64()}: not in the allow-list")
+        if not ours:
+            return self._unprovable()
+        self.state = ProofState.PROVING
+        actions = self._send() if self.role is Role.CLIENT else []
+        return actions + self._check()
+
+    def proof_received(self, data: bytes, end: bool) -> list[Action]:
+        """Bytes of the peer's first unidirectional stream (buffered until the handshake is done)."""
+        if self.state in (ProofState.DONE, ProofState.REFUSED) or self.received_all:
+            return []
+        self.received += data
+        if len(self.received) > PROOF_MESSAGE_LEN:
+            return self._failed(AuthenticationError(f"{self.peer.b64()} sent an oversized key proof"))
+        if end:
+            self.received_all = True
+            return self._check()
+        return []
+
+    def expire(self, now: float) -> list[Action]:
+        """Refuse the peer if the deadline passed before streams could flow."""
+        wake = self.wake_at
+        if wake is None or now < wake or self.timeout is None:
+            return []
+        return self._refuse(AppError.AUTH_REQUIRED, "authentication timed out", TimeoutError(
+            f"{self.peer.b64()} did not complete the handshake and key proof within {self.timeout:g} s"),
+            f"refusing {self.peer.b64()}: no handshake and key proof within {self.timeout:g} s")
+
+    # -- the proof (overridable) --------------------------------------------------------------
+
+    def make_proof(self, binding: bytes) -> bytes:
+        return make_proof(self.private_key, self.peer, is_client=self.role.is_client, binding=binding)
+
+    def verify(self, message: bytes, binding: bytes) -> None:
+        """Raise AuthenticationError unless `message` is the peer's proof for this session."""
+        verify_proof(self.private_key, self.peer, message, peer_is_client=not self.role.is_client,
+                     binding=binding)
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _send(self) -> list[Action]:
+        if self.sent:
+            return []
+        try:
+            message = self.make_proof(self.secrets.binding())
+        except AuthenticationError as e:
+            return self._failed(e)
+        self.sent = True
+        return [SendProof(message)]
+
+    def _check(self) -> list[Action]:
+        if self.state is not ProofState.PROVING or not self.received_all:
+            return []
+        try:
+            self.verify(bytes(self.received), self.secrets.binding())
+        except AuthenticationError as e:
+            return self._failed(e)
+        self.authenticated = True
+        if self.role is Role.CLIENT:
+            return self._ready()
+        allow = self.policy.allow
+        if allow is not None and self.peer not in allow:
+            return self._refuse(AppError.NOT_ALLOWED, "not allowed", ConnectionRefusedError("peer not allowed"),
+                                f"refusing {self.peer.b64()}: proved its key but is not in the allow-list")
+        actions = self._send()
+        return actions + self._ready() if self.sent else actions  # (not sent: refused)
+
+    def _unprovable(self) -> list[Action]:
+        """The peer does not speak derpnet-auth (a Go derpconnect?): it cannot prove its key."""
+        who = self.peer.b64()
+        if self.role is Role.CLIENT:
+            if self.policy.allow_unauthenticated:
+                return self._ready()
+            return self._refuse(AppError.AUTH_REQUIRED, "authentication required", AuthenticationError(
+                f"{who} did not prove that it holds its key (it does not speak derpnet-auth: a Go derpconnect "
+                f"peer?); pass allow_unauthenticated=True to accept such peers"),
+                f"{who} cannot prove its key (allow_unauthenticated is off)")
+        if self.policy.require_auth or self.policy.allow is not None:
+            return self._refuse(AppError.AUTH_REQUIRED, "authentication required",
+                                AuthenticationError(f"{who} cannot prove its key"),
+                                f"refusing unauthenticated peer {who} (require_auth/allow)")
+        return self._ready()
+
+    def _ready(self) -> list[Action]:
+        self.state = ProofState.DONE
+        return [Ready(self.authenticated)]
+
+    def _failed(self, error: AuthenticationError) -> list[Action]:
+        return self._refuse(AppError.AUTH_FAILED, "authentication failed", error,
+                            f"key proof of {self.peer.b64()} failed: {error}")
+
+    def _refuse(self, code: AppError, reason: str, error: BaseException, detail: str) -> list[Action]:
+        self.state = ProofState.REFUSED
+        return [Refuse(code, reason, error, detail)]

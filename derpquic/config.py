@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import threading
 from dataclasses import dataclass, fields
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from derpnet.keys import PublicKey
+from derpnet.keys import PublicKey, PublicKeyLike
 
 from ._quic import ALPN_AUTH
 
-__all__ = ["Options", "GO_PACKET_SIZE", "ALPN_AUTH", "server_certificate"]
+__all__ = ["Options", "GO_PACKET_SIZE", "ALPN_AUTH", "server_certificate", "coerce_keys"]
 
 #: quic-go v0.46 reads every packet into a 1452-byte buffer (protocol.MaxPacketBufferSize,
 #: also the max_udp_payload_size it advertises) and clamps InitialPacketSize to it, so a
@@ -67,7 +67,7 @@ class Options:
     congestion_control: str = "reno"
 
     @classmethod
-    def pop_from(cls, kwargs: dict) -> "Options":
+    def pop_from(cls, kwargs: dict[str, Any]) -> "Options":
         """Take our option names out of `kwargs` (the rest go to derpnet.listen_packet)."""
         names = {f.name for f in fields(cls)}
         mine = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
@@ -89,12 +89,16 @@ class Options:
             raise ValueError("congestion_control must be 'reno' or 'cubic'")
 
     def quic_configuration(self, *, is_client: bool, alpn: Optional[list[str]] = None,
-                           secrets_log_file=None) -> QuicConfiguration:
+                           secrets_log_file: Any = None,
+                           max_datagram_size: int = GO_PACKET_SIZE) -> QuicConfiguration:
+        """aioquic's configuration for one connection. `max_datagram_size`: the packet size
+        until the handshake tells whether the peer is ours (GO_PACKET_SIZE, or less when
+        the path to the peer carries less)."""
         cfg = QuicConfiguration(
             is_client=is_client,
             alpn_protocols=alpn,
             idle_timeout=self.idle_timeout,
-            max_datagram_size=GO_PACKET_SIZE,
+            max_datagram_size=max_datagram_size,
             max_data=self.connection_window,
             max_stream_data=self.stream_window,
             congestion_control_algorithm=self.congestion_control,
@@ -113,10 +117,10 @@ class Options:
 
 
 _cert_lock = threading.Lock()
-_cert_cache: Optional[tuple] = None
+_cert_cache: Optional[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = None
 
 
-def server_certificate():
+def server_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A self-signed ECDSA P-256 certificate for CN=localhost, made once per process.
 
     The Go original makes a fresh RSA-2048 one per start; nobody verifies it (Go
@@ -139,7 +143,7 @@ def server_certificate():
         return _cert_cache
 
 
-def coerce_keys(keys: Optional[Iterable]) -> Optional[frozenset]:
+def coerce_keys(keys: Optional[Iterable[PublicKeyLike]]) -> Optional[frozenset[PublicKey]]:
     if keys is None:
         return None
     return frozenset(PublicKey.coerce(k) for k in keys)

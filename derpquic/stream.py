@@ -1,22 +1,16 @@
 """`Stream`: one bidirectional QUIC stream with the blocking semantics of a TCP socket.
 
-* `send`/`sendall` block while the stream's send buffer (`send_buffer` bytes not yet
-  put on the wire) is full, i.e. while QUIC flow control or congestion control holds
-  the data back: a slow peer slows the writer down, memory stays bounded.
-* `recv` blocks until data, end of stream (``b""``) or an error. Received bytes wait in
-  the stream until read; the peer may only send `stream_window` bytes beyond what the
-  application has read (the QUIC window is raised as the application reads, never
-  before), so a slow reader bounds memory too.
-* `shutdown(socket.SHUT_WR)` sends FIN: the peer reads ``b""`` and can still answer.
-  `close()` sends FIN if not done yet and, if the peer's data has not all been read,
-  STOP_SENDING (like a TCP close with unread data); idempotent; wakes blocked callers.
-* Errors: peer reset (RESET_STREAM) or peer stopped reading (STOP_SENDING) ->
-  `ConnectionResetError`; connection lost (idle timeout, relay gone) ->
-  `ConnectionAbortedError`; peer closed the connection -> `ConnectionResetError`;
-  timeout -> `TimeoutError`; use after close -> `OSError(EBADF)`; send after
-  shutdown(SHUT_WR) -> `BrokenPipeError`. Never silence.
+send/sendall block while `send_buffer` bytes wait for QUIC to put them on the wire (a
+slow peer slows the writer down); recv blocks until data, end of stream (``b""``) or an
+error, and the peer may send only `stream_window` bytes beyond what was read (a slow
+reader bounds memory too). shutdown(SHUT_WR) sends FIN; close() also stops the peer's
+sending if its data was not all read (like TCP); abort() resets. Errors are never
+silence: ConnectionResetError (peer reset or stopped reading, peer closed the
+connection), ConnectionAbortedError (connection lost), TimeoutError, BrokenPipeError
+(send after SHUT_WR), OSError EBADF (use after close).
 
-All state is guarded by the driver's lock (see derpquic.driver).
+The state lives in a sans-IO `StreamState`; this class adds the waiting and aioquic.
+All of it is guarded by the driver's lock (see derpquic.driver).
 """
 
 from __future__ import annotations
@@ -26,80 +20,27 @@ import io
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Optional
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any, Optional
 
 from derpnet.keys import PublicKey
 
+from .codes import STREAM_REFUSED
+from .hooks import StreamEndpoint
+from .streamstate import Readable, StreamState, bad_fd, window_credit
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .driver import Conn
+    from .conn import Conn
 
 __all__ = ["Stream"]
 
 
-def _copy_error(err: BaseException) -> BaseException:
-    """A fresh exception of the same type (raising one object from several threads
-    would tangle their tracebacks)."""
-    try:
-        new = type(err)(*err.args)
-    except Exception:  # pragma: no cover
-        new = ConnectionAbortedError(str(err))
-    return new
+class SocketTimeout:
+    """Socket-style timeouts for blocking calls that wait on `_cond`: None blocks, 0.0 never
+    waits (BlockingIOError), a number bounds the whole call (TimeoutError)."""
 
-
-class Stream:
-    """A reliable, ordered byte stream to one peer (see the module docstring)."""
-
-    def __init__(self, conn: "Conn", stream_id: int) -> None:
-        self._conn = conn
-        self._driver = conn.driver
-        self._cond = threading.Condition(conn.driver.lock)
-        self._sid = stream_id
-        self._qs = conn.quic.stream(stream_id)
-        self._window = conn.opts.stream_window
-        self._send_buffer = conn.opts.send_buffer
-        self._rbuf = bytearray()
-        self._read_total = 0
-        self._eof = False
-        self._reset_error: Optional[BaseException] = None
-        self._stop_error: Optional[BaseException] = None
-        self._conn_error: Optional[BaseException] = None
-        self._written = 0
-        self._shut_rd = False
-        self._shut_wr = False
-        self._closed = False
-        self._counted = True  # counted in conn.open_streams until closed
-        self._timeout: Optional[float] = None
-
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def remote_addr(self) -> PublicKey:
-        """The peer's key; proven when `authenticated` is True."""
-        return self._conn.peer
-
-    @property
-    def local_addr(self) -> PublicKey:
-        return self._driver.local
-
-    def getpeername(self) -> PublicKey:
-        return self._conn.peer
-
-    def getsockname(self) -> PublicKey:
-        return self._driver.local
-
-    @property
-    def authenticated(self) -> bool:
-        """True if the peer proved, inside this QUIC session, that it holds `remote_addr`'s
-        private key (a derpnet peer); False for a peer that cannot (the Go derpconnect)."""
-        return self._conn.authenticated
-
-    @property
-    def stream_id(self) -> int:
-        return self._sid
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    _cond: threading.Condition
+    _timeout: Optional[float] = None
 
     def settimeout(self, value: Optional[float]) -> None:
         if value is not None:
@@ -113,19 +54,6 @@ class Stream:
 
     def setblocking(self, flag: bool) -> None:
         self.settimeout(None if flag else 0.0)
-
-    def __enter__(self) -> "Stream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return (f"<derpquic.Stream {self._sid} {state} local={self._driver.local.b64()} "
-                f"remote={self._conn.peer.b64()} authenticated={self._conn.authenticated}>")
-
-    # ------------------------------------------------------------------ waiting
 
     def _deadline(self) -> Optional[float]:
         t = self._timeout
@@ -143,6 +71,65 @@ class Stream:
             raise TimeoutError("timed out")
         self._cond.wait(left)
 
+
+class Stream(SocketTimeout, StreamEndpoint):
+    """A reliable, ordered byte stream to one peer (see the module docstring)."""
+
+    def __init__(self, conn: "Conn", stream_id: int) -> None:
+        self._conn = conn
+        self._driver = conn.host  # (tests/faults/harness.py reads ._driver.pc)
+        self._cond = threading.Condition(conn.lock)
+        self._sid = stream_id
+        self._qs = conn.quic.stream(stream_id)
+        self._window = conn.opts.stream_window
+        self._send_buffer = conn.opts.send_buffer
+        self._state = StreamState()
+
+    # ------------------------------------------------------------------ properties
+
+    def remote_addr(self) -> PublicKey:
+        """The peer's key (Go's RemoteAddr()); proven when `authenticated` is True."""
+        return self._conn.peer
+
+    def local_addr(self) -> PublicKey:
+        """Our key (Go's LocalAddr())."""
+        return self._conn.local
+
+    def getpeername(self) -> PublicKey:
+        return self._conn.peer
+
+    def getsockname(self) -> PublicKey:
+        return self._conn.local
+
+    @property
+    def authenticated(self) -> bool:
+        """True if the peer proved, inside this QUIC session, that it holds `remote_addr()`'s
+        private key (a derpnet peer); False for a peer that cannot (the Go derpconnect)."""
+        return self._conn.authenticated
+
+    @property
+    def stream_id(self) -> int:
+        return self._sid
+
+    @property
+    def closed(self) -> bool:
+        return self._state.closed
+
+    @property
+    def _rbuf(self) -> bytearray:  # (tests/faults/harness.py reads it)
+        return self._state.rbuf
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._state.closed else "open"
+        return (f"<derpquic.Stream {self._sid} {state} local={self._conn.local.b64()} "
+                f"remote={self._conn.peer.b64()} authenticated={self._conn.authenticated}>")
+
     # ------------------------------------------------------------------ receiving
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
@@ -154,13 +141,11 @@ class Stream:
         with self._cond:
             if not self._wait_readable(bufsize):
                 return b""
-            n = min(bufsize, len(self._rbuf))
-            data = bytes(self._rbuf[:n])
-            del self._rbuf[:n]
-            self._consumed(n)
+            data = self._state.take(bufsize)
+            self._consumed(len(data))
             return data
 
-    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         if flags:
             raise ValueError("flags are not supported")
         view = memoryview(buffer).cast("B")
@@ -171,79 +156,73 @@ class Stream:
         with self._cond:
             if not self._wait_readable(nbytes):
                 return 0
-            n = min(nbytes, len(self._rbuf))
-            view[:n] = self._rbuf[:n]
-            del self._rbuf[:n]
+            n = self._state.take_into(view[:nbytes])
             self._consumed(n)
             return n
 
     def _wait_readable(self, want: int) -> bool:
         """True when data is buffered; False at end of stream; raises on errors (lock held)."""
-        if self._closed:
-            raise OSError(errno.EBADF, "Bad file descriptor (stream closed)")
+        if self._state.closed:
+            raise bad_fd("stream closed")
         if want == 0:
             return False
         deadline = self._deadline()
         while True:
-            if self._rbuf:
-                return True
-            if self._reset_error is not None:
-                raise _copy_error(self._reset_error)
-            if self._eof or self._shut_rd:
-                return False
-            if self._conn_error is not None:
-                raise _copy_error(self._conn_error)
-            if self._closed:
-                raise OSError(errno.EBADF, "Bad file descriptor (stream closed)")
+            readable = self._state.readable()
+            if readable is not Readable.WAIT:
+                return readable is Readable.DATA
             self._wait(deadline)
 
     def _consumed(self, n: int) -> None:
         """The application read n bytes: give the peer credit (lock held)."""
         conn = self._conn
-        self._read_total += n
-        conn.unread -= n
+        conn.streams.unread -= n
         qs = self._qs
-        if qs is None or self._eof or conn.state == "closed":
+        if qs is None or self._state.eof or conn.closed:
             return
-        target = self._read_total + self._window
-        granted = conn.quic.grant_stream(self._sid, target) if target - qs.max_stream_data_local >= self._window // 4 \
-            else False
-        used, value = conn.quic.connection_receive_window()
-        cwin = conn.opts.connection_window
-        if granted or used - conn.unread + cwin - value >= cwin // 4:
-            self._driver.flush(conn)  # sends MAX_STREAM_DATA / MAX_DATA
+        credit = window_credit(self._state.read_total, self._window, qs.max_stream_data_local)
+        granted = credit is not None and conn.quic.grant_stream(self._sid, credit)
+        used, limit = conn.quic.connection_receive_window()
+        if granted or window_credit(used - conn.streams.unread, conn.opts.connection_window, limit) is not None:
+            conn.flush()  # sends MAX_STREAM_DATA / MAX_DATA
 
-    # called by the driver (lock held)
+    # ------------------------------------------------------------------ StreamEndpoint (lock held)
 
-    def _on_data(self, data: bytes, end: bool) -> None:
-        if data and not (self._closed or self._shut_rd):
-            self._rbuf += data
-            self._conn.unread += len(data)
-        if end:
-            self._eof = True
+    def data_received(self, data: bytes, end: bool) -> None:
+        self._conn.streams.unread += self._state.data_received(data, end)
         self._cond.notify_all()
 
-    def _on_reset(self, code: int) -> None:
-        if self._reset_error is None and not self._eof:
-            self._reset_error = ConnectionResetError(
-                errno.ECONNRESET, f"stream reset by the peer (QUIC application error {code})")
+    def reset_received(self, code: int) -> None:
+        self._state.reset_received(code)
         self._cond.notify_all()
 
-    def _on_stop_sending(self, code: int) -> None:
-        if self._stop_error is None:
-            self._stop_error = ConnectionResetError(
-                errno.ECONNRESET, f"the peer stopped reading this stream (QUIC application error {code})")
-        self._conn.blocked_writers.discard(self)
+    def stop_sending_received(self, code: int) -> None:
+        self._state.stop_sending_received(code)
         self._cond.notify_all()
 
-    def _on_conn_error(self, err: BaseException) -> None:
-        if self._conn_error is None:
-            self._conn_error = err
+    def connection_lost(self, error: BaseException) -> None:
+        self._state.connection_lost(error)
         self._cond.notify_all()
+
+    def wake_writer(self) -> bool:
+        if not self._state.writer_may_proceed(self._room()):
+            return False
+        self._cond.notify_all()
+        return True
+
+    def lingering(self) -> bool:
+        qs = self._qs
+        return self._state.lingering(qs is None or qs.sender.is_finished)
+
+    def refuse(self, error: BaseException) -> None:
+        self._abort(error, STREAM_REFUSED)
+        self._cond.notify_all()
+        if not self._conn.closed:
+            self._conn.flush()
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, data, flags: int = 0) -> int:
+    def send(self, data: Any, flags: int = 0) -> int:
         """Queue up to len(data) bytes; blocks while the send buffer is full. Returns the count."""
         if flags:
             raise ValueError("flags are not supported")
@@ -252,11 +231,10 @@ class Stream:
             self._check_writable()
             if not len(view):
                 return 0
-            deadline = self._deadline()
-            room = self._wait_room(deadline)
+            room = self._wait_room(self._deadline())
             return self._push(view, room)
 
-    def sendall(self, data, flags: int = 0) -> None:
+    def sendall(self, data: Any, flags: int = 0) -> None:
         """Send all of `data` (the timeout bounds the whole call, as for sockets)."""
         if flags:
             raise ValueError("flags are not supported")
@@ -272,23 +250,19 @@ class Stream:
     def _push(self, view: memoryview, room: int) -> int:
         n = min(room, len(view))
         self._conn.quic.send_stream_data(self._sid, bytes(view[:n]))
-        self._written += n
-        self._driver.flush(self._conn)
+        self._state.written += n
+        self._conn.flush()
         return n
 
     def _room(self) -> int:
         qs = self._qs
-        return self._send_buffer - (self._written - qs.sender.highest_offset)
+        sent = qs.sender.highest_offset if qs is not None else self._state.written
+        return self._send_buffer - (self._state.written - sent)
 
     def _check_writable(self) -> None:
-        if self._closed:
-            raise OSError(errno.EBADF, "Bad file descriptor (stream closed)")
-        if self._shut_wr:
-            raise BrokenPipeError(errno.EPIPE, "Broken pipe (stream shut down for writing)")
-        if self._stop_error is not None:
-            raise _copy_error(self._stop_error)
-        if self._conn_error is not None:
-            raise _copy_error(self._conn_error)
+        error = self._state.write_error()
+        if error is not None:
+            raise error
 
     def _wait_room(self, deadline: Optional[float]) -> int:
         while True:
@@ -296,20 +270,11 @@ class Stream:
             room = self._room()
             if room > 0:
                 return room
-            self._conn.blocked_writers.add(self)
+            self._conn.streams.blocked_writers.add(self)
             try:
                 self._wait(deadline)
             finally:
-                self._conn.blocked_writers.discard(self)
-
-    def _writer_may_proceed(self) -> bool:
-        return (self._room() > 0 or self._closed or self._shut_wr or self._stop_error is not None
-                or self._conn_error is not None)
-
-    def _lingering(self) -> bool:
-        """The application is done writing but the peer has not acknowledged everything."""
-        return ((self._shut_wr or self._closed) and self._stop_error is None and self._conn_error is None
-                and self._qs is not None and not self._qs.sender.is_finished)
+                self._conn.streams.blocked_writers.discard(self)
 
     # ------------------------------------------------------------------ shutting down
 
@@ -317,121 +282,111 @@ class Stream:
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise ValueError("how must be SHUT_RD, SHUT_WR or SHUT_RDWR")
         with self._cond:
-            if self._closed:
-                raise OSError(errno.EBADF, "Bad file descriptor (stream closed)")
+            if self._state.closed:
+                raise bad_fd("stream closed")
             if how in (socket.SHUT_WR, socket.SHUT_RDWR):
                 self._shut_write()
             if how in (socket.SHUT_RD, socket.SHUT_RDWR):
                 self._shut_read()
             self._cond.notify_all()
-            if self._conn.state != "closed":
-                self._driver.flush(self._conn)
+            if not self._conn.closed:
+                self._conn.flush()
+
+    def _live(self) -> bool:
+        return not self._conn.closed and not self._conn.quic.state_closed
 
     def _shut_write(self) -> None:
-        if self._shut_wr:
+        state = self._state
+        if state.shut_wr:
             return
-        self._shut_wr = True
-        conn = self._conn
-        if conn.state != "closed" and self._stop_error is None and not conn.quic.state_closed:
-            try:
-                conn.quic.send_stream_data(self._sid, b"", end_stream=True)
-            except (ValueError, RuntimeError):  # already reset / finished
-                pass
+        state.shut_wr = True
+        if state.stop_error is None and self._live():
+            with suppress(ValueError, RuntimeError):  # already reset / finished
+                self._conn.quic.send_stream_data(self._sid, b"", end_stream=True)
 
     def _shut_read(self, code: int = 0) -> None:
-        if self._shut_rd:
+        state = self._state
+        if state.shut_rd:
             return
-        self._shut_rd = True
-        conn = self._conn
-        conn.unread -= len(self._rbuf)
-        self._rbuf.clear()
-        if (not self._eof and self._reset_error is None and conn.state != "closed"
-                and not conn.quic.state_closed):
-            try:
-                conn.quic.stop_stream(self._sid, code)
-            except (ValueError, RuntimeError):
-                pass
+        self._conn.streams.unread -= state.shut_read()
+        if state.peer_may_send and self._live():
+            with suppress(ValueError, RuntimeError):
+                self._conn.quic.stop_stream(self._sid, code)
 
     def close(self) -> None:
         """FIN (if not sent), STOP_SENDING (if unread data may still come). Idempotent."""
         with self._cond:
-            if self._closed:
+            if self._state.closed:
                 return
             self._shut_write()
             self._shut_read()
-            self._closed = True
-            conn = self._conn
-            conn.blocked_writers.discard(self)
-            if self._counted:
-                self._counted = False
-                conn.open_streams -= 1
-            conn.zombies.add(self)
+            self._state.closed = True
+            self._conn.streams.closed(self)
             self._cond.notify_all()
-            if conn.state != "closed":
-                self._driver.flush(conn)
+            if not self._conn.closed:
+                self._conn.flush()
 
     def abort(self, code: int = 0) -> None:
         """Abortive close (like a TCP RST): RESET_STREAM and STOP_SENDING with `code`,
         unsent data dropped; the peer's recv/send raise ConnectionResetError. Wakes blocked
         callers here (they get OSError EBADF or b""). Idempotent; no-op after close()."""
         with self._cond:
-            if self._closed:
+            if self._state.closed:
                 return
-            self._abort(OSError(errno.EBADF, "Bad file descriptor (stream aborted)"), code)
+            self._abort(bad_fd("stream aborted"), code)
             self._cond.notify_all()
-            if self._conn.state != "closed":
-                self._driver.flush(self._conn)
+            if not self._conn.closed:
+                self._conn.flush()
 
-    def _abort(self, err: BaseException, code: int = 0x10) -> None:
-        """Refuse a stream the application never got (lock held): RESET_STREAM and
-        STOP_SENDING, so the peer sees an error rather than a clean end."""
-        self._on_conn_error(err)
-        if not self._closed:
-            conn = self._conn
-            self._shut_wr = True
-            if conn.state != "closed" and not conn.quic.state_closed:
-                try:
-                    conn.quic.reset_stream(self._sid, code)
-                except (ValueError, RuntimeError):
-                    pass
-            self._shut_read(code)
-            self._closed = True
-            conn.zombies.add(self)
-            if self._counted:
-                self._counted = False
-                self._conn.open_streams -= 1
+    def _abort(self, err: BaseException, code: int) -> None:
+        """RESET_STREAM and STOP_SENDING, so the peer sees an error rather than a clean end."""
+        state = self._state
+        state.connection_lost(err)
+        if state.closed:
+            return
+        state.shut_wr = True
+        if self._live():
+            with suppress(ValueError, RuntimeError):
+                self._conn.quic.reset_stream(self._sid, code)
+        self._shut_read(code)
+        state.closed = True
+        self._conn.streams.closed(self)
 
     # ------------------------------------------------------------------ file objects
 
-    def makefile(self, mode: str = "r", buffering: Optional[int] = None, *, encoding=None, errors=None,
-                 newline=None):
+    def makefile(self, mode: str = "r", buffering: Optional[int] = None, *, encoding: Optional[str] = None,
+                 errors: Optional[str] = None, newline: Optional[str] = None) -> Any:
         """A file object reading/writing this stream, as socket.makefile()."""
-        if not set(mode) <= {"r", "w", "b"}:
-            raise ValueError(f"invalid mode {mode!r} (only 'r', 'w', 'b')")
-        writing = "w" in mode
-        reading = "r" in mode or not writing
-        binary = "b" in mode
-        rawmode = ("r" if reading else "") + ("w" if writing else "")
-        raw = _StreamIO(self, rawmode)
-        if buffering is None:
-            buffering = -1
-        if buffering < 0:
-            buffering = io.DEFAULT_BUFFER_SIZE
-        if buffering == 0:
-            if not binary:
-                raise ValueError("unbuffered streams must be binary")
-            return raw
-        if reading and writing:
-            buf = io.BufferedRWPair(raw, raw, buffering)
-        elif reading:
-            buf = io.BufferedReader(raw, buffering)
-        else:
-            buf = io.BufferedWriter(raw, buffering)
-        if binary:
-            return buf
-        text = io.TextIOWrapper(buf, encoding, errors, newline)
-        text.mode = mode
-        return text
+        return makefile(self, mode, buffering, encoding=encoding, errors=errors, newline=newline)
+
+
+def makefile(stream: Stream, mode: str = "r", buffering: Optional[int] = None, *,
+             encoding: Optional[str] = None, errors: Optional[str] = None, newline: Optional[str] = None) -> Any:
+    """A file object over `stream`, as socket.makefile() makes one over a socket."""
+    if not set(mode) <= {"r", "w", "b"}:
+        raise ValueError(f"invalid mode {mode!r} (only 'r', 'w', 'b')")
+    writing = "w" in mode
+    reading = "r" in mode or not writing
+    binary = "b" in mode
+    raw = _StreamIO(stream, ("r" if reading else "") + ("w" if writing else ""))
+    if buffering is None or buffering < 0:
+        buffering = io.DEFAULT_BUFFER_SIZE
+    if buffering == 0:
+        if not binary:
+            raise ValueError("unbuffered streams must be binary")
+        return raw
+    buf: io.BufferedIOBase
+    if reading and writing:
+        buf = io.BufferedRWPair(raw, raw, buffering)
+    elif reading:
+        buf = io.BufferedReader(raw, buffering)
+    else:
+        buf = io.BufferedWriter(raw, buffering)
+    if binary:
+        return buf
+    text = io.TextIOWrapper(buf, encoding, errors, newline)  # type: ignore[type-var]
+    text.mode = mode  # type: ignore[misc]
+    return text
 
 
 class _StreamIO(io.RawIOBase):
@@ -444,13 +399,13 @@ class _StreamIO(io.RawIOBase):
         self._writing = "w" in mode
         self.mode = mode + "b"
 
-    def readinto(self, b) -> int:
+    def readinto(self, b: Any) -> int:
         self._checkClosed()
         if not self._reading:
             raise io.UnsupportedOperation("not readable")
         return self._stream.recv_into(b)
 
-    def write(self, b) -> int:
+    def write(self, b: Any) -> int:
         self._checkClosed()
         if not self._writing:
             raise io.UnsupportedOperation("not writable")

@@ -15,6 +15,7 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["derpnet"]):
     import derpnet.connection  # noqa: F401
+    import derpnet.events  # noqa: F401
     import derpnet.frames  # noqa: F401
     import derpnet.handshake  # noqa: F401
     import derpnet.http11  # noqa: F401

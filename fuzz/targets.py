@@ -8,8 +8,9 @@ ProtocolError/HandshakeError, and never buffers more than it was given.
 from __future__ import annotations
 
 from derpnet import frames as F
-from derpnet.connection import ClientConnection, ServerConnection, State
-from derpnet.errors import HandshakeError, ProtocolError
+from derpnet.connection import (AcceptClient, AcceptUpgrade, ClientConnection, Hello, ServerConnection,
+                                State)
+from derpnet.errors import ProtocolError
 from derpnet.keys import PrivateKey
 
 # Fixed keys so that checked-in seeds (which contain sealed boxes) stay valid.
@@ -33,7 +34,7 @@ def run(data: bytes) -> None:
     stream = data[2:]
     try:
         if target.startswith("frames-"):
-            d = F.FrameDecoder(target.split("-")[1])
+            d = F.FrameDecoder(F.Role(target.split("-")[1]))
             for part in _chunks(stream, size):
                 d.feed(part)
                 for ev in d.events():
@@ -42,20 +43,27 @@ def run(data: bytes) -> None:
         elif target == "client-handshake":
             c = ClientConnection(CLIENT, "fuzz")
             for part in _chunks(stream, size):
-                c.receive_data(part)
-                c.data_to_send()
+                evs = c.receive_data(part)
+                while c.state is State.SEND_HELLO:
+                    c.send(Hello())
+                    evs = c.receive_data(b"")
+                for ev in evs:
+                    if isinstance(ev, F.Ping):
+                        c.send(ev.response())
             c.receive_eof()
         else:
             s = ServerConnection(SERVER)
             for part in _chunks(stream, size):
-                evs = s.receive_data(part)
+                s.receive_data(part)
                 if s.state is State.AWAIT_ACCEPT:
-                    _, evs = s.accept_upgrade(fast_start=True)
+                    s.send(AcceptUpgrade())
+                    s.receive_data(b"")
                 if s.state is State.AWAIT_SERVER_INFO:
-                    s.accept()
+                    s.send(AcceptClient())
+                    s.receive_data(b"")
                 if s.state is State.CLOSED:
                     break
-    except (ProtocolError, HandshakeError):
+    except ProtocolError:  # HandshakeError included
         pass
 
 

@@ -52,6 +52,23 @@ else
     fi
 fi
 
+# 2b. The original, built from its unmodified source in ../shared/upstream (MIT), as
+#     `ntnj-derpconnect` so that the tests choosing `derpconnect` are not switched over
+#     silently; tests that must run against the original look for this name.
+upstream="$here/../../shared/upstream/build-derpconnect.sh"
+if [ -x "$gobin/ntnj-derpconnect" ]; then
+    echo "ntnj-derpconnect (original): already built ($gobin/ntnj-derpconnect)"
+elif [ -f "$upstream" ]; then
+    if bash "$upstream" "$gobin/ntnj-derpconnect"; then
+        echo "ntnj-derpconnect (original): installed to $gobin/ntnj-derpconnect"
+    else
+        echo "interop/build.sh: building the original derpconnect failed" >&2
+        status=1
+    fi
+else
+    echo "NOTE: $upstream not found: the original derpconnect is not built"
+fi
+
 # 3. The stand-in. `go build` is incremental: a no-op rebuild takes ~1 s.
 echo "building goderpconnect (stand-in) ..."
 if (cd "$here/goderpconnect" && go build -trimpath -o "$gobin/goderpconnect" .); then

@@ -104,6 +104,19 @@ def derpconnect_path() -> Optional[str]:
     return find_go_tool("goderpconnect")
 
 
+def original_derpconnect_path() -> Optional[str]:
+    """The original Go derpconnect built from shared/upstream (`ntnj-derpconnect`), else a Go
+    binary named `derpconnect`; None when neither is built."""
+    found = find_go_tool("ntnj-derpconnect")
+    if found:
+        return found
+    for d in _go_bin_dirs():
+        cand = os.path.join(d, "derpconnect")
+        if os.path.isfile(cand) and _is_go_binary(cand):
+            return cand
+    return None
+
+
 def derpconnect_is_standin(path: Optional[str] = None) -> bool:
     path = path or derpconnect_path()
     return bool(path) and os.path.basename(path) == "goderpconnect"
@@ -204,19 +217,21 @@ def make_test_ca(tmpdir) -> tuple[str, Callable[..., tuple[str, str]]]:
 # Ports
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to 0, read, close)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A TCP (or `kind=socket.SOCK_DGRAM`: UDP) port that was free a moment ago (bind to 0, read, close)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def wait_for_port(host: str, port: int, timeout: float = 10.0, proc: Optional[subprocess.Popen] = None) -> None:
-    """Poll until a TCP connect to host:port succeeds (bounded readiness polling)."""
+def wait_for_port(host: str, port: int, timeout: float = 10.0, proc: Optional[subprocess.Popen] = None,
+                  connect: Callable[..., socket.socket] = socket.create_connection) -> None:
+    """Poll until a TCP connect to host:port succeeds (bounded readiness polling);
+    `connect(address, timeout)` makes the connection (e.g. from inside a network namespace)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            with connect((host, port), 0.5):
                 return
         except OSError as e:
             last = e
@@ -391,7 +406,13 @@ class GoDerper:
         ca_file: Optional[str] = None,
         extra_args: Sequence[str] = (),
         ready_timeout: float = 20.0,
+        stun_port: Optional[int] = None,
+        argv_prefix: Sequence[str] = (),
+        connect: Callable[..., socket.socket] = socket.create_connection,
     ):
+        # stun_port: run derper's STUN server there (default: no STUN); argv_prefix: run it
+        # through e.g. `ip netns exec NS`, with `connect(address, timeout)` reaching it there
+        self.stun_port, self.argv_prefix, self._connect = stun_port, list(argv_prefix), connect
         self.binary = derper_path()
         if not self.binary:
             raise FileNotFoundError(DERPER_MISSING)
@@ -440,17 +461,18 @@ class GoDerper:
 
     def start(self) -> "GoDerper":
         argv = [
+            *self.argv_prefix,
             self.binary,
             "-a", f"{self.bind_host}:{self.port}",
             "-c", str(self.workdir / "derper.json"),
-            "-stun=false",
+            *(["-stun=false"] if self.stun_port is None else ["-stun=true", f"-stun-port={self.stun_port}"]),
         ]
         if self.tls:
             if self._make_leaf is None:
                 self.ca_file, self._make_leaf = make_test_ca(self.workdir / "pki")
             elif not self.ca_file:
                 raise ValueError("ca_file is required with make_leaf")
-            cert, key = self._make_leaf([self.hostname, "127.0.0.1"])
+            cert, key = self._make_leaf(list(dict.fromkeys([self.hostname, self.bind_host, "127.0.0.1"])))
             certdir = self.workdir / "certs"
             certdir.mkdir(exist_ok=True)
             stem = re.sub(r"[^a-zA-Z0-9\-\.]", "", self.hostname)  # derper's own sanitising
@@ -469,7 +491,10 @@ class GoDerper:
         self.proc = LoggedProcess(argv, self.log_path)
         try:
             self.proc.wait_for_line(r"derper: serving on", timeout=self.ready_timeout)
-            wait_for_port(self.bind_host, self.port, timeout=self.ready_timeout, proc=self.proc.proc)
+            if self.stun_port is not None:
+                self.proc.wait_for_line(r"STUN server listening on", timeout=self.ready_timeout)
+            wait_for_port(self.bind_host, self.port, timeout=self.ready_timeout, proc=self.proc.proc,
+                          connect=self._connect)
             if self.tls:
                 self.check_tls()
         except BaseException:
@@ -482,7 +507,7 @@ class GoDerper:
         = hostname; returns the negotiated TLS version."""
         ctx = self.ssl_context()
         assert ctx is not None
-        with socket.create_connection((self.bind_host, self.port), timeout=timeout) as raw:
+        with self._connect((self.bind_host, self.port), timeout) as raw:
             with ctx.wrap_socket(raw, server_hostname=self.hostname) as s:
                 return s.version() or ""
 

@@ -14,7 +14,7 @@ from typing import Deque, Optional, Tuple, Type, TypeVar
 from urllib.parse import urlsplit
 
 from derpnet import frames as F
-from derpnet.connection import ClientConnection, Connected
+from derpnet.connection import ClientConnection, Connected, Hello, Upgrade
 from derpnet.http11 import build_request
 from derpnet.keys import PrivateKey, PublicKey
 
@@ -101,7 +101,7 @@ class RawDerpClient:
         self.conn = ClientConnection(self.key, host)
         self.pending: Deque[object] = deque()
         self.closed = False
-        self.sock.sendall(fast_start_request(host) if fast_start else self.conn.initiate())
+        self.sock.sendall(self.conn.send(Upgrade(fast_start)))
         self.connected: Connected = self._wait_connected()
 
     @property
@@ -130,15 +130,23 @@ class RawDerpClient:
         if not data:
             self.closed = True
             raise ConnectionError("relay closed the connection")
-        self.pending.extend(self.conn.receive_data(data))
-        out = self.conn.data_to_send()  # ClientInfo, or pongs to the relay's pings
+        events = self.conn.receive_data(data)
+        out = []
+        for ev in events:  # answer the ServerKey with our ClientInfo, and the relay's pings
+            if isinstance(ev, F.ServerKey):
+                out.append(self.conn.send(Hello()))
+                events.extend(self.conn.receive_data(b""))
+            elif isinstance(ev, F.Ping):
+                out.append(self.conn.send(ev.response()))
+            if not isinstance(ev, F.ServerKey):
+                self.pending.append(ev)
         if out:
-            self.sock.sendall(out)
+            self.sock.sendall(b"".join(out))
 
     # -- sending
     def send(self, dst: PublicKey, data: bytes) -> None:
         """SendPacket(dst, data)."""
-        self.sock.sendall(self.conn.send_packet(dst, data))
+        self.sock.sendall(self.conn.send(F.SendPacket(dst, data)))
 
     def send_raw(self, data: bytes) -> None:
         """Write bytes as they are (hand-made frames)."""

@@ -26,6 +26,7 @@ from tests.interop_peers import LoggedProcess, make_test_ca
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_RX = r"derpnet relay listening on (?P<url>https?://\S+) \(server key (?P<key>nodekey:[0-9a-f]{64})\)"
+STUN_RX = r"STUN on udp (?P<addr>\S+):(?P<port>\d+)$"
 
 
 class OurRelay:
@@ -33,7 +34,14 @@ class OurRelay:
 
     def __init__(self, *, tls: bool = False, cert: Optional[str] = None, key: Optional[str] = None,
                  hostname: Optional[str] = None, port: int = 0, workdir: Optional[str] = None,
-                 extra_args: Sequence[str] = (), ready_timeout: float = 20.0) -> None:
+                 extra_args: Sequence[str] = (), ready_timeout: float = 20.0,
+                 host: str = "127.0.0.1", argv_prefix: Sequence[str] = (), stun_port: Optional[int] = None) -> None:
+        # host: the listen address; argv_prefix: run it through e.g. `ip netns exec NS`
+        self.host, self.argv_prefix = host, list(argv_prefix)
+        # stun_port: None → --stun-port 0 (no STUN, so parallel relays never fight over 3478),
+        # unless extra_args has its own --stun-port; N → STUN on UDP N (self.stun_port once started)
+        self.requested_stun_port = stun_port
+        self.stun_port: Optional[int] = None
         self.tls = tls or cert is not None
         self.hostname = hostname or ("localhost" if self.tls else None)
         self.requested_port = port
@@ -47,7 +55,7 @@ class OurRelay:
         self.cert, self.key = cert, key
         if self.tls and cert is None:
             self.ca_file, make_leaf = make_test_ca(self.workdir / "pki")
-            self.cert, self.key = make_leaf([self.hostname, "127.0.0.1"])
+            self.cert, self.key = make_leaf(list(dict.fromkeys([self.hostname, self.host, "127.0.0.1"])))
         self.logged: Optional[LoggedProcess] = None
         self.url = ""
         self.port = 0
@@ -63,12 +71,14 @@ class OurRelay:
 
     def argv(self, port: int) -> list:
         """The command line for a relay on `port`."""
-        argv = [sys.executable, "-m", "derpnet.server", "--listen", f"127.0.0.1:{port}",
+        argv = [*self.argv_prefix, sys.executable, "-m", "derpnet.server", "--listen", f"{self.host}:{port}",
                 "--key-file", str(self.key_file)]
         if self.tls:
             argv += ["--cert", str(self.cert), "--key", str(self.key)]
         if self.hostname:
             argv += ["--hostname", self.hostname]
+        if not any(a.split("=", 1)[0] == "--stun-port" for a in self.extra_args):
+            argv += ["--stun-port", str(self.requested_stun_port or 0)]
         return argv + self.extra_args
 
     def start(self) -> "OurRelay":
@@ -80,6 +90,8 @@ class OurRelay:
         self.logged = LoggedProcess(self.argv(port), self.workdir / f"relay-{self._starts}.log", env=env, cwd=REPO_ROOT)
         try:
             m = self.logged.wait_for_line(READY_RX, timeout=self.ready_timeout)
+            if self.requested_stun_port:
+                self.stun_port = int(self.logged.wait_for_line(STUN_RX, timeout=self.ready_timeout).group("port"))
         except BaseException:
             self.logged.stop()
             raise

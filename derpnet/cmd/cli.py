@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from ..keys import PublicKey
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, UserError, positive_float, setup_logging
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, UserError, host_port, positive_float, setup_logging
 
 log = logging.getLogger("derpnet.cmd")
 
@@ -77,6 +77,11 @@ def _common_options(p: argparse.ArgumentParser, sub: bool) -> None:
                         "`regions --refresh`, else the built-in snapshot; env DERPNET_DERP_MAP)")
     g.add_argument("--connect-timeout", metavar="SECONDS", type=positive_float, default=d(20.0),
                    help="give up starting when the relay does not answer within this time (default 20)")
+    g.add_argument("--no-direct", action="store_true", default=d(False),
+                   help="never try a direct UDP path to the peer: every packet goes through the relay")
+    g.add_argument("--stun", metavar="HOST:PORT", type=host_port, default=d(None),
+                   help="STUN server that tells this node its public address (default: the relay's "
+                        "host, UDP port 3478); no answer only means local addresses are offered")
     g.add_argument("-debug", "--debug", action="store_true", default=d(False),
                    help="debug logging (also the libraries' protocol details)")
     g.add_argument("-v", "-verbose", "--verbose", action="store_true", default=d(False),

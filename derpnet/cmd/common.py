@@ -369,6 +369,25 @@ def close_bounded(objs, timeout: float = 0.5, linger: Optional[float] = None) ->
     th.join(timeout)
 
 
+def host_port(text: str) -> str:
+    """argparse type: HOST:PORT (kept as text; the library parses it)."""
+    import argparse
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def path_options(args: object) -> dict:
+    """The direct-path options of serve and join (--no-direct, --stun) for derpquic."""
+    options: dict = {"direct": not getattr(args, "no_direct", False)}
+    stun = getattr(args, "stun", None)
+    if stun:
+        options["stun"] = stun
+    return options
+
+
 def positive_float(text: str) -> float:
     """argparse type: a number of seconds > 0."""
     import argparse

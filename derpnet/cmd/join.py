@@ -12,7 +12,7 @@ import threading
 
 from ..errors import AuthenticationError, DerpError
 from .common import (EXIT_FAILURE, EXIT_OK, Interrupted, Stopper, UserError, close_bounded, describe_error,
-                     load_or_create_identity, local_endpoint, parse_public_key, positive_float, relay_ssl_context,
+                     load_or_create_identity, local_endpoint, parse_public_key, path_options, positive_float, relay_ssl_context,
                      relay_target)
 from .forward import Tunnels, abort
 from .serve import _max_conns
@@ -80,7 +80,7 @@ def run(args) -> int:
 
     import derpquic
 
-    options: dict = {}
+    options: dict = path_options(args)
     if ssl_context is not None:
         options["ssl_context"] = ssl_context
     if args.insecure_allow_unauthenticated:

@@ -12,7 +12,7 @@ from typing import Optional
 from ..errors import DerpError
 from .common import (EXIT_FAILURE, EXIT_OK, Interrupted, Stopper, UsageError, UserError, close_bounded,
                      describe_error, load_or_create_identity, local_endpoint, parse_public_key,
-                     relay_ssl_context, relay_target)
+                     path_options, relay_ssl_context, relay_target)
 from .forward import Tunnels, abort
 from .session import connect_relay
 
@@ -61,7 +61,7 @@ def run(args) -> int:
 
     import derpquic
 
-    options: dict = {}
+    options: dict = path_options(args)
     if ssl_context is not None:
         options["ssl_context"] = ssl_context
     if allow:
@@ -96,7 +96,7 @@ def run(args) -> int:
                     break
                 failure = f"the relay connection failed: {describe_error(e, relay_host)}"
                 break
-            peer = getattr(stream, "remote_addr", None)
+            peer = stream.remote_addr()
             if allowed and (peer not in allowed or not getattr(stream, "authenticated", False)):
                 # derpquic refuses these before any stream exists; never let one through anyway
                 log.warning("refused a stream from %s: not in --allow", _b64(peer))

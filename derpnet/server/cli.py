@@ -3,7 +3,8 @@
 `add_arguments(parser)` + `run(args)` let another CLI mount it as a sub-command
 (`derpconnect relay`); `main(argv)` is the stand-alone entry point. On success one
 ready line is printed to stdout (tests parse it to learn the port):
-`derpnet relay listening on http://127.0.0.1:3340 (server key nodekey:...)`.
+`derpnet relay listening on http://127.0.0.1:3340 (server key nodekey:...)`, then, with
+STUN, the log line `STUN on udp HOST:PORT`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import sys
 from typing import List, Optional, Tuple
 
 from ..keys import PrivateKey
+from ..udpaddr import host_port
 from .keyfile import load_or_create_key
 from .server import RelayOptions, RelayServer, tls_setup, relay_url
+from .stun import DEFAULT_PORT as DEFAULT_STUN_PORT
 
 __all__ = ["add_arguments", "run", "main", "parse_listen", "READY_PREFIX"]
 
@@ -51,6 +54,16 @@ def parse_listen(text: str) -> Tuple[Optional[str], int]:
     return (host or None), port
 
 
+def _port_arg(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port {text!r} (0-65535)")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the relay's options to `parser` (used by this module and by `derpconnect relay`)."""
     parser.add_argument("--listen", "-a", default=DEFAULT_LISTEN, metavar="HOST:PORT",
@@ -71,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="close connections that have not sent their request head (and again their "
                              "ClientInfo) within this time (default 10, as derper)")
+    parser.add_argument("--stun-port", type=_port_arg, default=None, metavar="PORT",
+                        help=f"answer STUN Binding requests on UDP HOST:PORT, HOST from --listen (default "
+                             f"{DEFAULT_STUN_PORT}, skipped with a warning when it cannot be bound; 0 = no STUN)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (one line per connection)")
 
 
@@ -113,14 +129,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(server: RelayServer, args: argparse.Namespace, host: Optional[str]) -> int:
+    stun_port = getattr(args, "stun_port", None)
+    # An explicit STUN port is bound first, so that failing prints nothing but the error;
+    # the default one after DERP, where failing is only a warning.
+    error = await _start_stun(server, stun_port, host) if stun_port else None
+    if error:
+        return _fail(error)
     try:
         await server.start()
     except OSError as e:
+        await server.close()
         if e.errno == errno.EADDRINUSE:
             return _fail(f"cannot listen on {args.listen}: address already in use")
         return _fail(f"cannot listen on {args.listen}: {e.strerror or e}")
+    if stun_port is None:
+        await _start_stun(server, None, host)
     url = relay_url(host, server.port, server.ssl_context is not None, args.hostname)
     print(f"{READY_PREFIX}{url} (server key {server.public_key})", flush=True)
+    if server.stun is not None:
+        log.info("STUN on udp %s", server.stun.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []
@@ -138,6 +165,24 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: Optional[s
         log.info("relay: shutting down")
         await server.close()
     return 0
+
+
+async def _start_stun(server: RelayServer, requested: Optional[int], host: Optional[str]) -> Optional[str]:
+    """Start STUN on the requested port (None: the default one, given up with a warning when
+    it cannot be bound). Returns the one-line error when an explicit port cannot be bound."""
+    port = DEFAULT_STUN_PORT if requested is None else requested
+    if not port:
+        return None
+    try:
+        await server.start_stun(port)
+    except OSError as e:
+        where = "udp " + host_port(host or "", port)
+        reason = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        if requested is not None:
+            return f"cannot listen for STUN on {where}: {reason}"
+        log.warning("no STUN: cannot listen on %s: %s (choose another with --stun-port, 0 to disable)",
+                    where, reason)
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

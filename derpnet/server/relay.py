@@ -16,14 +16,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, List, Optional, Protocol, Set, Tuple
 
+from ..disco import MAGIC as DISCO_MAGIC, looks_like_disco  # disco packets get their own queue (conn.py)
 from ..frames import PeerGoneReason
-from ..keys import KEY_LEN, PublicKey
+from ..keys import PublicKey
 
 __all__ = ["Relay", "Endpoint", "looks_like_disco", "DISCO_MAGIC", "DROP_REASONS"]
-
-# A Tailscale disco packet: magic "TS💬" ‖ sender disco key(32) ‖ nonce(24) ‖ box.
-DISCO_MAGIC = "TS💬".encode()
-_DISCO_HEADER_LEN = len(DISCO_MAGIC) + KEY_LEN + 24  # 62
 
 # derper's drop reasons (its /debug/varz names), plus what we count ourselves.
 DROP_REASONS = (
@@ -32,11 +29,6 @@ DROP_REASONS = (
     "queue_head",         # the destination's queue was full: its oldest packet was dropped
     "gone_disconnected",  # the destination left with the packet still queued
 )
-
-
-def looks_like_disco(data: bytes) -> bool:
-    """True for Tailscale disco packets, which get their own send queue and NotHere hints."""
-    return len(data) >= _DISCO_HEADER_LEN and data.startswith(DISCO_MAGIC)
 
 
 class Endpoint(Protocol):

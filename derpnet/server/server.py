@@ -1,33 +1,10 @@
 """The embedded DERP relay: `RelayServer` on an asyncio loop, `DerpServer` as a blocking handle.
 
-Concurrency model
------------------
-One asyncio event loop in one thread serves every connection, with a Protocol/transport
-pair per connection rather than a StreamReader/StreamWriter task pair:
-
-- an idle or abandoned connection costs one protocol object, one timer handle and the
-  transport; there is no coroutine stack per connection, so 10,000 abandoned sockets
-  are cheap and are all closed by their handshake timers;
-- the write side needs explicit control that streams hide: per-destination bounded
-  queues with drop-oldest, batching many frames into one `transport.write` per loop
-  turn, and derper's write timeout implemented with `pause_writing`/`resume_writing`
-  (a client that stops reading is dropped after `write_timeout`; its memory is bounded
-  by the socket buffers, the transport's high-water mark and its two queues);
-- forwarding a packet is a synchronous function call on the loop thread (decode,
-  dictionary lookup, deque append), so the routing table in `relay.py` needs no locks;
-- TLS runs on memory BIOs inside the protocol (tls.py) instead of asyncio's SSL
-  transport, whose 256 KiB per-connection read buffer would make 10,000 abandoned
-  TLS sockets cost 2.5 GiB.
-
-Threads are only used by `DerpServer`, which runs the loop in one daemon thread named
-"derpnet-relay" so that blocking code and tests can start a relay in-process.
-
-Measured (2 vCPU VM, loopback, one relay process; bench/relay_load.py, bench/relay.py):
-1,000 live clients plus 10,000 abandoned connections: ~75 MiB RSS plain, ~95 MiB TLS
-(~3.4 KiB per abandoned socket, ~24 KiB per live TLS client), all abandoned ones closed
-by the 10 s timer, a 1200-byte packet still relayed in ~0.3 ms; one sender→receiver
-stream: 60-85k packets per relay CPU-second at 1200 bytes (55k with TLS), ~250 MB per
-CPU-second at 16 KB.
+Layer: relay server. One asyncio event loop in one thread (`derpnet-relay` when run by
+`DerpServer`) serves every connection: each is a `ClientProtocol` (conn.py) doing TLS on
+memory BIOs (derpnet.tlsbio); the routing table is `relay.py`. Why a Protocol per
+connection rather than streams, and how writes are batched and bounded: DEVELOPERS.md,
+"The relay server".
 """
 
 from __future__ import annotations
@@ -47,6 +24,7 @@ from ..keys import PrivateKey, PrivateKeyLike, PublicKey
 from . import certs
 from .conn import ClientProtocol
 from .relay import Relay
+from .stun import StunServer
 
 __all__ = ["RelayOptions", "RelayServer", "DerpServer", "serve", "relay_url"]
 
@@ -107,6 +85,7 @@ class RelayServer:
         self._server: Optional[asyncio.AbstractServer] = None
         self._conns: Set[ClientProtocol] = set()
         self._ids = itertools.count(1)
+        self.stun: Optional[StunServer] = None  # see start_stun()
         self.connections_accepted = 0
         self.http_requests = 0
         self.handshake_timeouts = 0
@@ -117,7 +96,7 @@ class RelayServer:
     async def start(self) -> None:
         """Bind and listen. Raises OSError (e.g. address in use) without leaving anything open."""
         self.loop = asyncio.get_running_loop()
-        # TLS is done by ClientProtocol itself (see tls.py), not by asyncio's SSL transport.
+        # TLS is done by ClientProtocol itself (see derpnet.tlsbio), not by asyncio's SSL transport.
         # asyncio accepts up to `backlog` connections each time the listening socket wakes
         # it, and sets them all up in the next loop turn: with a deep backlog a connection
         # storm then holds the loop for half a second (1,024 set-ups) while the connected
@@ -135,6 +114,13 @@ class RelayServer:
             self._server = None
             raise
         log.info("relay: listening on %s (server key %s)", ", ".join(self.addresses), self.public_key)
+
+    async def start_stun(self, port: int) -> StunServer:
+        """Also answer STUN Binding requests on UDP `port` of the listen host (stun.py). Raises OSError."""
+        stun = StunServer()
+        await stun.start(self.host, port)
+        self.stun = stun
+        return stun
 
     @property
     def port(self) -> int:
@@ -156,6 +142,8 @@ class RelayServer:
 
     async def close(self) -> None:
         """Stop listening and drop every connection (idempotent)."""
+        if self.stun is not None:
+            self.stun.close()
         if self._server is not None:
             self._server.close()
         for c in list(self._conns):
@@ -213,6 +201,7 @@ class RelayServer:
             tls_errors=self.tls_errors,
             queued_packets=queued,
             write_buffer_bytes=buffered,
+            stun=self.stun.stats() if self.stun is not None else None,
         )
         return d
 
@@ -252,19 +241,22 @@ class DerpServer:
     `key`: the server's private key (a fresh one if None). `tls`: False (plain HTTP), True
     (a self-signed certificate for `hostname`/localhost/127.0.0.1 unless `certfile`/`keyfile`
     are given), or a ready server `ssl.SSLContext`. With TLS the derper meta certificate is
-    served too (`meta_cert=False` to leave it out). Other keyword arguments are
+    served too (`meta_cert=False` to leave it out). `stun_port`: also answer STUN Binding
+    requests on that UDP port of `host` (None or 0: no STUN). Other keyword arguments are
     `RelayOptions` fields (timeouts, queue depth).
     """
 
     def __init__(self, key: Optional[PrivateKeyLike] = None, *, host: str = "127.0.0.1", port: int = 0,
                  tls: TLSArg = False, certfile: Optional[str] = None, keyfile: Optional[str] = None,
-                 hostname: Optional[str] = None, meta_cert: bool = True, **options: Any) -> None:
+                 hostname: Optional[str] = None, meta_cert: bool = True, stun_port: Optional[int] = None,
+                 **options: Any) -> None:
         self.private_key = PrivateKey.coerce(key) if key is not None else PrivateKey.generate()
         self.host = host
         self.hostname = hostname
         self.options = RelayOptions(**options)
         self._tls = tls_setup(tls, certfile, keyfile, hostname, host, self.private_key.public_key, meta_cert)
         self._requested_port = port
+        self._requested_stun_port = stun_port
         self._core: Optional[RelayServer] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
@@ -310,7 +302,10 @@ class DerpServer:
                            ssl_context=self._tls.context, options=self.options)
         try:
             await core.start()
+            if self._requested_stun_port:
+                await core.start_stun(self._requested_stun_port)
         except BaseException as e:
+            await core.close()
             result["error"] = e
             ready.set()
             return
@@ -360,6 +355,12 @@ class DerpServer:
         if self._port is None:
             raise RuntimeError("DerpServer is not started")
         return self._port
+
+    @property
+    def stun_port(self) -> Optional[int]:
+        """The bound STUN (UDP) port, None without STUN."""
+        core = self._core
+        return core.stun.port if core is not None and core.stun is not None else None
 
     @property
     def tls(self) -> bool:

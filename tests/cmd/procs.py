@@ -154,6 +154,8 @@ class RelayProc:
 
     def start(self) -> "RelayProc":
         args = ["relay", "--listen", f"127.0.0.1:{self.port}"]
+        if not any(a.split("=", 1)[0] == "--stun-port" for a in map(str, self.extra)):
+            args += ["--stun-port", "0"]  # parallel relays must not fight over UDP 3478
         if self.tls:
             cert, key = make_self_signed(self.workdir, ["localhost", "127.0.0.1"])
             args += ["--cert", cert, "--key", key]
@@ -171,7 +173,7 @@ class RelayProc:
             self.proc.stop()
 
     def __enter__(self) -> "RelayProc":
-        return self.start()
+        return self if self.proc is not None else self.start()  # start_relay() already started it
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -346,7 +346,7 @@ def test_relay_command_with_self_signed_tls_and_region_code(tmp_path, envs):
     srv_env, cli_env_ = envs
     relay_env = cli_env(tmp_path / "relayhome")
     port = free_port()
-    with CliProcess(["relay", "--listen", f"127.0.0.1:{port}", "--tls"], relay_env,
+    with CliProcess(["relay", "--listen", f"127.0.0.1:{port}", "--tls", "--stun-port", "0"], relay_env,
                     log_path=tmp_path / "relay.log") as rp:
         m = rp.wait_for_line(r"derpnet relay listening on (https://\S+)", timeout=30)
         ca = rp.wait_for_line(r"clients need --derp-ca (\S+)", timeout=5).group(1)

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
-from derpnet.connection import ClientHello, ServerConnection, UpgradeRequest
+from derpnet.connection import AcceptClient, AcceptUpgrade, ClientHello, ServerConnection, UpgradeRequest
 from derpnet.keys import PrivateKey, PublicKey
 from tests.conftest import Relay, missing_go_peer
 from tests.interop_peers import GoDerper, derper_path, free_port, skip_reason
@@ -111,11 +111,10 @@ def derp_accept(sock: socket.socket, key: PrivateKey, timeout: float = 5.0) -> T
     while True:
         for ev in pending:
             if isinstance(ev, UpgradeRequest):
-                out, more = conn.accept_upgrade(ev.fast_start)
-                sock.sendall(out)
-                pending.extend(more)
+                sock.sendall(conn.send(AcceptUpgrade()))
+                pending.extend(conn.receive_data(b""))
             elif isinstance(ev, ClientHello):
-                sock.sendall(conn.accept())
+                sock.sendall(conn.send(AcceptClient()))
                 return conn, ev.key
         pending.clear()
         left = deadline - time.monotonic()

@@ -1,5 +1,6 @@
-"""derpnet.client.DerpClient, the relay link: addresses, connect errors, the handshake against
-broken relays, the reader thread (pings, unknown frames, idleness, write timeouts), TLS."""
+"""derpnet.client.DerpClient, the relay link: connect errors, the handshake against broken
+relays, the reader thread (pings, unknown frames, idleness, write timeouts), TLS.
+(Relay addresses and error messages: test_dial.py; liveness rules: test_liveness.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import time
 import pytest
 
 from derpnet import frames as F
-from derpnet.client import DerpClient, RelayAddress, parse_relay
+from derpnet.client import DerpClient
+from derpnet.connection import AcceptClient, AcceptUpgrade, ClientHello, ServerConnection
 from derpnet.errors import HandshakeError, UpgradeError
 from derpnet.http11 import build_response
 from derpnet.keys import PrivateKey
@@ -56,36 +58,6 @@ class Collector:
 
     def kwargs(self):
         return dict(on_packet=self.on_packet, on_event=self.on_event, on_close=self.on_close)
-
-
-# ---------------------------------------------------------------- relay addresses
-
-@pytest.mark.parametrize("text,expected", [
-    ("derp1.tailscale.com", RelayAddress("https", "derp1.tailscale.com", 443)),
-    ("derp.example.com:8443", RelayAddress("https", "derp.example.com", 8443)),
-    ("https://derp.example.com", RelayAddress("https", "derp.example.com", 443)),
-    ("https://derp.example.com:444/derp", RelayAddress("https", "derp.example.com", 444)),
-    ("http://127.0.0.1:3340", RelayAddress("http", "127.0.0.1", 3340)),
-    ("HTTP://127.0.0.1:3340/", RelayAddress("http", "127.0.0.1", 3340)),
-    ("http://[::1]:3340", RelayAddress("http", "::1", 3340)),
-    ("::1", RelayAddress("https", "::1", 443)),
-])
-def test_parse_relay(text, expected):
-    assert parse_relay(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "ftp://x", "wss://x", "https://x/other", "https://x/derp?q=1",
-                                  "https://u:p@x", "https://x:99999"])
-def test_parse_relay_rejects(text):
-    with pytest.raises(ValueError):
-        parse_relay(text)
-
-
-def test_host_header_and_url():
-    assert parse_relay("derp.example.com").host_header == "derp.example.com"
-    assert parse_relay("https://derp.example.com:8443").host_header == "derp.example.com:8443"
-    assert parse_relay("http://[::1]:80").host_header == "[::1]"
-    assert parse_relay("http://[::1]:3340").url == "http://[::1]:3340"
 
 
 # ---------------------------------------------------------------- against real relays
@@ -205,7 +177,7 @@ def test_close_aborts_a_connect_in_progress(silent_listener):
     t = threading.Thread(target=connect)
     t.start()
     deadline = time.monotonic() + 5
-    while client._sock is None or client._wake_w is None:  # wait until it is inside connect()
+    while client.connect_phase != "in the DERP handshake":  # wait until it waits for the relay
         assert time.monotonic() < deadline
         time.sleep(0.005)
     t0 = time.monotonic()
@@ -254,11 +226,9 @@ def test_broken_handshake_is_handshake_error(name, script):
 
 def test_relay_closing_after_client_info_is_handshake_error():
     def handler(sock, relay, n):
-        from derpnet.connection import ServerConnection
         conn = ServerConnection(relay.key)
         conn.receive_data(recv_some(sock))
-        out, _ = conn.accept_upgrade(False)
-        sock.sendall(out)
+        sock.sendall(conn.send(AcceptUpgrade()))
         assert recv_some(sock)  # ClientInfo; then hang up without ServerInfo
 
     with FakeRelay(handler) as relay:
@@ -307,14 +277,12 @@ def test_unknown_frames_skipped_pings_answered_events_delivered():
 
 def test_packets_pipelined_with_server_info_are_delivered():
     def handler(sock, relay, n):
-        from derpnet.connection import ServerConnection, ClientHello
         conn = ServerConnection(relay.key)
         conn.receive_data(recv_some(sock))
-        out, _ = conn.accept_upgrade(False)
-        sock.sendall(out)
+        sock.sendall(conn.send(AcceptUpgrade()))
         evs = conn.receive_data(recv_some(sock))
         assert isinstance(evs[0], ClientHello)
-        sock.sendall(conn.accept() + F.encode_recv_packet(relay.key.public_key, b"\x00early"))
+        sock.sendall(conn.send(AcceptClient()) + F.encode_recv_packet(relay.key.public_key, b"\x00early"))
         drain_until_stop(sock, relay)
 
     with FakeRelay(handler) as relay:

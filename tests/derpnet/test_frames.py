@@ -15,7 +15,7 @@ K1 = PrivateKey.generate().public_key
 K2 = PrivateKey.generate().public_key
 
 
-def decode_all(role: str, data: bytes, chunk: int = 0) -> list:
+def decode_all(role: F.Role, data: bytes, chunk: int = 0) -> list:
     d = F.FrameDecoder(role)
     out = []
     if chunk:
@@ -42,7 +42,7 @@ def test_client_decodes_server_frames_byte_by_byte():
     stream = (F.encode_server_key(K1) + F.encode_recv_packet(K2, b"hello") + F.encode_keep_alive()
               + F.encode_peer_gone(K2) + F.encode_ping(b"abcdefgh") + F.encode_health("cloned key")
               + F.encode_restarting(1.5, 3) + F.encode_peer_present(K2, port=7, flags=3))
-    got = decode_all("client", stream, chunk=1)
+    got = decode_all(F.Role.CLIENT, stream, chunk=1)
     assert got == [F.ServerKey(K1), F.RecvPacket(K2, b"hello"), F.KeepAlive(), F.PeerGone(K2, 0),
                    F.Ping(b"abcdefgh"), F.Health("cloned key"), F.Restarting(1.5, 3.0),
                    F.PeerPresent(K2, bytes(16), 7, 3)]
@@ -52,50 +52,50 @@ def test_old_short_forms_are_tolerated():
     # PeerGone without reason (old servers), PeerPresent with key only, ServerKey with extra bytes.
     data = (F.encode_frame(F.FrameType.PEER_GONE, K1.raw) + F.encode_frame(F.FrameType.PEER_PRESENT, K1.raw)
             + F.encode_frame(F.FrameType.SERVER_KEY, F.MAGIC, K2.raw, b"future"))
-    assert decode_all("client", data) == [F.PeerGone(K1, 0), F.PeerPresent(K1), F.ServerKey(K2)]
+    assert decode_all(F.Role.CLIENT, data) == [F.PeerGone(K1, 0), F.PeerPresent(K1), F.ServerKey(K2)]
 
 
 def test_unknown_and_wrong_role_frames_are_skipped_without_buffering():
-    d = F.FrameDecoder("client")
+    d = F.FrameDecoder(F.Role.CLIENT)
     d.feed(F.encode_frame(0x0C, b"x" * 10)[:8])  # unknown type, partial payload
     assert list(d.events()) == [F.UnknownFrame(0x0C, 10)]
     assert d.buffered == 0
     d.feed(b"x" * 7 + F.encode_keep_alive())  # the rest of it, then a real frame
     assert list(d.events()) == [F.KeepAlive()]
     # A SendPacket is a client->server frame: a client skips it.
-    assert decode_all("client", F.encode_send_packet(K1, b"x")) == [F.UnknownFrame(F.FrameType.SEND_PACKET, 33)]
+    assert decode_all(F.Role.CLIENT, F.encode_send_packet(K1, b"x")) == [F.UnknownFrame(F.FrameType.SEND_PACKET, 33)]
 
 
 def test_oversized_length_rejected_on_header_before_allocation():
-    d = F.FrameDecoder("server")
+    d = F.FrameDecoder(F.Role.SERVER)
     d.feed(b"\x04\xff\xff\xff\xff")  # 4 GiB SendPacket
     with pytest.raises(RemoteProtocolError, match="exceeds limit"):
         list(d.events())
     with pytest.raises(RemoteProtocolError):
         d.feed(b"more")  # the decoder stays dead
-    d = F.FrameDecoder("client")
+    d = F.FrameDecoder(F.Role.CLIENT)
     d.feed(b"\x0c\xff\xff\xff\xff")  # unknown type, but absurd length
     with pytest.raises(RemoteProtocolError):
         list(d.events())
 
 
 def test_packet_limits():
-    assert decode_all("server", F.encode_send_packet(K1, b"\0" * F.MAX_PACKET_SIZE))[0].data == b"\0" * 65536
+    assert decode_all(F.Role.SERVER, F.encode_send_packet(K1, b"\0" * F.MAX_PACKET_SIZE))[0].data == b"\0" * 65536
     with pytest.raises(LocalProtocolError, match="65537 bytes exceeds"):
         F.encode_send_packet(K1, b"\0", b"\0" * F.MAX_PACKET_SIZE)
     too_big = F.encode_frame(F.FrameType.SEND_PACKET, K1.raw, b"\0" * (F.MAX_PACKET_SIZE + 1))
     with pytest.raises(RemoteProtocolError):
-        decode_all("server", too_big)
+        decode_all(F.Role.SERVER, too_big)
 
 
 @pytest.mark.parametrize("role, frame, match", [
-    ("client", F.encode_frame(F.FrameType.SERVER_KEY, b"NOTMAGIC" + K1.raw), "magic"),
-    ("client", F.encode_frame(F.FrameType.SERVER_KEY, F.MAGIC), "shorter"),
-    ("server", F.encode_frame(F.FrameType.NOTE_PREFERRED, b"\x01\x01"), "expected 1"),
-    ("server", F.encode_frame(F.FrameType.SEND_PACKET, b"short"), "shorter"),
-    ("server", F.encode_frame(F.FrameType.PING, b"1234"), "shorter"),
-    ("server", F.encode_frame(F.FrameType.WATCH_CONNS, b"x"), "payload"),
-    ("server", F.encode_frame(F.FrameType.CLOSE_PEER, K1.raw + b"x"), "expected 32"),
+    (F.Role.CLIENT, F.encode_frame(F.FrameType.SERVER_KEY, b"NOTMAGIC" + K1.raw), "magic"),
+    (F.Role.CLIENT, F.encode_frame(F.FrameType.SERVER_KEY, F.MAGIC), "shorter"),
+    (F.Role.SERVER, F.encode_frame(F.FrameType.NOTE_PREFERRED, b"\x01\x01"), "expected 1"),
+    (F.Role.SERVER, F.encode_frame(F.FrameType.SEND_PACKET, b"short"), "shorter"),
+    (F.Role.SERVER, F.encode_frame(F.FrameType.PING, b"1234"), "shorter"),
+    (F.Role.SERVER, F.encode_frame(F.FrameType.WATCH_CONNS, b"x"), "payload"),
+    (F.Role.SERVER, F.encode_frame(F.FrameType.CLOSE_PEER, K1.raw + b"x"), "expected 32"),
 ])
 def test_malformed_known_frames_raise(role, frame, match):
     with pytest.raises(RemoteProtocolError, match=match):
@@ -103,7 +103,7 @@ def test_malformed_known_frames_raise(role, frame, match):
 
 
 def test_short_recv_packet_dropped_like_go():
-    d = F.FrameDecoder("client")
+    d = F.FrameDecoder(F.Role.CLIENT)
     d.feed(F.encode_frame(F.FrameType.RECV_PACKET, b"tiny") + F.encode_keep_alive())
     assert list(d.events()) == [F.KeepAlive()]
     assert d.frames_dropped == 1
@@ -141,7 +141,7 @@ def encode_client_frame(ev) -> bytes:
 @given(st.lists(client_frames, max_size=12), st.integers(1, 64))
 def test_round_trip_any_chunking(evs, chunk):
     wire = b"".join(encode_client_frame(e) for e in evs)
-    assert decode_all("client", wire, chunk=chunk) == evs
+    assert decode_all(F.Role.CLIENT, wire, chunk=chunk) == evs
 
 
 server_frames = st.one_of(
@@ -162,11 +162,11 @@ def test_server_round_trip(evs):
         F.ClientInfo: lambda e: F.encode_client_info(e.key, e.sealed),
     }
     wire = b"".join(enc[type(e)](e) for e in evs)
-    assert decode_all("server", wire, chunk=7) == evs
+    assert decode_all(F.Role.SERVER, wire, chunk=7) == evs
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.sampled_from(["client", "server"]), st.binary(max_size=3000), st.integers(1, 100))
+@given(st.sampled_from(list(F.Role)), st.binary(max_size=3000), st.integers(1, 100))
 def test_arbitrary_bytes_raise_only_protocol_errors(role, data, chunk):
     d = F.FrameDecoder(role)
     try:

@@ -357,7 +357,7 @@ def test_slow_reader_is_dropped_memory_bounded_honest_pair_flows():
 
         def flood():
             try:
-                chunk = b"".join(flooder.conn.send_packet(slow.public_key, bytes(60000)) for _ in range(16))
+                chunk = b"".join(F.encode_send_packet(slow.public_key, bytes(60000)) for _ in range(16))
                 while not done.is_set():
                     flooder.send_raw(chunk)
             except OSError:

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from derpnet import frames as F
 from derpnet.keys import PrivateKey
 from derpnet.server.cli import main, parse_listen
 from tests.relays import REPO_ROOT, OurRelay
@@ -129,7 +130,7 @@ def test_never_reading_client_does_not_grow_relay_memory_even_without_write_time
     with OurRelay(extra_args=["--write-timeout", "0"]) as relay:
         slow = RawDerpClient(relay.url, rcvbuf=4096)  # never reads; never dropped (timeout 0)
         with RawDerpClient(relay.url) as a:
-            chunk = b"".join(a.conn.send_packet(slow.public_key, bytes(60000)) for _ in range(16))
+            chunk = b"".join(F.encode_send_packet(slow.public_key, bytes(60000)) for _ in range(16))
             a.send_raw(chunk * 4)  # warm up: fill the socket buffers and the queues
             assert a.sync(timeout=20) == []
             before = _rss_mib(relay.proc.pid)

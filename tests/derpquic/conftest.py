@@ -32,7 +32,7 @@ class Net:
             pc = self.relay.listen_packet(key)
         else:
             kw = {"ssl_context": self.ssl_context} if self.ssl_context else {}
-            pc = derpnet.listen_packet(self.url, key, **kw)
+            pc = derpnet.listen_packet(self.url, key, direct=False, **kw)
         self._things.append(pc)
         return pc
 
@@ -41,6 +41,7 @@ class Net:
             return self.pc(kw.pop("key", None)), kw
         if self.ssl_context is not None:
             kw.setdefault("ssl_context", self.ssl_context)
+        kw.setdefault("direct", False)  # these tests are about QUIC over the relay path (see tests/lab)
         return self.url, kw
 
     def listener(self, **kw) -> derpquic.Listener:

@@ -10,9 +10,11 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 from derpnet.keys import PrivateKey, PublicKey
+from derpnet.paths import RELAY_PATH_MTU, PathChanged
 
 MAX_DATAGRAM = 65535
 
@@ -21,7 +23,8 @@ class FakeRelay:
     """Delivers datagrams between FakePacketConns by destination key.
 
     `latency`: one-way delay in seconds (delivered by one scheduler thread).
-    `drop(src, dst, data) -> bool`: drop a datagram (loss, outage).
+    `drop(src, dst, data) -> bool`: drop a datagram when it is sent (loss, outage).
+    `lose(src, dst, data) -> bool`: drop a datagram when it would be delivered (in flight).
     `rewrite(src, dst) -> (deliver_to, as_src) | None`: a malicious relay's routing.
     """
 
@@ -29,6 +32,7 @@ class FakeRelay:
         self.latency = latency
         self.queue_size = queue_size
         self.drop: Optional[Callable[[PublicKey, PublicKey, bytes], bool]] = None
+        self.lose: Optional[Callable[[PublicKey, PublicKey, bytes], bool]] = None
         self.rewrite: Optional[Callable[[PublicKey, PublicKey], Optional[tuple]]] = None
         self.down = False
         self._lock = threading.Lock()
@@ -74,7 +78,7 @@ class FakeRelay:
     def _deliver(self, src: PublicKey, dst: PublicKey, data: bytes) -> None:
         with self._lock:
             pc = self._conns.get(dst)
-        if pc is None:
+        if pc is None or (self.lose is not None and self.lose(src, dst, data)):
             self.dropped += 1
             return
         self.delivered += 1
@@ -98,6 +102,13 @@ class FakeRelay:
                 finally:
                     self._lock.acquire()
 
+    @contextmanager
+    def frozen(self) -> Iterator[list[int]]:
+        """Hold every delivery (and send) while inside; yields the sizes of the datagrams
+        in flight (sent, not yet delivered: only with latency)."""
+        with self._lock:
+            yield [len(item[4]) for item in self._sched]
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -108,7 +119,9 @@ class FakeRelay:
 
 
 class FakePacketConn:
-    """derpnet.PacketConn's interface: write_to, read_from, set_read_deadline, local_addr, close."""
+    """derpnet.PacketConn's interface: write_to, read_from, set_read_deadline, local_addr, close,
+    add/remove_event_listener; and the direct-path hooks path_mtu / note_peer_verified
+    (`set_path` plays the path layer: it changes a peer's MTU and emits PathChanged)."""
 
     def __init__(self, relay: FakeRelay, key: PrivateKey) -> None:
         self._relay = relay
@@ -118,6 +131,32 @@ class FakePacketConn:
         self._queue: deque = deque()
         self._deadline: Optional[float] = None
         self._closed = False
+        self._listeners: list[Callable[[object], None]] = []
+        self._mtus: dict[PublicKey, int] = {}
+        self.verified: list[PublicKey] = []  # note_peer_verified() calls, in order
+
+    def add_event_listener(self, callback: Callable[[object], None]) -> None:
+        self._listeners.append(callback)
+
+    def remove_event_listener(self, callback: Callable[[object], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def emit(self, event: object) -> None:
+        for cb in list(self._listeners):
+            cb(event)
+
+    def path_mtu(self, peer: PublicKey) -> int:
+        return self._mtus.get(PublicKey.coerce(peer), RELAY_PATH_MTU)
+
+    def set_path(self, peer: PublicKey, mtu: int, addr: Optional[tuple[str, int]] = ("192.0.2.1", 41641)) -> None:
+        """The path to `peer` changed: now carries `mtu`-byte datagrams (emits PathChanged)."""
+        peer = PublicKey.coerce(peer)
+        self._mtus[peer] = mtu
+        self.emit(PathChanged(peer, None if mtu == RELAY_PATH_MTU else addr, mtu))
+
+    def note_peer_verified(self, peer: PublicKey) -> None:
+        self.verified.append(peer)
 
     @property
     def private_key(self) -> PrivateKey:

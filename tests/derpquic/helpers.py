@@ -82,6 +82,17 @@ class EchoServer:
             h.result()
 
 
+def dial_pair(ln: derpquic.Listener, d: derpquic.Dialer,
+              timeout: float = 30.0) -> tuple[derpquic.Stream, derpquic.Stream]:
+    """A stream `d` dialled to `ln` and the stream `ln` accepted for it, both with `timeout`."""
+    acc = Background(lambda: ln.accept(timeout=10))
+    s = d.dial(ln.addr, timeout=10)
+    r = acc.result()
+    s.settimeout(timeout)
+    r.settimeout(timeout)
+    return s, r
+
+
 def recv_exactly(s, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:

@@ -12,6 +12,8 @@ import derpquic
 from derpnet.errors import AuthenticationError
 from derpnet.keys import PrivateKey
 from derpquic import auth
+from derpquic.auth import KeyProof
+from derpquic.conn import Conn, ConnState
 from derpquic.driver import Driver
 from tests.derpquic.fakes import AddressRewriter
 from tests.derpquic.helpers import Background, EchoServer, recv_all
@@ -62,7 +64,7 @@ def test_both_sides_authenticated(net):
     s = d.dial(ln.addr, timeout=10)
     r = acc.result()
     assert s.authenticated and r.authenticated
-    assert r.remote_addr == d.addr and s.remote_addr == ln.addr
+    assert r.remote_addr() == d.addr and s.remote_addr() == ln.addr
     s.close()
     r.close()
 
@@ -84,18 +86,18 @@ def test_relay_impersonation_refused(net):
 
 
 def a_pc_key(pc):
-    return getattr(pc, "private_key", None) or pc._key
+    return pc.private_key
+
+
+class LenientProof(KeyProof):
+    """An impostor that skips verifying the dialler and answers with its own proof."""
+
+    def verify(self, message, binding):
+        pass
 
 
 class LenientDriver(Driver):
-    """An impostor that skips verifying the dialler and answers with its own proof."""
-
-    def _check_proof(self, conn):
-        if conn.state != "auth" or not conn.proof_in_done:
-            return
-        conn.authenticated = True
-        self._send_proof(conn)
-        self._ready(conn)
+    key_proof_class = LenientProof
 
 
 def test_lenient_impostor_refused_by_dialer(fake):
@@ -112,31 +114,37 @@ def test_lenient_impostor_refused_by_dialer(fake):
         d.dial(ln_b.addr, timeout=10)
 
 
-class CapturingDriver(Driver):
+class CapturingProof(KeyProof):
     """Leg 1 of a relaying MITM: accepts the dialler, keeps its proof, never answers."""
 
     captured = None
     got = threading.Event()
 
-    def _check_proof(self, conn):
-        if conn.proof_in_done and CapturingDriver.captured is None:
-            CapturingDriver.captured = bytes(conn.proof_in)
-            CapturingDriver.got.set()
+    def proof_received(self, data, end):
+        self.received += data
+        if end and CapturingProof.captured is None:
+            CapturingProof.captured = bytes(self.received)
+            CapturingProof.got.set()
+        return []
+
+
+class CapturingDriver(Driver):
+    key_proof_class = CapturingProof
+
+
+class ForwardingProof(KeyProof):
+    """Leg 2: dials the real listener, presents the captured proof as its own and does not
+    care who B is."""
+
+    def make_proof(self, binding):
+        return CapturingProof.captured
+
+    def verify(self, message, binding):
+        pass
 
 
 class ForwardingDriver(Driver):
-    """Leg 2: dials the real listener and presents the captured proof as its own."""
-
-    def _send_proof(self, conn):
-        if conn.proof_sent:
-            return
-        sid = conn.quic.get_next_available_stream_id(is_unidirectional=True)
-        conn.quic.send_stream_data(sid, CapturingDriver.captured, end_stream=True)
-        conn.proof_sent = True
-
-    def _check_proof(self, conn):  # does not care who B is
-        if conn.state == "auth" and conn.proof_in_done:
-            self._ready(conn)
+    key_proof_class = ForwardingProof
 
 
 def test_relaying_mitm_cannot_reuse_proof_on_other_leg(fake):
@@ -144,8 +152,8 @@ def test_relaying_mitm_cannot_reuse_proof_on_other_leg(fake):
 
     The key part of the proof is right (A made it for B), only the session binding
     differs; B must refuse, and must not yield a stream."""
-    CapturingDriver.captured = None
-    CapturingDriver.got.clear()
+    CapturingProof.captured = None
+    CapturingProof.got.clear()
     a_pc = fake.pc()
     b_pc = fake.pc()
     m1_pc = fake.pc()
@@ -160,7 +168,7 @@ def test_relaying_mitm_cannot_reuse_proof_on_other_leg(fake):
     ln_m1._driver.release()
     d_a = fake.track(derpquic.Dialer(AddressRewriter(a_pc, victim=b, impostor=m1_pc.local_addr())))
     dial_a = Background(lambda: d_a.dial(b, timeout=2))
-    assert CapturingDriver.got.wait(10), "leg 1 never delivered A's proof"
+    assert CapturingProof.got.wait(10), "leg 1 never delivered A's proof"
     # Leg 2: M2 dials B, presenting A's proof.
     ForwardingDriver.acquire(m2_pc, m2_pc.private_key)
     d_m2 = fake.track(derpquic.Dialer(m2_pc))
@@ -202,16 +210,17 @@ def test_allow_list_impostor_with_allowed_address_refused(net):
         ln.accept(timeout=0.3)
 
 
-class ProoflessDriver(Driver):
+class ProoflessConn(Conn):
     """A dialler that completes the QUIC handshake (offering derpnet-auth), never sends its
     key proof, and opens a stream with data at once, hoping to be buffered forever."""
 
-    def _send_proof(self, conn):
-        if conn.proof_sent:
-            return
-        conn.proof_sent = True
-        sid = conn.quic.get_next_available_stream_id()
-        conn.quic.send_stream_data(sid, b"x" * 4096, end_stream=False)
+    def send_proof(self, message):
+        sid = self.quic.get_next_available_stream_id()
+        self.quic.send_stream_data(sid, b"x" * 4096, end_stream=False)
+
+
+class ProoflessDriver(Driver):
+    conn_class = ProoflessConn
 
 
 def test_listener_drops_a_peer_that_never_proves_its_key(fake):
@@ -230,4 +239,4 @@ def test_listener_drops_a_peer_that_never_proves_its_key(fake):
     with pytest.raises(TimeoutError):
         ln.accept(timeout=0.3)
     with ln._driver.lock:
-        assert all(c.state == "closed" for c in ln._driver.conns)
+        assert all(c.state is ConnState.CLOSED for c in ln._driver.conns)

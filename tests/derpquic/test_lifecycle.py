@@ -15,18 +15,14 @@ import derpquic
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from derpquic.config import GO_PACKET_SIZE
-from tests.derpquic.helpers import Background, EchoServer, recv_all, recv_exactly, sha256_stream_sink
+from tests.derpquic.helpers import (Background, EchoServer, dial_pair, recv_all, recv_exactly,
+                                    sha256_stream_sink)
 
 
 def _pair(n, **kw):
     ln = n.listener(**kw)
     d = n.dialer(**kw)
-    acc = Background(lambda: ln.accept(timeout=10))
-    s = d.dial(ln.addr, timeout=10)
-    r = acc.result()
-    s.settimeout(30)
-    r.settimeout(30)
-    return ln, d, s, r
+    return (ln, d, *dial_pair(ln, d))
 
 
 def test_idle_tunnel_stays_up_with_keepalive(net):
@@ -116,8 +112,9 @@ def test_packet_size_between_our_peers(net):
     ln, d, s, r = _pair(net)
     want = d.opts.max_datagram_size
     assert want > GO_PACKET_SIZE
-    assert s._conn.quic.max_datagram_size == want
-    assert r._conn.quic.max_datagram_size == want
+    for conn in (s._conn, r._conn):
+        assert conn.uncapped_size == want  # negotiated: both are ours
+        assert conn.quic.max_datagram_size == want  # (the relay path: 65,535 bytes)
     s.close()
     r.close()
 

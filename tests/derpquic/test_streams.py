@@ -23,8 +23,8 @@ def test_echo(net):
         s.settimeout(10)
         s.sendall(b"hello derpquic")
         assert recv_exactly(s, 14) == b"hello derpquic"
-        assert s.remote_addr == ln.addr
-        assert s.local_addr == d.addr
+        assert s.remote_addr() == ln.addr
+        assert s.local_addr() == d.addr
         assert s.authenticated
         s.shutdown(socket.SHUT_WR)
         assert s.recv(10) == b""
@@ -39,7 +39,7 @@ def test_server_speaks_first(net):
     def banner():
         s = ln.accept(timeout=10)
         with s:
-            assert s.remote_addr == d.addr and s.authenticated
+            assert s.remote_addr() == d.addr and s.authenticated
             s.sendall(b"220 banner\r\n")
             s.settimeout(10)
             return s.recv(100)
@@ -206,9 +206,9 @@ def test_slow_reader_backpressure_bounded_memory(net):
     # unsent queue never exceeds its send buffer.
     with r._cond:
         assert len(r._rbuf) <= window
-        assert r._conn.unread <= 4 * window
+        assert r._conn.streams.unread <= 4 * window
     with s._cond:
-        assert s._written - s._qs.sender.highest_offset <= window
+        assert s._state.written - s._qs.sender.highest_offset <= window
     assert sent <= 3 * window + 65536
     # Now read slowly-ish: everything arrives intact and the writer is released.
     s.settimeout(60)

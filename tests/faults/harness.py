@@ -179,7 +179,7 @@ class Pair:
     def __init__(self, relay_url: str, *, proxy_a: Optional[FaultProxy] = None, proxy_b: Optional[FaultProxy] = None,
                  pc_opts: Optional[dict] = None, quic_opts: Optional[dict] = None,
                  listener_opts: Optional[dict] = None, dialer_opts: Optional[dict] = None) -> None:
-        pc_opts = dict(pc_opts or {})
+        pc_opts = {"direct": False, **(pc_opts or {})}  # faults are injected on the relay path
         self.proxy_a, self.proxy_b = proxy_a, proxy_b
         self.log_a, self.log_b = LinkLog(), LinkLog()
         self._closers: List[Callable[[], None]] = []

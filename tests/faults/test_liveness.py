@@ -1,4 +1,4 @@
-"""The relay link's liveness ping (derpnet.client "Liveness"), at the PacketConn level.
+"""The relay link's liveness ping (derpnet.liveness), at the PacketConn level.
 
 A relay path that silently stops forwarding sends no FIN and no RST; before the ping
 the link was only declared dead after 120 s of silence (or, for a heavy sender, once the
@@ -55,7 +55,7 @@ def test_idle_link_is_never_pinged(relay):
         a.settimeout(1.5)
         with pytest.raises(TimeoutError):  # 1.5 s of idleness (3 x ping_after)
             a.read_from()
-        assert a._link.pings_sent == 0 and a.generation == 1
+        assert a.relay_link.client.pings_sent == 0 and a.generation == 1
 
 
 def test_relay_that_answers_pings_keeps_the_link(relay, figures):
@@ -70,7 +70,7 @@ def test_relay_that_answers_pings_keeps_the_link(relay, figures):
             with log.cond:  # paces the writes; wakes early only if the link drops
                 if log.cond.wait_for(lambda: log.downs, 0.05):
                     break
-        pings = a._link.pings_sent
+        pings = a.relay_link.client.pings_sent
         assert pings >= 2, pings  # ~ every 0.5 s of silence while sending
         assert log.downs == [] and a.generation == 1
     figures(f"{relay.kind}: {pings} liveness pings in 2 s of sending into silence, all answered", pings=pings)
@@ -78,6 +78,7 @@ def test_relay_that_answers_pings_keeps_the_link(relay, figures):
 
 def test_pings_can_be_disabled(relay):
     with derpnet.listen_packet(relay.url, ping_after=None) as a:
-        assert a._link._recv_tick() == a._link.idle_timeout
+        client = a.relay_link.client
+        assert client.liveness.check_interval == client.idle_timeout
     with pytest.raises(ValueError):
         derpnet.listen_packet(relay.url, ping_after=0)

@@ -348,7 +348,7 @@ class Flood:
         return self
 
     def _run(self) -> None:
-        chunk = b"".join(self.flooder.conn.send_packet(self.victim.public_key, bytes(60000)) for _ in range(16))
+        chunk = b"".join(F.encode_send_packet(self.victim.public_key, bytes(60000)) for _ in range(16))
         try:
             while not self._stop.is_set():
                 self.flooder.send_raw(chunk)

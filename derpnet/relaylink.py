@@ -1,0 +1,232 @@
+"""`RelayLink`: one DERP relay connection that re-establishes itself, for PacketConn.
+
+Layer: relay link (the job of Tailscale's derphttp.Client plus magicsock's backoff).
+It owns the current `DerpClient`, replaces it when it dies, and reports `LinkUp` /
+`LinkDown` and the relay's frames to its owner. Sending while the link is down raises
+`ConnectionError`: the owner decides what that means (PacketConn drops, like UDP).
+
+Reconnect: ``min(n² × 10 ms, 5 s) × uniform[0.5, 1.5)`` (n = consecutive failures; a link
+that lived at least a second resets n); a relay's ``Restarting`` frame replaces the first
+wait by its ``reconnect_in``. Threads: none of its own; after a link dies, that link's
+reader thread runs the reconnect loop and exits once the new link (with its own reader)
+is up. `close()` joins them all.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from . import frames as F
+from .client import DerpClient, RelayAddress
+from .keys import PrivateKey, PublicKey
+
+__all__ = ["RelayLink", "LinkUp", "LinkDown", "backoff_delay"]
+
+log = logging.getLogger(__name__)
+
+_RESET_AFTER = 1.0  # a link that lived this long resets the backoff
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    """on_event: a relay link is up (generation 1 = the first connect)."""
+
+    server_key: PublicKey
+    generation: int
+
+
+@dataclass(frozen=True)
+class LinkDown:
+    """on_event: the relay link ended; a reconnect follows unless the conn is closed."""
+
+    error: Optional[BaseException]
+
+
+def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
+    """Tailscale's reconnect delay: min(n² × 10 ms, 5 s) × uniform[0.5, 1.5)."""
+    base = min(failures * failures * 0.010, 5.0)
+    return base * (0.5 + rng())
+
+
+class RelayLink:
+    """The relay connection of a PacketConn: connects at once (raising on failure), then
+    keeps itself up. `on_packet(src, data)` and `on_event(event)` run in a reader thread."""
+
+    def __init__(self, relay: RelayAddress, key: PrivateKey, *, client_opts: dict[str, Any],
+                 on_packet: Callable[[PublicKey, bytes], None], on_event: Callable[[object], None],
+                 reconnect: bool = True) -> None:
+        self.relay = relay
+        self._key = key
+        self._client_opts = client_opts
+        self._on_packet = on_packet
+        self._on_event = on_event
+        self.health = ""  # the relay's last Health problem text ("" = healthy)
+        self._reconnect = reconnect
+        self.cond = threading.Condition(threading.Lock())
+        self._link: Optional[DerpClient] = None
+        self._pending: Optional[DerpClient] = None  # a reconnect attempt in progress
+        self._old_readers: list[threading.Thread] = []
+        self._closing = threading.Event()
+        self.closed = False
+        self.dead: Optional[BaseException] = None   # reconnect=False and the link died
+        self.generation = 0
+        self.reconnects = 0
+        self._failures = 0
+        client = self._new_client()
+        client.connect(start=False)  # raises: no silent retry at start
+        self._install(client)
+
+    # ------------------------------------------------------------ use
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    @property
+    def client(self) -> Optional[DerpClient]:
+        """The current DerpClient (None while reconnecting)."""
+        return self._link
+
+    @property
+    def server_key(self) -> Optional[PublicKey]:
+        link = self._link
+        return link.server_key if link is not None else None
+
+    def send(self, dst: PublicKey, *parts: bytes, lock_timeout: Optional[float] = None) -> None:
+        """One packet to `dst`; ConnectionError while down, TimeoutError waiting for writers."""
+        link = self._link
+        if link is None:
+            raise ConnectionResetError(errno.ENOTCONN, "relay link is down")
+        link.send_packet(dst, *parts, lock_timeout=lock_timeout)
+
+    def send_many(self, items: Sequence[tuple[PublicKey, Sequence[bytes]]],
+                  lock_timeout: Optional[float] = None) -> None:
+        link = self._link
+        if link is None:
+            raise ConnectionResetError(errno.ENOTCONN, "relay link is down")
+        link.send_packets(items, lock_timeout=lock_timeout)
+
+    def wait_connected(self, timeout: Optional[float] = None, *, min_generation: int = 1) -> bool:
+        """Wait until a link of generation ≥ `min_generation` is up; False on timeout or close."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while not (self._link is not None and self.generation >= min_generation):
+                if self.closed or self.dead is not None:
+                    return False
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
+    def close(self) -> None:
+        """Close (idempotent): the current link, a reconnect in progress, their threads."""
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+            link, pending = self._link, self._pending
+            self._link = None
+            self.cond.notify_all()
+        self._closing.set()
+        for c in (pending, link):
+            if c is not None:
+                c.close()
+        with self.cond:
+            threads = list(self._old_readers)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join()
+
+    # ------------------------------------------------------------ internals
+
+    def _new_client(self) -> DerpClient:
+        return DerpClient(self.relay, self._key, on_packet=self._on_packet, on_event=self._on_frame,
+                          on_close=self._on_link_closed, **self._client_opts)
+
+    def _on_frame(self, ev: object) -> None:
+        if isinstance(ev, F.Health):
+            if ev.problem:
+                log.warning("relay %s health problem: %s", self.relay.url, ev.problem)
+            elif self.health:
+                log.info("relay %s healthy again", self.relay.url)
+            self.health = ev.problem
+        elif isinstance(ev, F.Restarting):
+            log.info("relay %s is restarting: reconnect in %.3gs, try for %.3gs", self.relay.url,
+                     ev.reconnect_in, ev.try_for)
+        self._on_event(ev)
+
+    def _install(self, client: DerpClient) -> bool:
+        """Make a connected client the current link and start its reader; False if closed."""
+        with self.cond:
+            ok = not self.closed
+            if ok:
+                self._link = client
+                self.generation += 1
+                gen = self.generation
+                self.cond.notify_all()
+        if not ok or not client.start():  # close() came first
+            client.close()
+            return False
+        assert client.server_key is not None
+        self._on_event(LinkUp(client.server_key, gen))
+        return True
+
+    def _on_link_closed(self, client: DerpClient, err: Optional[BaseException]) -> None:
+        # Runs in the dead link's reader thread, which then runs the reconnect loop.
+        with self.cond:
+            if client is not self._link:
+                return
+            self._link = None
+            closed = self.closed
+            if not closed and not self._reconnect:
+                self.dead = err or ConnectionResetError(errno.ECONNRESET, "relay link closed")
+            self.cond.notify_all()
+            if not closed:  # close() joins it: it runs the reconnect loop, or just ends
+                self._old_readers = [t for t in self._old_readers if t.is_alive()]
+                self._old_readers.append(threading.current_thread())
+        self._on_event(LinkDown(err))
+        if closed or not self._reconnect:
+            if not closed:
+                log.warning("relay link to %s lost: %s (reconnect disabled)", self.relay.url, err)
+            return
+        if client.uptime >= _RESET_AFTER:
+            self._failures = 0
+        self._failures += 1
+        restarting: Optional[F.Restarting] = client.restarting
+        delay = restarting.reconnect_in if restarting is not None else backoff_delay(self._failures)
+        log.warning("relay link to %s lost: %s; reconnecting in %.3fs", self.relay.url, err, delay)
+        self._reconnect_loop(delay)
+
+    def _reconnect_loop(self, delay: float) -> None:
+        while True:
+            if self._closing.wait(delay):
+                return
+            client = self._new_client()
+            with self.cond:
+                if self.closed:
+                    return
+                self._pending = client
+            try:
+                client.connect(start=False)
+            except Exception as e:
+                with self.cond:
+                    self._pending = None
+                    if self.closed:
+                        return
+                self._failures += 1
+                delay = backoff_delay(self._failures)
+                log.warning("reconnecting to relay %s failed: %s; next try in %.3fs", self.relay.url, e, delay)
+                continue
+            with self.cond:
+                self._pending = None
+                self.reconnects += 1
+            if self._install(client):
+                log.info("reconnected to relay %s", self.relay.url)
+            return

@@ -1,0 +1,107 @@
+"""TLS without a socket: one `ssl.SSLObject` on two `MemoryBIO`s, for both ends of a link.
+
+Layer: relay link and relay server (sans-IO: ciphertext in, plaintext out, and the
+reverse; the caller moves the bytes and serialises the calls). The client uses it so
+that a write never waits for a read; the relay so that it controls TLS buffering itself
+(asyncio's SSL transport preallocates a large read buffer per connection). Why, in
+DEVELOPERS.md "TLS on memory BIOs".
+"""
+
+from __future__ import annotations
+
+import ssl
+
+__all__ = ["TLSSession", "READ_CHUNK"]
+
+READ_CHUNK = 64 << 10
+
+
+class TLSSession:
+    """One end of one TLS connection (handshake, records, close_notify) without a socket.
+
+    After every call that may produce TLS bytes (`start`, `receive`, `close_notify`) the
+    caller sends `pending()`; `encrypt()` returns its records (and anything pending) itself.
+    """
+
+    __slots__ = ("_in", "_out", "_obj", "handshake_done", "closed_by_peer")
+
+    def __init__(self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None) -> None:
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
+        self.handshake_done = False
+        self.closed_by_peer = False
+
+    def start(self) -> bool:
+        """Advance the handshake (a client calls it first, for its ClientHello); True once done.
+
+        Raises ssl.SSLError (ssl.SSLCertVerificationError ...) when the handshake fails."""
+        if not self.handshake_done:
+            try:
+                self._obj.do_handshake()
+            except ssl.SSLWantReadError:
+                return False
+            self.handshake_done = True
+        return True
+
+    def receive(self, data: bytes) -> bytes:
+        """Feed ciphertext from the peer; return the application data it completes (maybe b"").
+
+        Raises ssl.SSLError for anything that is not valid TLS. Afterwards, send `pending()`;
+        `closed_by_peer` tells whether the peer's close_notify has arrived.
+        """
+        if data:
+            self._in.write(data)
+        if not self.start():
+            return b""
+        chunks = []
+        while True:
+            try:
+                chunk = self._obj.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify (older Pythons raise it)
+                self.closed_by_peer = True
+                break
+            if not chunk:  # close_notify: CPython returns b"" once the peer's shutdown is received
+                self.closed_by_peer = True
+                break
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def encrypt(self, data: bytes) -> bytes:
+        """Application data → the TLS records to send (plus anything else pending)."""
+        view = memoryview(data)
+        while view:
+            n = self._obj.write(view)
+            view = view[n:]
+        return self._out.read()
+
+    @property
+    def has_pending(self) -> bool:
+        """TLS bytes wait to be sent (e.g. an answer to a KeyUpdate produced while reading)."""
+        return self._out.pending > 0
+
+    def pending(self) -> bytes:
+        """TLS bytes waiting to be sent (handshake messages, session tickets, alerts)."""
+        return self._out.read()
+
+    def close_notify(self) -> bytes:
+        """The close_notify alert to send before closing (empty if the handshake never finished)."""
+        if not self.handshake_done:
+            return b""
+        try:
+            self._obj.unwrap()
+        except ssl.SSLError:  # SSLWantReadError: the peer's close_notify is not awaited
+            pass
+        return self._out.read()
+
+    @property
+    def version(self) -> str | None:
+        """The negotiated TLS version, once the handshake is done."""
+        return self._obj.version()
+
+    @property
+    def alpn_protocol(self) -> str | None:
+        """The protocol chosen by ALPN, if any."""
+        return self._obj.selected_alpn_protocol()

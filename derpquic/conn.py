@@ -1,0 +1,434 @@
+"""`Conn`: one QUIC connection to a peer, and everything that happens on it.
+
+The per-connection half of the I/O edge (aioquic's `QuicConnectionProtocol`): feeds
+datagrams and timers to its aioquic connection, dispatches the events that come out
+(streams, key proofs, the end), sends what aioquic has to send and tells its driver
+when it next wants to run. Routing between connections is the driver's job
+(derpquic.driver); the key-proof decisions are `auth.KeyProof`'s.
+
+No thread and no clock of its own: every call takes `now` (monotonic seconds) or asks
+its host once, and is made with the driver's lock held.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from contextlib import suppress
+from enum import Enum
+from typing import Callable, Optional
+
+from aioquic.quic import events
+
+from derpnet.keys import PublicKey
+from derpnet.paths import RELAY_PATH_MTU
+
+from ._quic import ALPN_AUTH, DerpQuicConnection
+from .auth import Action, KeyProof, ProofState, Ready, Refuse, Role, SendProof
+from .codes import STREAM_REFUSED, AppError, close_error
+from .config import GO_PACKET_SIZE, Options
+from .hooks import ConnHost, ConnOwner, StreamEndpoint
+from .streamstate import window_credit
+from .stream import Stream
+
+__all__ = ["Conn", "ConnState", "StreamTable", "create_conn", "MIN_PACKET_SIZE", "packet_size"]
+
+log = logging.getLogger("derpquic")
+
+#: QUIC's smallest datagram size (RFC 9000 14): never go below it, whatever the path says.
+MIN_PACKET_SIZE = 1200
+
+
+class ConnState(Enum):
+    HANDSHAKE = "handshake"  # the QUIC handshake
+    AUTH = "auth"            # the key proofs
+    READY = "ready"          # streams flow
+    CLOSED = "closed"        # unusable: `Conn.error` says why
+
+
+def packet_size(uncapped: int, path_mtu: int) -> int:
+    """The packet size for a connection that could use `uncapped` bytes on a path that
+    carries `path_mtu`: the smaller, but at least QUIC's minimum."""
+    return max(MIN_PACKET_SIZE, min(uncapped, path_mtu))
+
+
+class StreamTable:
+    """A connection's streams: by ID, those that wait for the key proofs, writers that wait
+    for send-buffer room, and closed ones aioquic still knows; plus two counts."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, StreamEndpoint] = {}
+        self.pending: list[Stream] = []             # peer streams that arrived before READY
+        self.blocked_writers: set[StreamEndpoint] = set()
+        self.zombies: set[StreamEndpoint] = set()   # closed by the application, still known to aioquic
+        self.refused: set[int] = set()              # peer stream IDs we reset
+        self.unread = 0            # bytes buffered in our Streams, not yet read by the app
+        self.open = 0              # streams the app has not closed (keepalive while > 0)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def get(self, sid: int) -> Optional[StreamEndpoint]:
+        return self.by_id.get(sid)
+
+    def add(self, stream: StreamEndpoint) -> None:
+        self.by_id[stream.stream_id] = stream
+        self.open += 1
+
+    def closed(self, stream: StreamEndpoint) -> None:
+        """The application closed `stream`."""
+        self.blocked_writers.discard(stream)
+        self.open -= 1
+        self.zombies.add(stream)
+
+    def sweep(self, known: Callable[[int], bool]) -> None:
+        """Forget closed streams that aioquic no longer knows (`known(stream_id)` is False):
+        then no event can name them again."""
+        if not self.zombies:
+            return
+        for s in [z for z in self.zombies if not known(z.stream_id)]:
+            self.zombies.discard(s)
+            if self.by_id.get(s.stream_id) is s:
+                del self.by_id[s.stream_id]
+
+    def wake_writers(self) -> None:
+        if not self.blocked_writers:
+            return
+        for s in [w for w in self.blocked_writers if w.wake_writer()]:
+            self.blocked_writers.discard(s)
+
+    def lost(self, error: BaseException) -> None:
+        for s in [*self.by_id.values(), *self.pending]:
+            s.connection_lost(error)
+        self.pending.clear()
+        self.blocked_writers.clear()
+
+    def lingering(self) -> bool:
+        return any(s.lingering() for s in self.by_id.values())
+
+    def refuse(self, sid: int, quic: DerpQuicConnection) -> None:
+        """Reset a stream the peer opened that we do not want (once)."""
+        if sid not in self.refused:
+            self.refused.add(sid)
+            with suppress(ValueError, RuntimeError):
+                quic.stop_stream(sid, STREAM_REFUSED)
+                quic.reset_stream(sid, STREAM_REFUSED)
+
+
+class Conn:
+    """One QUIC connection: aioquic's state plus what its streams and owner need.
+    Every attribute is guarded by the driver's lock (`lock`)."""
+
+    def __init__(self, host: ConnHost, quic: DerpQuicConnection, peer: PublicKey, *, owner: ConnOwner,
+                 opts: Options, proof: KeyProof, now: float) -> None:
+        self.host = host
+        self.lock = host.lock
+        self.local = host.local
+        self.quic = quic
+        self.peer = peer
+        self.role = proof.role
+        self.owner = owner
+        self.opts = opts
+        self.proof = proof
+        self.state = ConnState.HANDSHAKE
+        self.cond = threading.Condition(host.lock)  # dial waiters (state changes)
+        self.error: Optional[BaseException] = None  # why the connection is unusable
+        self.cids: set[bytes] = set()               # our connection IDs the driver routes to us
+        self.streams = StreamTable()
+        self.peer_auth_stream = 3 if self.role is Role.CLIENT else 2  # the peer's first unidirectional stream
+        #: The largest packet our options and the peer allow, whatever the path (Go peers:
+        #: GO_PACKET_SIZE; our peers: up to 65,527 once the handshake says so).
+        self.uncapped_size = GO_PACKET_SIZE
+        self.upgrade_size = 0      # packet size to switch to after the next flush
+        self.received_any = False
+        self.created = self.last_rx = self.last_ping = now
+        self.ping_seq = itertools.count(1)
+        self.terminated = False    # aioquic reached TERMINATED / we dropped it
+        self.terminated_event = threading.Event()
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def is_client(self) -> bool:
+        return self.role is Role.CLIENT
+
+    @property
+    def ours(self) -> bool:
+        """The peer negotiated ALPN derpnet-auth/1 (a derpnet peer, not a Go one)."""
+        return self.proof.ours
+
+    @property
+    def authenticated(self) -> bool:
+        """The peer proved that it holds its key."""
+        return self.proof.authenticated
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ConnState.CLOSED
+
+    def lingering(self) -> bool:
+        """Some stream's data still waits for the peer's acknowledgement."""
+        return self.state in (ConnState.READY, ConnState.AUTH) and self.streams.lingering()
+
+    def describe(self) -> str:
+        return f"{'to' if self.is_client else 'from'} {self.peer.b64()}"
+
+    def __repr__(self) -> str:
+        return f"<Conn {self.describe()} {self.state.value}>"
+
+    # ------------------------------------------------------------------ inputs
+
+    def datagram_received(self, data: bytes, now: float) -> None:
+        self.quic.receive_datagram(data, self.peer, now)
+        self.received_any = True
+        self.last_rx = now
+        self.process(now)
+
+    def next_timer(self) -> Optional[float]:
+        """When this connection next wants `timer_fired` (aioquic's timers, the key-proof
+        deadline, keepalive while streams are open); None: never."""
+        times = [self.quic.get_timer(), self._keepalive_at(),
+                 None if self.state is ConnState.CLOSED else self.proof.wake_at]
+        return min((t for t in times if t is not None), default=None)
+
+    def _keepalive_at(self) -> Optional[float]:
+        """When to PING a silent peer: only while the application has streams open."""
+        if self.streams.open > 0 and self.state is ConnState.READY:
+            return max(self.last_rx, self.last_ping) + self.opts.keepalive_interval
+        return None
+
+    def timer_fired(self, now: float) -> None:
+        if self.state is not ConnState.CLOSED:
+            refused = self.proof.expire(now)
+            if refused:
+                self._apply(refused, now)
+                return
+        quic = self.quic
+        qt = quic.get_timer()
+        if qt is not None and qt <= now:
+            quic.handle_timer(now)
+        keepalive = self._keepalive_at()
+        if keepalive is not None and now >= keepalive:
+            quic.send_ping(next(self.ping_seq))
+            self.last_ping = now
+        self.process(now)
+
+    def probe(self, now: float) -> None:
+        """PING now and forget the PTO back-off (the path is back or changed)."""
+        if self.terminated or self.quic.state_closed:
+            return
+        self.quic.probe_now(next(self.ping_seq))
+        self.flush(now)
+
+    def path_changed(self, mtu: int, now: float) -> None:
+        """The path to the peer now carries datagrams of up to `mtu` bytes: resize our
+        packets (data lost in too-large packets is resent in new ones) and probe at once."""
+        if self.terminated or self.quic.state_closed:
+            return
+        self.upgrade_size = 0
+        self.quic.set_max_datagram_size(packet_size(self.uncapped_size, mtu))
+        self.probe(now)
+
+    def close(self, error: BaseException, *, code: int = AppError.CLOSED, reason: str = "",
+              now: Optional[float] = None) -> None:
+        """Close now: CONNECTION_CLOSE to the peer, `error` to every user."""
+        if not self.quic.state_closed:
+            self.quic.close(error_code=code, reason_phrase=reason)
+        self.fail(error)
+        self.process(self.host.now() if now is None else now)
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the connection unusable and wake everybody waiting on it."""
+        if self.state is ConnState.CLOSED:
+            return
+        self.state = ConnState.CLOSED
+        self.error = error
+        self.cond.notify_all()
+        self.streams.lost(error)
+        self._tell_owner(self.owner.conn_closed)
+        self.host.flushed(self)
+
+    def discard(self, error: BaseException, now: float, *, tell_peer: bool) -> None:
+        """Fail and forget the connection at once (the driver stops): no draining period."""
+        if tell_peer and not self.quic.state_closed:
+            self.quic.close(error_code=AppError.CLOSED, reason_phrase="closed")
+        self.fail(error)
+        if tell_peer:
+            for data, _ in self.quic.datagrams_to_send(now):
+                self.host.send_datagram(data, self.peer)
+        self._terminate()
+
+    # ------------------------------------------------------------------ streams
+
+    def open_stream(self) -> Stream:
+        """A new stream of ours, announced to the peer at once (an empty STREAM frame)."""
+        sid = self.quic.get_next_available_stream_id()
+        self.quic.announce_stream(sid)
+        s = Stream(self, sid)
+        self.streams.add(s)
+        self.flush()
+        return s
+
+    def _peer_stream(self, sid: int) -> Optional[StreamEndpoint]:
+        """A stream the peer opened: a Stream for the listener, or a refusal."""
+        s = self.streams.get(sid)
+        if s is not None or sid % 4 >= 2 or (sid % 2 == 1) != self.is_client:
+            return s  # known, unidirectional, or not the peer's
+        if self.is_client or self.state is ConnState.CLOSED:
+            # Our dialled connections do not accept streams from the listener side.
+            self.streams.refuse(sid, self.quic)
+            return None
+        stream = Stream(self, sid)
+        self.streams.add(stream)
+        if self.state is ConnState.READY:
+            self.owner.stream_opened(stream)
+        else:
+            self.streams.pending.append(stream)
+        return stream
+
+    # ------------------------------------------------------------------ processing
+
+    def process(self, now: float) -> None:
+        """Handle aioquic's events, then flush."""
+        quic = self.quic
+        while (ev := quic.next_event()) is not None:
+            self._event(ev, now)
+        for sid in quic.take_new_peer_streams():
+            self._peer_stream(sid)
+        if self.state is not ConnState.CLOSED and quic.close_event is not None:
+            self.fail(self._close_error(quic.close_event))
+        self.flush(now)
+
+    def flush(self, now: Optional[float] = None) -> None:
+        """Send what aioquic has to send, wake writers that have room, reschedule."""
+        if self.terminated:
+            return
+        if now is None:
+            now = self.host.now()
+        quic = self.quic
+        if self.state is ConnState.READY or self.state is ConnState.AUTH:
+            used, limit = quic.connection_receive_window()
+            credit = window_credit(used - self.streams.unread, self.opts.connection_window, limit)
+            if credit is not None:
+                quic.grant_connection(credit)
+        for data, _ in quic.datagrams_to_send(now):
+            self.host.send_datagram(data, self.peer)
+        if self.upgrade_size:
+            quic.set_max_datagram_size(self.upgrade_size)
+            self.upgrade_size = 0
+        self.streams.sweep(lambda sid: quic.stream(sid) is not None)
+        self.streams.wake_writers()
+        self.host.flushed(self)
+        self.host.schedule(self, self.next_timer())
+
+    def _event(self, ev: events.QuicEvent, now: float) -> None:
+        match ev:
+            case events.StreamDataReceived(stream_id=sid, data=data, end_stream=end):
+                s = self.streams.get(sid)
+                if s is None and sid == self.peer_auth_stream:
+                    self._apply(self.proof.proof_received(data, end), now)
+                    return
+                if s is None:
+                    s = self._peer_stream(sid)  # else: data we do not want, already counted, dropped
+                if s is not None:
+                    s.data_received(data, end)
+            case events.StreamReset(stream_id=sid, error_code=code):
+                s = self._peer_stream(sid)
+                if s is not None:
+                    s.reset_received(code)
+            case events.StopSendingReceived(stream_id=sid, error_code=code):
+                s = self.streams.get(sid)
+                if s is not None:
+                    s.stop_sending_received(code)
+                    self.streams.blocked_writers.discard(s)
+            case events.HandshakeCompleted(alpn_protocol=alpn):
+                self._handshake_completed(alpn == ALPN_AUTH, now)
+            case events.ConnectionIdIssued(connection_id=cid):
+                self.cids.add(cid)
+                self.host.add_route(self, cid)
+            case events.ConnectionIdRetired(connection_id=cid):
+                self.cids.discard(cid)
+                self.host.remove_route(self, cid)
+            case events.ConnectionTerminated():
+                self.fail(self._close_error(ev))
+                self._terminate()
+            case _:
+                pass  # PingAcknowledged, ProtocolNegotiated, DatagramFrameReceived: nothing to do
+
+    def _handshake_completed(self, ours: bool, now: float) -> None:
+        actions = self.proof.handshake_completed(ours)
+        if ours and self.proof.state is not ProofState.REFUSED:
+            # Our peer: bigger packets, bounded by what it says it can read, by the PacketConn
+            # and by the current path. Applied after the next flush: the client's Finished
+            # flight may still hold an Initial packet, and aioquic pads those to the full size.
+            self.uncapped_size = min(self.opts.max_datagram_size, self.quic.peer_max_datagram_size,
+                                     RELAY_PATH_MTU)
+            self.upgrade_size = packet_size(self.uncapped_size, self.host.path_mtu(self.peer))
+        if self.proof.state is ProofState.PROVING:
+            self.state = ConnState.AUTH
+        self._apply(actions, now)
+
+    def _apply(self, actions: list[Action], now: float) -> None:
+        for action in actions:
+            match action:
+                case SendProof(message=message):
+                    self.send_proof(message)
+                case Ready(authenticated=authenticated):
+                    self._ready(authenticated)
+                case Refuse(code=code, reason=reason, error=error, detail=detail):
+                    log.log(logging.WARNING if code is AppError.AUTH_FAILED else logging.INFO,
+                            "derpquic: %s", detail)
+                    self.close(error, code=code, reason=reason, now=now)
+                    return
+
+    def send_proof(self, message: bytes) -> None:
+        """Our key proof, on our first unidirectional stream."""
+        sid = self.quic.get_next_available_stream_id(is_unidirectional=True)
+        self.quic.send_stream_data(sid, message, end_stream=True)
+
+    def _ready(self, authenticated: bool) -> None:
+        self.state = ConnState.READY
+        self.cond.notify_all()
+        self._tell_owner(self.owner.conn_ready)
+        pending, self.streams.pending = self.streams.pending, []
+        for s in pending:
+            if not s.closed:
+                self.owner.stream_opened(s)
+        if authenticated:
+            self.host.peer_verified(self.peer)
+
+    def _tell_owner(self, hook: Callable[["Conn"], None]) -> None:
+        try:
+            hook(self)
+        except Exception:  # pragma: no cover - a bug in the Listener/Dialer
+            log.exception("derpquic: owner hook failed")
+
+    def _close_error(self, ev: events.ConnectionTerminated) -> BaseException:
+        if self.error is not None:
+            return self.error
+        return close_error(ev, peer=self.peer.b64(), describe=self.describe(),
+                           handshaking=self.state in (ConnState.HANDSHAKE, ConnState.AUTH),
+                           heard_from_peer=self.received_any, idle_timeout=self.quic.idle_timeout)
+
+    def _terminate(self) -> None:
+        self.terminated = True
+        self.host.forget(self)
+        self.cids.clear()
+        self.terminated_event.set()
+
+
+def create_conn(host: ConnHost, proof: KeyProof, owner: ConnOwner, opts: Options, now: float, *,
+                original_dcid: Optional[bytes] = None, conn_class: type[Conn] = Conn) -> Conn:
+    """A new connection to `proof.peer` in `proof.role`: aioquic configured from `opts`
+    (packets no larger than the path carries). A client still has to `quic.connect()`;
+    a server gets the Initial packet's destination connection ID as `original_dcid`."""
+    client = proof.role is Role.CLIENT
+    cfg = opts.quic_configuration(is_client=client, alpn=[ALPN_AUTH] if client else None,
+                                  secrets_log_file=proof.secrets,
+                                  max_datagram_size=packet_size(GO_PACKET_SIZE, host.path_mtu(proof.peer)))
+    quic = DerpQuicConnection(configuration=cfg, original_destination_connection_id=original_dcid,
+                              max_streams_bidi=opts.max_streams, ack_delay=opts.ack_delay)
+    if not client:
+        quic.optional_alpn = [ALPN_AUTH]
+    return conn_class(host, quic, proof.peer, owner=owner, opts=opts, proof=proof, now=now)
