@@ -37,13 +37,22 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import derpnet  # noqa: E402
-from tests.faults.harness import (MiB, CrossTraffic, Pair, blackhole, burst, cut, random_bytes,  # noqa: E402
-                                  relay_of, restart, run_transfer)
+from tests.faults.harness import (  # noqa: E402
+    CrossTraffic,
+    MiB,
+    Pair,
+    blackhole,
+    burst,
+    cut,
+    random_bytes,
+    relay_of,
+    restart,
+    run_transfer,
+)
 from tests.faults.proxy import FaultProxy  # noqa: E402
 from tests.interop_peers import derper_path  # noqa: E402
 
@@ -81,14 +90,14 @@ def _scenario(row: str, relay, data: bytes, liveness: dict):
         return out.outage, out
 
 
-def _fmt(row: str, values: List[float]) -> str:
+def _fmt(row: str, values: list[float]) -> str:
     v = statistics.median(values)
     if row.endswith("loss") or row == "burst 200":
         return f"{v:6.1f} MB/s"
     return f"{v:6.2f} s outage"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=32, help="MiB per transfer (default 32)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the median is printed")
@@ -106,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         kinds.remove("go")
     rows = [r.strip() for r in args.only.split(",")] if args.only else ROWS
     data = random_bytes(args.mb * MiB)
-    results: Dict[str, Dict[str, str]] = {r: {} for r in rows}
+    results: dict[str, dict[str, str]] = {r: {} for r in rows}
     print(f"{args.mb} MiB per run, {args.repeat} run(s) per cell, liveness {after:g} s + {timeout:g} s "
           "for the black-hole rows", flush=True)
     for kind in kinds:

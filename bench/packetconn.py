@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,11 +39,11 @@ _DONE = -1
 SIZES = (1200, 60 * 1024)
 
 
-def _context(ca_file: Optional[str]) -> Optional[ssl.SSLContext]:
+def _context(ca_file: str | None) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=ca_file) if ca_file else None
 
 
-def _receiver(url: str, ca_file: Optional[str], key_text: str, ack_every: int, conn) -> None:
+def _receiver(url: str, ca_file: str | None, key_text: str, ack_every: int, conn) -> None:
     pc = listen_packet(url, PrivateKey.parse(key_text), ssl_context=_context(ca_file), direct=False)
     conn.send("ready")
     got = 0
@@ -69,8 +68,8 @@ def _receiver(url: str, ca_file: Optional[str], key_text: str, ack_every: int, c
         conn.send((got, nbytes, pc.stats(), cpu))
 
 
-def measure(url: str, ca_file: Optional[str], size: int, seconds: float, window: int, ack_every: int,
-            batch: bool = False) -> Dict[str, float]:
+def measure(url: str, ca_file: str | None, size: int, seconds: float, window: int, ack_every: int,
+            batch: bool = False) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     rkey = PrivateKey.generate()
     parent, child = ctx.Pipe()
@@ -133,9 +132,9 @@ def measure(url: str, ca_file: Optional[str], size: int, seconds: float, window:
     }
 
 
-def _relays(stack: ExitStack, workdir: str, want: List[str], tls: bool) -> List[Tuple[str, str, Optional[str]]]:
+def _relays(stack: ExitStack, workdir: str, want: list[str], tls: bool) -> list[tuple[str, str, str | None]]:
     """(name, url, ca_file) of the relays to measure."""
-    out: List[Tuple[str, str, Optional[str]]] = []
+    out: list[tuple[str, str, str | None]] = []
     if "ours" in want:
         from tests.relays import OurRelay
         relay = stack.enter_context(OurRelay(tls=tls, workdir=os.path.join(workdir, "ours")))
@@ -151,7 +150,7 @@ def _relays(stack: ExitStack, workdir: str, want: List[str], tls: bool) -> List[
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0, help="measured time per size and relay")
     ap.add_argument("--window", type=int, default=24, help="unacknowledged datagrams in flight")
@@ -163,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--only", choices=["ours", "go"], action="append", help="measure only these built-in relays")
     args = ap.parse_args(argv)
     want = args.only or ["ours", "go"]
-    results: Dict[Tuple[str, int], Dict[str, float]] = {}
+    results: dict[tuple[str, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-packetconn-") as workdir, ExitStack() as stack:
         relays = _relays(stack, workdir, want, args.tls)
         for spec in args.relay:

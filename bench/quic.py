@@ -232,7 +232,7 @@ def main(argv=None) -> int:
                 run_suite(name, url, ctx, args.mb, {})
     if not (args.sweep_sizes or args.sweep_windows) and args.relay in ("go", "both"):
         from bench.cli_pair import run as cli_pairs
-        cli_pairs(min(args.mb, 32))  # the Go derpconnect pair next to ours, same derper
+        cli_pairs(min(args.mb, 32), runs=1)  # serve/join pairs, Go and ours, through both relays on :443
     return 0
 
 

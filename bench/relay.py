@@ -53,7 +53,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -72,16 +71,16 @@ LOSS_AFTER_NS = 1_000_000_000
 class LoadClient(asyncio.Protocol):
     """One DERP client: an asyncio Protocol driving the sans-IO ClientConnection."""
 
-    def __init__(self, worker: "Worker", host: str) -> None:
+    def __init__(self, worker: Worker, host: str) -> None:
         self.worker = worker
         self.key = PrivateKey.generate()
         self.pub = self.key.public_key
         self.conn = ClientConnection(self.key, host)
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self.connected = asyncio.get_running_loop().create_future()
-        self.partner: Optional[PublicKey] = None
+        self.partner: PublicKey | None = None
         self.role = "idle"          # "sender", "echoer" or "idle"
-        self.outstanding: Dict[int, int] = {}  # sender: seq -> send time
+        self.outstanding: dict[int, int] = {}  # sender: seq -> send time
         self.seq = 0
         self.pad = b""
 
@@ -89,7 +88,7 @@ class LoadClient(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         transport.write(self.conn.send(Upgrade()))  # type: ignore[attr-defined]
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if not self.connected.done():
             self.connected.set_exception(ConnectionError(f"relay closed during the handshake: {exc}"))
         elif self.worker.running:
@@ -153,9 +152,9 @@ class Worker:
         self.args = args
         self.received = 0
         self.lost = 0
-        self.rtt: List[int] = []
-        self.one_way: List[int] = []
-        self.errors: List[str] = []
+        self.rtt: list[int] = []
+        self.one_way: list[int] = []
+        self.errors: list[str] = []
         self.running = False
         self.t_measure = self.t_end = self.t_stop_sending = 0
 
@@ -179,7 +178,7 @@ class Worker:
         await asyncio.gather(*(connect(c) for c in clients))
         senders, echoers = clients[:a.pairs], clients[a.pairs:2 * a.pairs]
         pad = bytes(max(0, a.size - _STAMP.size))
-        for s, e in zip(senders, echoers):
+        for s, e in zip(senders, echoers, strict=True):
             s.partner, s.role, s.pad = e.pub, "sender", pad
             e.role = "echoer"
         self.running = True

@@ -132,7 +132,7 @@ async def run(port: int, pid: int, live_n: int, abandoned_n: int, timeout: float
         reader, _ = rw
         try:
             return await asyncio.wait_for(reader.read(1), timeout + 20) == b""
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             return False
 
     results = await asyncio.gather(*(closed_by_relay(rw) for rw in abandoned))

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (AuthenticationError, DerpError, HandshakeError, LocalProtocolError, ProtocolError,
-                     RemoteProtocolError, UpgradeError)
+from .errors import (
+    AuthenticationError,
+    DerpError,
+    HandshakeError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    UpgradeError,
+)
 from .keys import PrivateKey, PublicKey
 
 if TYPE_CHECKING:  # pragma: no cover

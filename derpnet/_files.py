@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
 
 
-def write_atomic(path: Union[str, os.PathLike], data: bytes, mode: int, *, exclusive: bool = False) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int, *, exclusive: bool = False) -> None:
     """Write `data` to `path` via a temporary file in the same directory, created with
     `mode` from the start (a secret is never readable by others, even briefly), then
     renamed over the target so readers see the old or the new file, never half of one.

@@ -125,11 +125,6 @@ class DerpClient:
     def uptime(self) -> float:
         return 0.0 if self.connected_at is None else time.monotonic() - self.connected_at
 
-    @property
-    def pings_sent(self) -> int:
-        """Liveness pings sent so far."""
-        return self.liveness.pings_sent
-
     def __repr__(self) -> str:
         state = "closed" if self._dead else ("connected" if self._started else "new")
         return f"<DerpClient {self.public_key} via {self.url} {state}>"
@@ -171,7 +166,7 @@ class DerpClient:
         with self._state_lock:
             if not self._closing:
                 sock, tls = dialer.take()
-                set_io_timeouts(sock, self._recv_tick(), self.write_timeout)
+                set_io_timeouts(sock, self.liveness.check_interval, self.write_timeout)  # recv: liveness checks
                 self._wire = Wire(sock, tls, url=self.url, write_timeout=self.write_timeout)
         if self._wire is None:
             self._dead = True
@@ -291,10 +286,6 @@ class DerpClient:
         if err is not None:
             log.info("relay link %s ended: %s", self.url, err)
         _call("on_close", self.on_close, self, err)
-
-    def _recv_tick(self) -> float | None:
-        """The reader's recv timeout: how often a silent link is checked (idle, liveness)."""
-        return self.liveness.check_interval
 
     def _loop(self) -> None:
         wire = self._wire

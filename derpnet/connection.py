@@ -22,10 +22,26 @@ from typing import Any
 
 from . import frames as F
 from .errors import HandshakeError, LocalProtocolError, RemoteProtocolError, UpgradeError
-from .events import (AcceptClient, AcceptUpgrade, ClientHello, Connected, Event, Hello, HttpRequest, Reject,
-                     Upgrade, UpgradeRequest)
-from .handshake import (DEFAULT_CLIENT_INFO, DEFAULT_SERVER_INFO, open_client_info, open_server_info,
-                        seal_client_info, seal_server_info)
+from .events import (
+    AcceptClient,
+    AcceptUpgrade,
+    ClientHello,
+    Connected,
+    Event,
+    Hello,
+    HttpRequest,
+    Reject,
+    Upgrade,
+    UpgradeRequest,
+)
+from .handshake import (
+    DEFAULT_CLIENT_INFO,
+    DEFAULT_SERVER_INFO,
+    open_client_info,
+    open_server_info,
+    seal_client_info,
+    seal_server_info,
+)
 from .http11 import build_request, build_response, parse_request_head, parse_response_head
 from .keys import PrivateKey, PublicKey
 
@@ -61,6 +77,11 @@ class _Connection:
     @property
     def decoder(self) -> F.FrameDecoder:
         return self._decoder
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and held, not yet turned into events (the HTTP head, partial frames)."""
+        return len(self._buf) + self._decoder.buffered
 
     def _check_open(self) -> None:
         if self.state is State.CLOSED:
@@ -249,7 +270,23 @@ class ServerConnection(_Connection):
             raise
         if self.state is State.AWAIT_ACCEPT or self.state is State.AWAIT_SERVER_INFO:
             return []  # buffered until send(AcceptUpgrade()) / send(AcceptClient())
+        if self.state is State.AWAIT_CLIENT_INFO:
+            self._check_first_frame()
         return self._decode(self._step)
+
+    def _check_first_frame(self) -> None:
+        """Refuse anything but a ClientInfo on its header, as derper does, before its payload is
+        buffered: an unauthenticated client never makes us hold more than one ClientInfo."""
+        head = self._decoder.next_header()
+        if head is None or head[0] == F.FrameType.CLIENT_INFO:
+            return
+        self.state = State.CLOSED
+        ftype, length = head
+        try:
+            name = F.FrameType(ftype).name
+        except ValueError:
+            name = f"type 0x{ftype:02x}"
+        raise HandshakeError(f"first frame from the client is {name} ({length} bytes), not ClientInfo")
 
     def _receive_head(self, data: bytes) -> list[Event]:
         self._buf += data

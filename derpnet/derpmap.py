@@ -21,10 +21,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Any
 
 from ._files import write_atomic
 
@@ -97,7 +98,7 @@ class DerpMap:
     """A parsed DERP map. `raw` keeps the original JSON object (re-serialisable)."""
 
     regions: dict[int, DerpRegion] = field(default_factory=dict)
-    raw: dict = field(default_factory=dict, repr=False)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
     source: str = ""
 
     def __iter__(self) -> Iterator[DerpRegion]:
@@ -107,7 +108,7 @@ class DerpMap:
     def __len__(self) -> int:
         return len(self.regions)
 
-    def region(self, ident: Union[int, str]) -> Optional[DerpRegion]:
+    def region(self, ident: int | str) -> DerpRegion | None:
         """The region with this numeric id, or this region code (case-insensitive)."""
         if isinstance(ident, int):
             return self.regions.get(ident)
@@ -132,7 +133,7 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _get(obj: dict, key: str, typ, default, where: str):
+def _get(obj: dict[str, Any], key: str, typ: type, default: Any, where: str) -> Any:
     v = obj.get(key, default)
     if v is None:
         return default
@@ -143,7 +144,7 @@ def _get(obj: dict, key: str, typ, default, where: str):
     return v
 
 
-def parse(data: Union[str, bytes, dict], source: str = "") -> DerpMap:
+def parse(data: str | bytes | dict[str, Any], source: str = "") -> DerpMap:
     """Parse and validate a DERP map (JSON text or an already decoded object)."""
     what = source or "DERP map"
     if isinstance(data, (bytes, bytearray)):
@@ -230,7 +231,7 @@ def user_cache_path() -> Path:
     return Path(base) / "derpnet" / "derpmap.json"
 
 
-def load(path: Union[str, os.PathLike, None] = None) -> DerpMap:
+def load(path: str | os.PathLike[str] | None = None) -> DerpMap:
     """The map to use: `path` if given (errors are raised), else the user's refreshed copy
     if present and valid, else the built-in snapshot."""
     if path is not None:
@@ -255,12 +256,26 @@ def _read_file(path: Path) -> DerpMap:
     return parse(data, source=str(path))
 
 
-def refresh(source: str = DEFAULT_MAP_URL, *, dest: Union[str, os.PathLike, None] = None,
-            timeout: float = 15.0, ssl_context: Optional[ssl.SSLContext] = None) -> tuple[DerpMap, Path]:
+def unverified_context() -> ssl.SSLContext:
+    """A client context that checks no certificate (an InsecureForTests node)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def refresh(source: str = DEFAULT_MAP_URL, *, dest: str | os.PathLike[str] | None = None,
+            timeout: float = 15.0, ssl_context: ssl.SSLContext | None = None,
+            insecure: bool = False) -> tuple[DerpMap, Path]:
     """Fetch a map from an http(s) URL, or read it from a file, validate it, and write it
-    atomically to `dest` (default: `user_cache_path()`). Returns the map and where it went."""
+    atomically to `dest` (default: `user_cache_path()`). Returns the map and where it went.
+    A plain http:// URL is refused unless `insecure`: whoever is on the path could rewrite
+    the map (point a region at its own relay, mark nodes InsecureForTests)."""
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
         scheme = urllib.parse.urlsplit(source).scheme.lower()
+        if scheme == "http" and not insecure:
+            raise DerpMapError(f"{source}: refusing to fetch a DERP map over plain http (anyone on the "
+                               f"path could rewrite it); use https or a file, or --insecure")
         if scheme == "file":
             m = _read_file(Path(urllib.request.url2pathname(urllib.parse.urlsplit(source).path)))
         elif scheme in ("http", "https"):
@@ -297,12 +312,19 @@ class RelayTarget:
     URL, each DERP node of a region), and how to describe them to a user."""
 
     hosts: tuple[str, ...]
-    region: Optional[DerpRegion] = None
-    insecure: bool = False  # the map marks the node InsecureForTests (no certificate check)
+    region: DerpRegion | None = None
+    #: The hosts whose map node is InsecureForTests (no certificate check for that node only,
+    #: and only when no CA was given explicitly).
+    insecure_hosts: frozenset[str] = frozenset()
 
     @property
     def host(self) -> str:
         return self.hosts[0]
+
+    @property
+    def insecure(self) -> bool:
+        """Some node of this target is marked InsecureForTests."""
+        return bool(self.insecure_hosts)
 
     def describe(self) -> str:
         if self.region is not None:
@@ -313,7 +335,7 @@ class RelayTarget:
 _HOSTNAME_RX = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?$")
 
 
-def resolve(spec: str, derpmap: Optional[DerpMap] = None) -> RelayTarget:
+def resolve(spec: str, derpmap: DerpMap | None = None) -> RelayTarget:
     """Interpret a `--derp` value: a URL (`https://host:port`, `http://host:port`), a
     `host[:port]`, a region id (`1`) or a region code (`nyc`) looked up in `derpmap`
     (default: `load()`). A single word that is not a known region code is an error
@@ -347,15 +369,15 @@ def resolve(spec: str, derpmap: Optional[DerpMap] = None) -> RelayTarget:
         if not nodes:
             raise DerpMapError(f"region {region.region_id} ({region.code}) has no DERP nodes")
         return RelayTarget(hosts=tuple(n.host for n in nodes), region=region,
-                           insecure=any(n.insecure_for_tests for n in nodes))
+                           insecure_hosts=frozenset(n.host for n in nodes if n.insecure_for_tests))
     host, port = _split_host_port(s)
     if port is None or port == 443:
         return RelayTarget(hosts=(host if ":" not in host else f"https://[{host}]:443",))
     return RelayTarget(hosts=(f"https://{_bracket(host)}:{port}",))
 
 
-def _split_host_port(s: str) -> tuple[str, Optional[int]]:
-    port: Optional[int] = None
+def _split_host_port(s: str) -> tuple[str, int | None]:
+    port: int | None = None
     if s.startswith("["):
         end = s.find("]")
         if end < 0:
@@ -398,24 +420,24 @@ def _port(text: str, spec: str) -> int:
 @dataclass(frozen=True)
 class ProbeResult:
     region: DerpRegion
-    node: Optional[DerpNode]
-    latency: Optional[float]  # seconds: the best sample; None when every sample failed
+    node: DerpNode | None
+    latency: float | None  # seconds: the best sample; None when every sample failed
     error: str = ""
 
 
 def probe_node(node: DerpNode, *, samples: int = 3, timeout: float = 2.0,
-               ssl_context: Optional[ssl.SSLContext] = None) -> float:
+               ssl_context: ssl.SSLContext | None = None) -> float:
     """The best of `samples` round trips of `GET /derp/latency-check` to one node, each on
     a fresh TLS connection, timing only the request after the TLS handshake (so one
     network round trip). Raises OSError (or TimeoutError) when no sample succeeds."""
-    if node.insecure_for_tests:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+    if ssl_context is not None:  # an explicit CA always wins over the map's InsecureForTests
+        ctx = ssl_context
+    elif node.insecure_for_tests:
+        ctx = unverified_context()
     else:
-        ctx = ssl_context or ssl.create_default_context()
-    best: Optional[float] = None
-    last: Optional[BaseException] = None
+        ctx = ssl.create_default_context()
+    best: float | None = None
+    last: BaseException | None = None
     deadline = time.monotonic() + timeout * samples
     request = (f"GET /derp/latency-check HTTP/1.1\r\nHost: {_bracket(node.host_name)}\r\n"
                f"User-Agent: derpnet\r\nConnection: close\r\n\r\n").encode()
@@ -449,8 +471,8 @@ def probe_node(node: DerpNode, *, samples: int = 3, timeout: float = 2.0,
     return best
 
 
-def probe(derpmap: DerpMap, *, regions: Optional[Iterable[DerpRegion]] = None, samples: int = 3,
-          timeout: float = 2.0, workers: int = 16, ssl_context: Optional[ssl.SSLContext] = None
+def probe(derpmap: DerpMap, *, regions: Iterable[DerpRegion] | None = None, samples: int = 3,
+          timeout: float = 2.0, workers: int = 16, ssl_context: ssl.SSLContext | None = None
           ) -> list[ProbeResult]:
     """Probe every region (except `NoMeasureNoHome` ones) in parallel: the first DERP node of
     each region, falling back to the next node when it fails. Bounded: each region takes at

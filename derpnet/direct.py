@@ -22,14 +22,16 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from . import stun
-from .disco import DiscoBox, DiscoError, Ping, looks_like_disco, ping_padding_for
+from .disco import DiscoBox, DiscoError, Ping, looks_like_disco, packet_sender, ping_padding_for
 from .keys import PrivateKey, PublicKey
 from .paths import Addr, PathChanged, PathTable, SendDisco
+from .stunprobe import StunProbe
 
-__all__ = ["DirectPaths", "StunSchedule", "local_addresses", "DEFAULT_STUN_PORT"]
+__all__ = ["DirectPaths", "local_addresses", "gather_endpoints", "log_path_change", "DEFAULT_STUN_PORT"]
 
 log = logging.getLogger(__name__)
 
@@ -39,37 +41,6 @@ _FRAMING = b"\x00"
 _NOTE_EVERY = 0.25        # traffic notes reach the path table at most this often per peer
 _MAX_SLEEP = 0.25         # the reader re-checks its timers at least this often
 _SIOCGIFADDR = 0x8915
-
-
-class StunSchedule:
-    """When to send STUN Binding requests (pure): `tries` requests `interval` apart after
-    each `restart(now)`, again every `refresh` seconds; an answer ends the round."""
-
-    def __init__(self, *, tries: int = 3, interval: float = 0.5, refresh: float = 60.0) -> None:
-        self.tries, self.interval, self.refresh = tries, interval, refresh
-        self._left = 0
-        self._next: Optional[float] = None
-
-    def restart(self, now: float) -> None:
-        self._left = self.tries
-        self._next = now
-
-    def answered(self, now: float) -> None:
-        self._left = 0
-        self._next = now + self.refresh
-
-    def due(self, now: float) -> bool:
-        """True when a request should go out now (and accounts for it)."""
-        if self._next is None or now < self._next:
-            return False
-        if self._left <= 0:  # a round without answer: try again at the next refresh
-            self.restart(now)
-        self._left -= 1
-        self._next = now + (self.interval if self._left > 0 else self.refresh)
-        return True
-
-    def next_deadline(self) -> Optional[float]:
-        return self._next
 
 
 def local_addresses() -> list[str]:
@@ -91,7 +62,7 @@ def local_addresses() -> list[str]:
     return out
 
 
-def _route_address(ip: str) -> Optional[str]:
+def _route_address(ip: str) -> str | None:
     """The local address the kernel would use to reach `ip` (no packet is sent)."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -101,14 +72,45 @@ def _route_address(ip: str) -> Optional[str]:
         return None
 
 
+def gather_endpoints(relay_host: str, port: int) -> list[Addr]:
+    """Our candidate (ip, port)s: the local address we reach the relay from, and the other
+    interface addresses unless the relay is on loopback (then every peer is on this host)."""
+    relay_ip = None
+    try:
+        relay_ip = socket.getaddrinfo(relay_host, None, socket.AF_INET)[0][4][0]
+    except (OSError, IndexError):
+        pass
+    ips: list[str] = []
+    route = _route_address(str(relay_ip)) if relay_ip else None
+    if route:
+        ips.append(route)
+    if not (relay_ip and ipaddress.ip_address(relay_ip).is_loopback):
+        ips += [ip for ip in local_addresses() if not ipaddress.ip_address(ip).is_loopback]
+    return [(ip, port) for ip in dict.fromkeys(ips)]
+
+
+def log_path_change(ev: PathChanged) -> None:
+    """The log lines users see (serve/join print derpnet's info lines)."""
+    who = ev.peer.b64()
+    if ev.addr is not None:
+        if ev.reason == "mtu":
+            log.debug("direct path to %s carries %d-byte packets", who, ev.mtu)
+        else:
+            log.info("direct path to %s via %s:%d, rtt %.1f ms", who, ev.addr[0], ev.addr[1], (ev.rtt or 0.0) * 1000)
+    elif ev.reason == "idle":
+        log.debug("direct path to %s expired while idle; relay until traffic resumes", who)
+    else:
+        log.info("direct path to %s lost (%s); falling back to the relay", who, ev.reason)
+
+
 class DirectPaths:
     """The UDP half of a PacketConn. `deliver(data, peer)` receives data; `send_relay(peer,
     packet)` sends a raw (disco) packet over the relay; `emit(event)` reports PathChanged."""
 
     def __init__(self, key: PrivateKey, *, deliver: Callable[[bytes, PublicKey], None],
                  send_relay: Callable[[PublicKey, bytes], None], emit: Callable[[object], None],
-                 relay_host: str, stun_server: Optional[Addr] = None, port: int = 0, bind: str = "0.0.0.0",
-                 table: Optional[PathTable] = None) -> None:
+                 relay_host: str, stun_server: Addr | None = None, port: int = 0, bind: str = "0.0.0.0",
+                 table: PathTable | None = None) -> None:
         self._key = key
         self._box = DiscoBox(key)
         self._deliver = deliver
@@ -116,9 +118,7 @@ class DirectPaths:
         self._emit = emit
         self._relay_host = relay_host
         self._stun_target = stun_server
-        self._stun_addr: Optional[Addr] = None
-        self._stun_tx: set[bytes] = set()
-        self._stun = StunSchedule()
+        self.stun = StunProbe(None)
         self.table = table if table is not None else PathTable()
         self.lock = threading.Lock()        # the path table and the counters below
         self._noted: dict[PublicKey, float] = {}
@@ -126,8 +126,7 @@ class DirectPaths:
         self.bytes_received: dict[PublicKey, int] = {}
         self.relay_sent: dict[PublicKey, int] = {}       # the same peers over the relay
         self.relay_received: dict[PublicKey, int] = {}
-        self.drops = {"unknown_source": 0, "bad_disco": 0, "unknown_packet": 0, "too_big": 0}
-        self.stun_mapped: Optional[Addr] = None
+        self.drops = {"unknown_source": 0, "unknown_peer": 0, "bad_disco": 0, "unknown_packet": 0, "too_big": 0}
         self._closed = False
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE as root
@@ -147,12 +146,12 @@ class DirectPaths:
 
     def start(self) -> None:
         """Gather endpoints, start STUN and the reader thread."""
-        endpoints = self._gather_endpoints()
-        self._resolve_stun()  # DNS here, never in the reader thread (it runs the path timers)
+        endpoints = gather_endpoints(self._relay_host, self.port)
+        self.stun.server = self._resolve_stun()  # DNS here, never in the reader thread (it runs the timers)
         now = time.monotonic()
         with self.lock:
             self.table.set_local_endpoints(endpoints, now)
-            self._stun.restart(now)
+            self.stun.restart(now)
         self._thread.start()
 
     def close(self) -> None:
@@ -171,7 +170,7 @@ class DirectPaths:
     def restun(self) -> None:
         """Ask STUN again (the relay link came back; our public address may have changed)."""
         with self.lock:
-            self._stun.restart(time.monotonic())
+            self.stun.restart(time.monotonic())
         self._wake()
 
     # ------------------------------------------------------------ send path
@@ -227,7 +226,7 @@ class DirectPaths:
         while not self._closed:
             try:
                 data, addr = sock.recvfrom(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 data = b""
                 addr = None
             except OSError:
@@ -261,7 +260,15 @@ class DirectPaths:
         else:
             self.drops["unknown_packet"] += 1
 
-    def _on_disco(self, packet: bytes, src: Optional[Addr], expect: Optional[PublicKey] = None) -> None:
+    def _on_disco(self, packet: bytes, src: Addr | None, expect: PublicKey | None = None) -> None:
+        if src is not None:
+            claimed = packet_sender(packet)
+            if claimed is None or not self.table.is_enabled(claimed):
+                # Over UDP only peers we already know are ours: a first contact comes over
+                # the relay (which vouches for the sender's key), so made-up keys sent to
+                # our port cost nothing, not even a key agreement.
+                self.drops["unknown_peer"] += 1
+                return
         try:
             sender, msg = self._box.open(packet)
         except DiscoError as e:
@@ -274,53 +281,38 @@ class DirectPaths:
         self._locked(lambda now: self.table.on_disco(sender, msg, src, now))
 
     def _on_stun(self, data: bytes, addr: Addr) -> None:
-        try:
-            tx, mapped = stun.parse_response(data)
-        except stun.StunError:
-            self.drops["unknown_packet"] += 1
-            return
         with self.lock:
-            if tx not in self._stun_tx or addr != self._stun_addr:
-                return
-            self._stun_tx.clear()
             now = time.monotonic()
-            self._stun.answered(now)
-            if mapped != self.stun_mapped:
+            old = self.stun.mapped
+            try:
+                mapped = self.stun.on_response(data, addr, now)
+            except stun.StunError:
+                self.drops["unknown_packet"] += 1
+                return
+            if mapped is None:
+                return
+            if mapped != old:
                 log.info("udp: STUN at %s:%d sees us at %s:%d", addr[0], addr[1], mapped[0], mapped[1])
-            self.stun_mapped = mapped
             self.table.add_local_endpoint(mapped, now)
         self._flush()
 
     def _tick(self) -> None:
         now = time.monotonic()
-        stun_due = False
         with self.lock:
             self.table.poll(now)
-            if self._stun.due(now):
-                stun_due = True
-            deadline = min((t for t in (self.table.next_deadline(), self._stun.next_deadline()) if t is not None),
+            request = self.stun.poll(now)
+            deadline = min((t for t in (self.table.next_deadline(), self.stun.next_deadline()) if t is not None),
                            default=now + 1.0)
-        if stun_due:
-            self._send_stun()
+        if request is not None and self.stun.server is not None:
+            try:
+                self._sock.sendto(request, self.stun.server)
+            except OSError as e:
+                log.debug("udp: STUN request to %s failed: %s", self.stun.server, e)
         self._flush()
         if not self._closed:
             self._sock.settimeout(min(max(deadline - time.monotonic(), 0.005), _MAX_SLEEP))
 
-    def _send_stun(self) -> None:
-        target = self._stun_addr
-        if target is None:
-            return  # no STUN server could be resolved: local endpoints only
-        tx = stun.new_tx_id()
-        with self.lock:
-            if len(self._stun_tx) > 8:
-                self._stun_tx.clear()
-            self._stun_tx.add(tx)
-        try:
-            self._sock.sendto(stun.binding_request(tx), target)
-        except OSError as e:
-            log.debug("udp: STUN request to %s failed: %s", target, e)
-
-    def _resolve_stun(self) -> Optional[Addr]:
+    def _resolve_stun(self) -> Addr | None:
         host, port = self._stun_target or (self._relay_host, DEFAULT_STUN_PORT)
         try:
             infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
@@ -330,8 +322,7 @@ class DirectPaths:
         if not infos:
             return None
         ip, p = infos[0][4][0], infos[0][4][1]
-        self._stun_addr = (str(ip), int(p))
-        return self._stun_addr
+        return (str(ip), int(p))
 
     # ------------------------------------------------------------ helpers
 
@@ -354,7 +345,8 @@ class DirectPaths:
         for a in actions:
             self._send_disco(a)
         for ev in events:
-            self._report(ev)
+            log_path_change(ev)
+            self._emit(ev)
         if actions or pending:
             self._wake()
 
@@ -371,20 +363,6 @@ class DirectPaths:
         except (OSError, ValueError) as e:
             log.debug("disco: sending %s to %s failed: %s", type(a.msg).__name__, a.addr or "relay", e)
 
-    def _report(self, ev: PathChanged) -> None:
-        who = ev.peer.b64()
-        if ev.addr is not None:
-            if ev.reason == "mtu":
-                log.debug("direct path to %s carries %d-byte packets", who, ev.mtu)
-            else:
-                log.info("direct path to %s via %s:%d, rtt %.1f ms", who, ev.addr[0], ev.addr[1],
-                         (ev.rtt or 0.0) * 1000)
-        elif ev.reason == "idle":
-            log.debug("direct path to %s expired while idle; relay until traffic resumes", who)
-        else:
-            log.info("direct path to %s lost (%s); falling back to the relay", who, ev.reason)
-        self._emit(ev)
-
     def _wake(self) -> None:
         """Wake the reader thread so it re-evaluates its timers (an empty datagram to itself)."""
         if threading.current_thread() is self._thread or self._closed:
@@ -393,22 +371,6 @@ class DirectPaths:
             self._sock.sendto(b"", ("127.0.0.1", self.port))
         except OSError:
             pass  # no loopback here: the reader still wakes within _MAX_SLEEP
-
-    def _gather_endpoints(self) -> list[Addr]:
-        relay_ip = None
-        try:
-            relay_ip = socket.getaddrinfo(self._relay_host, None, socket.AF_INET)[0][4][0]
-        except (OSError, IndexError):
-            pass
-        ips: list[str] = []
-        route = _route_address(str(relay_ip)) if relay_ip else None
-        if route:
-            ips.append(route)
-        if not (relay_ip and ipaddress.ip_address(relay_ip).is_loopback):
-            # A relay reached over loopback means every peer is on this host: loopback is
-            # the only useful endpoint. Otherwise every interface address is a candidate.
-            ips += [ip for ip in local_addresses() if not ipaddress.ip_address(ip).is_loopback]
-        return [(ip, self.port) for ip in dict.fromkeys(ips)]
 
     def paths(self) -> dict[PublicKey, dict[str, Any]]:
         """Per peer: the path ("relay" or "ip:port"), rtt (s), mtu, candidates, direct bytes."""
@@ -426,5 +388,5 @@ class DirectPaths:
 
     def stats(self) -> dict[str, object]:
         with self.lock:
-            return {"port": self.port, "stun_mapped": self.stun_mapped, "drops": dict(self.drops),
+            return {"port": self.port, "stun_mapped": self.stun.mapped, "drops": dict(self.drops),
                     "local_endpoints": list(self.table.local_endpoints), "ignored_pongs": self.table.ignored_pongs}

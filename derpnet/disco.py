@@ -30,7 +30,6 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
 
 import nacl.exceptions
 import nacl.public
@@ -113,13 +112,13 @@ class Pong:
 class CallMeMaybe:
     """A request to ping us on these endpoints (sent over the relay, after pinging them ourselves)."""
 
-    endpoints: Tuple[Addr, ...]
+    endpoints: tuple[Addr, ...]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", tuple(normalize(ep) for ep in self.endpoints))
 
 
-Message = Union[Ping, Pong, CallMeMaybe]
+Message = Ping | Pong | CallMeMaybe
 
 
 def looks_like_disco(data: bytes) -> bool:
@@ -127,7 +126,7 @@ def looks_like_disco(data: bytes) -> bool:
     return len(data) >= HEADER_LEN and data[:len(MAGIC)] == MAGIC
 
 
-def packet_sender(packet: bytes) -> Optional[PublicKey]:
+def packet_sender(packet: bytes) -> PublicKey | None:
     """The claimed (not yet authenticated) sender key of a disco packet, or None when it is
     not one: lets the caller drop packets from unknown peers before spending any crypto."""
     if not looks_like_disco(packet):
@@ -200,10 +199,10 @@ class DiscoBox:
         self._prefix = MAGIC + private_key.public_key.raw
         self.public_key = private_key.public_key
         self._cache_size = cache_size
-        self._boxes: "OrderedDict[bytes, nacl.public.Box]" = OrderedDict()
+        self._boxes: OrderedDict[bytes, nacl.public.Box] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _cached(self, peer: bytes) -> Optional[nacl.public.Box]:
+    def _cached(self, peer: bytes) -> nacl.public.Box | None:
         with self._lock:
             box = self._boxes.get(peer)
             if box is not None:
@@ -230,7 +229,7 @@ class DiscoBox:
         nonce = os.urandom(NONCE_LEN)
         return self._prefix + nonce + box.encrypt(plain, nonce).ciphertext
 
-    def open(self, packet: bytes) -> Tuple[PublicKey, Message]:
+    def open(self, packet: bytes) -> tuple[PublicKey, Message]:
         """(authenticated sender, message). DiscoError, and only DiscoError, for anything unusable."""
         packet = bytes(packet)
         if packet[:len(MAGIC)] != MAGIC:

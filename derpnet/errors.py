@@ -19,6 +19,7 @@ __all__ = [
     "HandshakeError",
     "UpgradeError",
     "AuthenticationError",
+    "PeerNotConnected",
 ]
 
 
@@ -53,3 +54,9 @@ class UpgradeError(HandshakeError):
 
 class AuthenticationError(DerpError):
     """A peer could not prove that it holds the private key it claims."""
+
+
+class PeerNotConnected(ConnectionRefusedError):
+    """The relay says the peer is not connected to it (it left, or was never there), and
+    the peer has not been heard from since: a dial to it fails fast instead of timing out.
+    A ConnectionRefusedError (errno ECONNREFUSED), like a TCP connect to nobody."""

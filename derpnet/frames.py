@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import Event
@@ -153,7 +153,7 @@ class ClosePeer(Frame):
 class Ping(Frame):
     data: bytes
 
-    def response(self) -> "Pong":
+    def response(self) -> Pong:
         """The Pong that answers this Ping."""
         return Pong(self.data)
 
@@ -383,6 +383,14 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    def next_header(self) -> tuple[int, int] | None:
+        """(type, length) of the next frame once its header is buffered, before its payload:
+        a relay refuses a frame it does not want on the header (None: no header yet)."""
+        if self._skip or len(self._buf) < FRAME_HEADER_LEN:
+            return None
+        ftype, length = _HEADER.unpack_from(self._buf)
+        return ftype, length
 
     def feed(self, data: bytes) -> None:
         if self._error is not None:

@@ -8,8 +8,8 @@ make us buffer without bound.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from .errors import RemoteProtocolError
 
@@ -110,9 +110,11 @@ def parse_response_head(buf: bytes | bytearray) -> tuple[Response, int] | None:
         return None
     start, headers = _split_head(bytes(buf[: end - 4]))
     parts = start.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (len(parts[1]) == 3 and parts[1].isascii() and parts[1].isdigit()):
+    if (len(parts) < 2 or not parts[0].startswith("HTTP/")
+            or not (len(parts[1]) == 3 and parts[1].isascii() and parts[1].isdigit())):
         raise RemoteProtocolError(f"malformed HTTP status line {start[:80]!r}")
-    return Response(headers=headers, status=int(parts[1]), reason=parts[2] if len(parts) > 2 else "", version=parts[0]), end
+    reason = parts[2] if len(parts) > 2 else ""
+    return Response(headers=headers, status=int(parts[1]), reason=reason, version=parts[0]), end
 
 
 def _headers_bytes(headers: Iterable[tuple[str, str]]) -> str:

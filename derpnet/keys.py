@@ -12,19 +12,76 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Union
 
 import nacl.bindings
 import nacl.public
 
 from ._files import write_atomic
 
-__all__ = ["PublicKey", "PrivateKey", "KEY_LEN", "PublicKeyLike", "PrivateKeyLike"]
+__all__ = ["PublicKey", "PrivateKey", "KEY_LEN", "PublicKeyLike", "PrivateKeyLike", "describe_key_text",
+           "redact_key_material", "key_file_mode_problem"]
 
 KEY_LEN = 32
 _NODEKEY_PREFIX = "nodekey:"
 _PRIVKEY_PREFIX = "privkey:"
 _B64URL = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+#: The longest text an error message may echo as it is (when it is not a private key):
+#: too short to hold a useful part of a key.
+_ECHO_MAX = 12
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+_B64 = re.compile(r"[A-Za-z0-9_+/-]+=*")
+# Anything in a message that may be key material: privkey:..., 64 hex digits, 43-44 base64.
+_KEY_MATERIAL = re.compile(r"(?i)privkey:[^\s'\"]*"
+                           r"|(?<![0-9A-Za-z])[0-9A-Fa-f]{64}(?![0-9A-Za-z])"
+                           r"|(?<![A-Za-z0-9_+/-])[A-Za-z0-9_+/-]{43}=?(?![A-Za-z0-9_+/=-])")
+
+
+def key_file_mode_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the private key file at `path` is exposed (readable or writable by other users:
+    group or world bits set), in one line; None if it is not, or on a non-POSIX system."""
+    if os.name != "posix":
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & 0o077:
+        return f"key file {os.fspath(path)} is readable by other users (mode {mode & 0o777:o}): chmod 600 it"
+    return None
+
+
+def describe_key_text(text: str) -> str:
+    """What `text` (a would-be key) looks like, for an error message, never any of its
+    characters unless it is short and no private key: a pasted secret must not end up in
+    a terminal, a log or a bug report."""
+    s = text.strip()
+    low = s.lower()
+    if low.startswith(_PRIVKEY_PREFIX):
+        return "a private key (privkey:...)"
+    if "privatekey" in low:
+        return "a private key file's contents (JSON with PrivateKey)"
+    if len(s) <= _ECHO_MAX:
+        return repr(s)
+    if low.startswith(_NODEKEY_PREFIX):
+        return f"nodekey: and {len(s) - len(_NODEKEY_PREFIX)} characters"
+    if _HEX.fullmatch(s):
+        return f"{len(s)} hexadecimal characters"
+    if _B64.fullmatch(s):
+        return f"{len(s)} base64 characters"
+    return f"{len(s)} characters"
+
+
+def redact_key_material(message: str) -> str:
+    """`message` with everything that may be key material (privkey:..., 64 hex digits,
+    43-character base64) replaced by what kind of text it was."""
+    def repl(m: re.Match[str]) -> str:
+        t = m.group()
+        if t.lower().startswith(_PRIVKEY_PREFIX):
+            return "<a private key, not shown>"
+        return f"<{len(t)} {'hexadecimal' if len(t) == 64 else 'base64'} characters, not shown>"
+    return _KEY_MATERIAL.sub(repl, message)
 
 
 def _parse_hex(text: str, what: str) -> bytes:
@@ -52,7 +109,7 @@ class PublicKey:
         self._hash = hash(self._raw)
 
     @classmethod
-    def parse(cls, text: str) -> "PublicKey":
+    def parse(cls, text: str) -> PublicKey:
         """Parse `nodekey:<hex>`, bare 64-hex, or the Go tool's 43-character base64url form."""
         if not isinstance(text, str):
             raise TypeError(f"public key text must be str, not {type(text).__name__}")
@@ -72,15 +129,16 @@ class PublicKey:
                 else:  # WireGuard's standard base64 with padding
                     raw = base64.b64decode(s, validate=True)
             except (binascii.Error, ValueError):
-                raise ValueError(f"public key: invalid base64 {s!r}") from None
+                raise ValueError(f"public key: invalid base64 ({len(s)} characters)") from None
             return cls(_parse_raw(raw, "public key"))
+        # Never echo the text: it may be a secret pasted in the wrong place.
         raise ValueError(
-            f"public key: {s[:20]!r} is not nodekey:<64 hex>, 64 hex characters, "
+            f"public key: expected nodekey:<64 hex>, 64 hex characters, "
             f"or 43-character base64url (got {len(s)} characters)"
         )
 
     @classmethod
-    def coerce(cls, value: "PublicKeyLike") -> "PublicKey":
+    def coerce(cls, value: PublicKeyLike) -> PublicKey:
         """Accept a PublicKey, 32 raw bytes or any text form."""
         if isinstance(value, PublicKey):
             return value
@@ -137,7 +195,7 @@ class PrivateKey:
         self._public = PublicKey(nacl.bindings.crypto_scalarmult_base(self._raw))
 
     @classmethod
-    def generate(cls) -> "PrivateKey":
+    def generate(cls) -> PrivateKey:
         """A fresh random key, clamped as Tailscale does so stored bytes match Go's."""
         b = bytearray(os.urandom(KEY_LEN))
         b[0] &= 248
@@ -145,7 +203,7 @@ class PrivateKey:
         return cls(bytes(b))
 
     @classmethod
-    def parse(cls, text: str) -> "PrivateKey":
+    def parse(cls, text: str) -> PrivateKey:
         """Parse `privkey:<hex>` or bare 64-hex."""
         s = text.strip()
         if s.lower().startswith(_PRIVKEY_PREFIX):
@@ -157,7 +215,7 @@ class PrivateKey:
         raise ValueError(f"private key: expected privkey:<64 hex> or 64 hex characters, got {len(s)} characters")
 
     @classmethod
-    def coerce(cls, value: "PrivateKeyLike") -> "PrivateKey":
+    def coerce(cls, value: PrivateKeyLike) -> PrivateKey:
         """Accept a PrivateKey, 32 raw bytes or `privkey:<hex>`."""
         if isinstance(value, PrivateKey):
             return value
@@ -168,7 +226,7 @@ class PrivateKey:
         raise TypeError(f"cannot use {type(value).__name__} as a private key")
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "PrivateKey":
+    def load(cls, path: str | os.PathLike[str]) -> PrivateKey:
         """Read a key file: raw 32 bytes (the Go derpconnect format), `privkey:<hex>` text,
         or derper's JSON `{"PrivateKey": "privkey:..."}`."""
         data = Path(path).read_bytes()
@@ -177,7 +235,8 @@ class PrivateKey:
         try:
             text = data.decode("ascii").strip()
         except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a key file (expected 32 raw bytes or privkey:<hex>, got {len(data)} bytes)") from None
+            raise ValueError(f"{path}: not a key file (expected 32 raw bytes or privkey:<hex>, "
+                             f"got {len(data)} bytes)") from None
         if text.startswith("{"):
             try:
                 text = json.loads(text)["PrivateKey"]
@@ -188,7 +247,7 @@ class PrivateKey:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
-    def save(self, path: Union[str, os.PathLike], *, raw: bool = False) -> None:
+    def save(self, path: str | os.PathLike[str], *, raw: bool = False) -> None:
         """Write the key atomically with mode 0600: text `privkey:<hex>`, or the 32 raw bytes."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -227,5 +286,5 @@ class PrivateKey:
         return hash(self._raw)
 
 
-PublicKeyLike = Union[PublicKey, bytes, bytearray, memoryview, str]
-PrivateKeyLike = Union[PrivateKey, bytes, bytearray, memoryview, str]
+PublicKeyLike = PublicKey | bytes | bytearray | memoryview | str
+PrivateKeyLike = PrivateKey | bytes | bytearray | memoryview | str

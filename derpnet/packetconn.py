@@ -63,17 +63,27 @@ import errno
 import logging
 import ssl
 import threading
-import time
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import frames as F
-from .client import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_AFTER, DEFAULT_PING_TIMEOUT,
-                     DEFAULT_WRITE_TIMEOUT, RelayAddress, parse_relay)
+from .client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_PING_AFTER,
+    DEFAULT_PING_TIMEOUT,
+    DEFAULT_WRITE_TIMEOUT,
+    RelayAddress,
+    parse_relay,
+)
 from .disco import looks_like_disco
 from .keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
 from .paths import RELAY_PATH_MTU, PathChanged
 from .relaylink import LinkDown, LinkUp, RelayLink, backoff_delay
 from .rxqueue import ReceiveQueue, ShortBufferError, closed_error
+
+if TYPE_CHECKING:
+    from .direct import DirectPaths
 
 __all__ = ["listen_packet", "PacketConn", "ShortBufferError", "LinkUp", "LinkDown", "PathChanged",
            "MAX_DATAGRAM_SIZE", "DEFAULT_QUEUE_SIZE", "backoff_delay"]
@@ -89,8 +99,8 @@ def _size(data: Any) -> int:
     return len(data) if type(data) is bytes else memoryview(data).nbytes
 
 
-def listen_packet(relay: Union[str, RelayAddress], key: Optional[PrivateKeyLike] = None,
-                  **options: Any) -> "PacketConn":
+def listen_packet(relay: str | RelayAddress, key: PrivateKeyLike | None = None,
+                  **options: Any) -> PacketConn:
     """Connect to `relay` with `key` (None: a fresh key) and return a `PacketConn`.
 
     `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port`` or
@@ -102,60 +112,51 @@ def listen_packet(relay: Union[str, RelayAddress], key: Optional[PrivateKeyLike]
 class PacketConn:
     """A datagram endpoint whose address is our public key (Go's net.PacketConn).
 
-    Options: ``ssl_context`` (custom CAs), ``connect_timeout`` (10 s, DNS to DERP hello),
-    ``write_timeout`` (5 s; a relay that takes no bytes for that long is dead),
-    ``idle_timeout`` (120 s of silence = dead), ``ping_after``/``ping_timeout`` (5 s/5 s: a
-    relay silent for ping_after while we send gets a DERP Ping, and no answer within
-    ping_timeout = dead; None disables; see derpnet.liveness), ``queue_size``
-    (512 received datagrams, drop-oldest), ``reconnect`` (True), ``on_event(event)``
-    (LinkUp, LinkDown, PathChanged and relay frames: frames.PeerGone, frames.Health,
-    frames.Restarting...; runs in a reader thread, must not block), ``on_packet(data,
-    src)`` (instead of the queue: every datagram is handed to it in a reader thread; must
-    not block). Direct paths: ``direct`` (True), ``stun`` ("host:port" of a STUN server;
-    default the relay's host, port 3478), ``udp_port`` (0 = any).
+    Options: ``ssl_context``, ``connect_timeout`` (10 s), ``write_timeout`` (5 s),
+    ``idle_timeout`` (120 s), ``ping_after``/``ping_timeout`` (5 s/5 s; see
+    derpnet.liveness), ``queue_size`` (512, drop-oldest), ``reconnect`` (True),
+    ``on_event(event)`` (LinkUp, LinkDown, PathChanged, relay frames; a reader thread: must
+    not block), ``on_packet(data, src)`` (instead of the queue; a reader thread), and for
+    direct paths ``direct`` (True), ``stun`` ("host:port"; default the relay's host, port
+    3478), ``udp_port`` (0 = any).
     """
 
     def __init__(
         self,
-        relay: Union[str, RelayAddress],
-        key: Optional[PrivateKeyLike] = None,
+        relay: str | RelayAddress,
+        key: PrivateKeyLike | None = None,
         *,
-        ssl_context: Optional[ssl.SSLContext] = None,
-        connect_timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT,
-        write_timeout: Optional[float] = DEFAULT_WRITE_TIMEOUT,
-        idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
-        ping_after: Optional[float] = DEFAULT_PING_AFTER,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        write_timeout: float | None = DEFAULT_WRITE_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        ping_after: float | None = DEFAULT_PING_AFTER,
         ping_timeout: float = DEFAULT_PING_TIMEOUT,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         reconnect: bool = True,
-        on_event: Optional[Callable[[object], None]] = None,
-        on_packet: Optional[Callable[[bytes, PublicKey], None]] = None,
+        on_event: Callable[[object], None] | None = None,
+        on_packet: Callable[[bytes, PublicKey], None] | None = None,
         direct: bool = True,
-        stun: Optional[str] = None,
+        stun: str | None = None,
         udp_port: int = 0,
     ) -> None:
         self._relay = parse_relay(relay)
         self._key = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
         self._addr = self._key.public_key
         stun_server = _parse_host_port(stun, "stun") if stun is not None else None
-        self._on_event = on_event
-        self._listeners: tuple[Callable[[object], None], ...] = ()  # add_event_listener()
+        self._events = EventHub(on_event)
         self._on_packet_cb = on_packet
 
         self._rx = ReceiveQueue(queue_size)
         self._cond = self._rx.cond  # also guards the listeners and the counters below
 
-        self._stats_lock = threading.Lock()  # send-side counters (writers run in any thread)
-        self._packets_out = self._bytes_out = 0
-        self._direct_out = 0
-        self._drop_offline = 0
         self._peer_gone = 0
 
-        self._direct = None
+        self._direct: DirectPaths | None = None
         if direct:
             from .direct import DirectPaths  # imported only when used
             self._direct = DirectPaths(self._key, deliver=self._deliver, send_relay=self._send_raw,
-                                       emit=self._emit, relay_host=self._relay.host, stun_server=stun_server,
+                                       emit=self._events.emit, relay_host=self._relay.host, stun_server=stun_server,
                                        port=udp_port)
         client_opts: dict[str, Any] = dict(ssl_context=ssl_context, connect_timeout=connect_timeout,
                                            write_timeout=write_timeout, idle_timeout=idle_timeout,
@@ -167,6 +168,7 @@ class PacketConn:
             if self._direct is not None:
                 self._direct.close()
             raise
+        self._out = Outbound(self._link, self._direct, self._rx)
         if self._direct is not None:
             self._direct.start()
 
@@ -200,23 +202,7 @@ class PacketConn:
         if self._rx.closed:
             raise closed_error()
         dst = addr if type(addr) is PublicKey else PublicKey.coerce(addr)
-        direct = self._direct
-        if direct is not None and direct.send(dst, data):
-            with self._stats_lock:
-                self._packets_out += 1
-                self._bytes_out += n
-                self._direct_out += 1
-            return n
-        lock_timeout = self._rx.write_wait()
-        try:
-            self._link.send(dst, _FRAMING, data, lock_timeout=lock_timeout)
-        except ConnectionError:
-            return self._offline_drop(1) and n  # down (or died under us): the reader reconnects
-        except TimeoutError:
-            raise TimeoutError(errno.ETIMEDOUT, "write timed out waiting for other writers") from None
-        with self._stats_lock:
-            self._packets_out += 1
-            self._bytes_out += n
+        self._out.send(dst, data, n)
         return n
 
     def write_batch(self, datagrams: Iterable[tuple[bytes, PublicKeyLike]]) -> int:
@@ -232,33 +218,7 @@ class PacketConn:
             items.append((addr if type(addr) is PublicKey else PublicKey.coerce(addr), data, n))
         if self._rx.closed:
             raise closed_error()
-        direct = self._direct
-        relayed: list[tuple[PublicKey, tuple[bytes, bytes]]] = []
-        sent_direct = total_direct = total_relay = 0
-        for dst, data, n in items:
-            if direct is not None and direct.send(dst, data):
-                sent_direct += 1
-                total_direct += n
-            else:
-                relayed.append((dst, (_FRAMING, data)))
-                total_relay += n
-        with self._stats_lock:
-            self._packets_out += sent_direct
-            self._bytes_out += total_direct
-            self._direct_out += sent_direct
-        if not relayed:
-            return len(items)
-        lock_timeout = self._rx.write_wait()
-        try:
-            self._link.send_many(relayed, lock_timeout=lock_timeout)
-        except ConnectionError:
-            return sent_direct + self._offline_drop(len(relayed))
-        except TimeoutError:
-            raise TimeoutError(errno.ETIMEDOUT, "write timed out waiting for other writers") from None
-        with self._stats_lock:
-            self._packets_out += len(relayed)
-            self._bytes_out += total_relay
-        return len(items)
+        return self._out.send_many(items)
 
     def read_from(self, bufsize: int = 65536) -> tuple[bytes, PublicKey]:
         """Block for the next datagram: (payload, sender's PublicKey).
@@ -267,6 +227,11 @@ class PacketConn:
         is larger than `bufsize` (it stays queued), OSError EBADF once closed.
         """
         return self._rx.take(bufsize, self._dead)
+
+    def read_batch(self, limit: int = 256) -> list[tuple[bytes, PublicKey]]:
+        """Block for the next datagram as read_from() does, then return it with every datagram
+        already queued behind it, at most `limit`: [(payload, sender), ...] (any size)."""
+        return self._rx.take_batch(limit, self._dead)
 
     def read_from_into(self, buffer: Any) -> tuple[int, PublicKey]:
         """Like read_from(), into a writable buffer: (nbytes, sender). ShortBufferError if too small."""
@@ -289,7 +254,7 @@ class PacketConn:
     def closed(self) -> bool:
         return self._rx.closed
 
-    def __enter__(self) -> "PacketConn":
+    def __enter__(self) -> PacketConn:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -308,23 +273,23 @@ class PacketConn:
 
     # ------------------------------------------------------------ deadlines
 
-    def set_deadline(self, t: Optional[float]) -> None:
+    def set_deadline(self, t: float | None) -> None:
         """Read and write deadline: absolute time.time() seconds, or None for none."""
         self.set_read_deadline(t)
         self.set_write_deadline(t)
 
-    def set_read_deadline(self, t: Optional[float]) -> None:
+    def set_read_deadline(self, t: float | None) -> None:
         """Read deadline (absolute time.time() seconds, None clears); wakes blocked readers."""
         self._rx.set_read_deadline(t)
 
-    def set_write_deadline(self, t: Optional[float]) -> None:
+    def set_write_deadline(self, t: float | None) -> None:
         self._rx.write_deadline = None if t is None else float(t)
 
-    def settimeout(self, seconds: Optional[float]) -> None:
+    def settimeout(self, seconds: float | None) -> None:
         """Per-call timeout for read_from/write_to, as socket.settimeout (None = block)."""
         self._rx.settimeout(seconds)
 
-    def gettimeout(self) -> Optional[float]:
+    def gettimeout(self) -> float | None:
         return self._rx.timeout
 
     # ------------------------------------------------------------ relay link state
@@ -338,7 +303,7 @@ class PacketConn:
         """Number of successful relay connections so far (1 after listen_packet)."""
         return self._link.generation
 
-    def wait_connected(self, timeout: Optional[float] = None, *, min_generation: int = 1) -> bool:
+    def wait_connected(self, timeout: float | None = None, *, min_generation: int = 1) -> bool:
         """Wait until a relay link of generation ≥ `min_generation` is up; False on timeout or close."""
         return self._link.wait_connected(timeout, min_generation=min_generation)
 
@@ -353,7 +318,7 @@ class PacketConn:
         return self._link.health
 
     @property
-    def server_key(self) -> Optional[PublicKey]:
+    def server_key(self) -> PublicKey | None:
         return self._link.server_key
 
     # ------------------------------------------------------------ direct paths
@@ -374,19 +339,12 @@ class PacketConn:
         return {} if self._direct is None else self._direct.paths()
 
     def stats(self) -> dict[str, Any]:
-        rx = self._rx
-        with self._cond:
-            d: dict[str, Any] = {
-                "packets_in": rx.packets_in, "bytes_in": rx.bytes_in, "queued": len(rx.items),
-                "reconnects": self._link.reconnects, "peer_gone": self._peer_gone, "connected": self._link.connected,
-            }
-            bad = rx.drop_bad_framing
-            qfull = rx.drop_queue_full
-        with self._stats_lock:
-            d["packets_out"] = self._packets_out
-            d["bytes_out"] = self._bytes_out
-            d["packets_out_direct"] = self._direct_out
-            d["drops"] = {"queue_full": qfull, "bad_framing": bad, "offline": self._drop_offline}
+        """Counters: packets/bytes in and out (and out direct), drops by reason, reconnects."""
+        d: dict[str, Any] = {"reconnects": self._link.reconnects, "peer_gone": self._peer_gone,
+                             "connected": self._link.connected, **self._rx.counters()}
+        out = self._out.counters()
+        d["drops"].update(out.pop("drops"))
+        d.update(out)
         if self._direct is not None:
             d["direct"] = self._direct.stats()
         return d
@@ -395,23 +353,12 @@ class PacketConn:
         """Also deliver link, path and relay events (LinkUp, LinkDown, PathChanged, PeerGone,
         Health, ...) to `callback`, besides the `on_event` option; layers above (the QUIC
         driver) use it. Callbacks run on a reader thread and must not block."""
-        with self._cond:
-            self._listeners += (callback,)
+        self._events.add(callback)
 
     def remove_event_listener(self, callback: Callable[[object], None]) -> None:
-        with self._cond:
-            self._listeners = tuple(cb for cb in self._listeners if cb is not callback)
+        self._events.remove(callback)
 
     # ------------------------------------------------------------ internals
-
-    def _offline_drop(self, count: int) -> int:
-        if self._rx.closed:
-            raise closed_error()
-        if self._link.dead is not None:
-            raise ConnectionResetError(errno.ECONNRESET, f"relay link is down: {self._link.dead}")
-        with self._stats_lock:
-            self._drop_offline += count
-        return count
 
     def _send_raw(self, dst: PublicKey, packet: bytes) -> None:
         """A disco packet over the relay (no 0x00 framing: the relay files it as disco)."""
@@ -420,17 +367,8 @@ class PacketConn:
         except (ConnectionError, TimeoutError) as e:
             log.debug("disco to %s over the relay dropped: %s", dst, e)
 
-    def _dead(self) -> Optional[BaseException]:
+    def _dead(self) -> BaseException | None:
         return self._link.dead
-
-    def _emit(self, event: object) -> None:
-        for cb in (self._on_event, *self._listeners):
-            if cb is None:
-                continue
-            try:
-                cb(event)
-            except Exception:
-                log.exception("on_event callback failed")
 
     def _on_packet(self, src: PublicKey, data: bytes) -> None:
         # The relay reader thread's hot path: never blocks, never raises.
@@ -466,7 +404,101 @@ class PacketConn:
             self._rx.wake()  # readers re-check: the link may be dead for good
         elif isinstance(ev, LinkUp) and ev.generation > 1 and self._direct is not None:
             self._direct.restun()
-        self._emit(ev)
+        self._events.emit(ev)
+
+
+class EventHub:
+    """The `on_event` callback and the listeners added later; each gets every event."""
+
+    def __init__(self, first: Callable[[object], None] | None) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: tuple[Callable[[object], None], ...] = (first,) if first is not None else ()
+
+    def add(self, callback: Callable[[object], None]) -> None:
+        with self._lock:
+            self._callbacks += (callback,)
+
+    def remove(self, callback: Callable[[object], None]) -> None:
+        with self._lock:
+            self._callbacks = tuple(cb for cb in self._callbacks if cb is not callback)
+
+    def emit(self, event: object) -> None:
+        for cb in self._callbacks:
+            try:
+                cb(event)
+            except Exception:
+                log.exception("on_event callback failed")
+
+
+class Outbound:
+    """Where each datagram goes: the direct path when the peer has one that fits, else the
+    relay (dropped and counted while it is down, like UDP). Writers run in any thread."""
+
+    def __init__(self, link: RelayLink, direct: DirectPaths | None, rx: ReceiveQueue) -> None:
+        self.link, self.direct, self.rx = link, direct, rx
+        self.lock = threading.Lock()  # the counters
+        self.packets = self.bytes = self.direct_packets = self.drop_offline = 0
+
+    def send(self, dst: PublicKey, data: bytes, n: int) -> None:
+        direct = self.direct
+        if direct is not None and direct.send(dst, data):
+            with self.lock:
+                self.packets += 1
+                self.bytes += n
+                self.direct_packets += 1
+            return
+        try:
+            self.link.send(dst, _FRAMING, data, lock_timeout=self.rx.write_wait())
+        except ConnectionError:
+            self.offline(1)  # down (or died under us): the reader reconnects
+            return
+        except TimeoutError:
+            raise TimeoutError(errno.ETIMEDOUT, "write timed out waiting for other writers") from None
+        with self.lock:
+            self.packets += 1
+            self.bytes += n
+
+    def send_many(self, items: list[tuple[PublicKey, bytes, int]]) -> int:
+        direct = self.direct
+        relayed: list[tuple[PublicKey, Sequence[bytes]]] = []
+        sent_direct = total_direct = total_relay = 0
+        for dst, data, n in items:
+            if direct is not None and direct.send(dst, data):
+                sent_direct += 1
+                total_direct += n
+            else:
+                relayed.append((dst, (_FRAMING, data)))
+                total_relay += n
+        with self.lock:
+            self.packets += sent_direct
+            self.bytes += total_direct
+            self.direct_packets += sent_direct
+        if not relayed:
+            return len(items)
+        try:
+            self.link.send_many(relayed, lock_timeout=self.rx.write_wait())
+        except ConnectionError:
+            return sent_direct + self.offline(len(relayed))
+        except TimeoutError:
+            raise TimeoutError(errno.ETIMEDOUT, "write timed out waiting for other writers") from None
+        with self.lock:
+            self.packets += len(relayed)
+            self.bytes += total_relay
+        return len(items)
+
+    def counters(self) -> dict[str, Any]:
+        with self.lock:
+            return {"packets_out": self.packets, "bytes_out": self.bytes, "packets_out_direct": self.direct_packets,
+                    "drops": {"offline": self.drop_offline}}
+
+    def offline(self, count: int) -> int:
+        if self.rx.closed:
+            raise closed_error()
+        if self.link.dead is not None:
+            raise ConnectionResetError(errno.ECONNRESET, f"relay link is down: {self.link.dead}")
+        with self.lock:
+            self.drop_offline += count
+        return count
 
 
 def _parse_host_port(text: str, what: str) -> tuple[str, int]:

@@ -29,10 +29,11 @@ Rules, each tested in tests/derpnet/test_paths.py:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 from .disco import CallMeMaybe, Message, Ping, Pong, new_tx_id
+from .events import Event
 from .keys import PublicKey
 
 __all__ = ["PathChanged", "SendDisco", "PathInfo", "PathTable", "Addr", "RELAY_PATH_MTU", "BASE_UDP_SIZE",
@@ -47,12 +48,13 @@ BASE_UDP_SIZE = 1252        # UDP payload assumed on any direct path until a pro
 PROBE_SIZES = (8192, 16384, 32768, 65507)  # padded pings that probe larger UDP payloads
 MAX_ENDPOINTS = 32          # endpoints kept per peer (CallMeMaybe and reflexive)
 MAX_PINGS = 64              # pings in flight per peer
+MAX_PEERS = 4096            # peers remembered; the least recently active one is forgotten
 PING_EXPIRY = 5.0           # a ping unanswered for this long is forgotten
 _NO_SRC: Addr = ("0.0.0.0", 0)  # Pong.src for pings that came over the relay
 
 
 @dataclass(frozen=True)
-class PathChanged:
+class PathChanged(Event):
     """The path to `peer` changed: `addr` None = the relay, else the direct UDP (ip, port).
 
     `mtu` is the largest datagram (payload bytes) the path carries; layers above shrink or
@@ -61,9 +63,9 @@ class PathChanged:
     """
 
     peer: PublicKey
-    addr: Optional[Addr]
+    addr: Addr | None
     mtu: int
-    rtt: Optional[float] = None
+    rtt: float | None = None
     reason: str = ""
 
     @property
@@ -79,7 +81,7 @@ class SendDisco:
 
     peer: PublicKey
     msg: Message
-    addr: Optional[Addr]
+    addr: Addr | None
     size: int = 0
 
 
@@ -88,8 +90,8 @@ class PathInfo:
     """A snapshot of one peer's path, for `PacketConn.paths()`."""
 
     peer: PublicKey
-    addr: Optional[Addr]
-    rtt: Optional[float]
+    addr: Addr | None
+    rtt: float | None
     mtu: int
     enabled: bool
     candidates: tuple[Addr, ...]
@@ -104,7 +106,7 @@ class _Candidate:
 
 @dataclass
 class _Ping:
-    addr: Optional[Addr]
+    addr: Addr | None
     sent: float
     size: int
 
@@ -116,7 +118,7 @@ class _Peer:
     endpoints: dict[Addr, float] = field(default_factory=dict)  # addr -> when learnt
     pings: dict[bytes, _Ping] = field(default_factory=dict)
     cands: dict[Addr, _Candidate] = field(default_factory=dict)
-    best: Optional[Addr] = None
+    best: Addr | None = None
     last_active: float = float("-inf")
     next_discovery: float = float("-inf")
     next_heartbeat: float = float("-inf")
@@ -129,7 +131,8 @@ class PathTable:
 
     def __init__(self, *, heartbeat: float = 1.0, trust: float = 2.5, upgrade_interval: float = 5.0,
                  idle_after: float = 30.0, base_udp_size: int = BASE_UDP_SIZE,
-                 probe_sizes: Iterable[int] = PROBE_SIZES, switch_ratio: float = 0.7) -> None:
+                 probe_sizes: Iterable[int] = PROBE_SIZES, switch_ratio: float = 0.7,
+                 max_peers: int = MAX_PEERS) -> None:
         if trust <= heartbeat:
             raise ValueError("trust must be longer than the heartbeat interval")
         self.heartbeat = heartbeat
@@ -139,6 +142,7 @@ class PathTable:
         self.base_udp_size = base_udp_size
         self.probe_sizes = tuple(sorted(s for s in probe_sizes if s > base_udp_size))
         self.switch_ratio = switch_ratio
+        self.max_peers = max_peers
         self._peers: dict[PublicKey, _Peer] = {}
         self._routes: dict[PublicKey, tuple[Addr, int]] = {}   # peer -> (addr, mtu): the hot path
         self._addr_peer: dict[Addr, PublicKey] = {}           # UDP source -> peer, for received data
@@ -149,11 +153,11 @@ class PathTable:
 
     # ------------------------------------------------------------ queries (hot path)
 
-    def route(self, peer: PublicKey) -> Optional[tuple[Addr, int]]:
+    def route(self, peer: PublicKey) -> tuple[Addr, int] | None:
         """The direct path to `peer` as (addr, mtu), or None: use the relay."""
         return self._routes.get(peer)
 
-    def peer_for_addr(self, addr: Addr) -> Optional[PublicKey]:
+    def peer_for_addr(self, addr: Addr) -> PublicKey | None:
         """Which peer data from UDP `addr` belongs to (None: unknown sender, drop it)."""
         return self._addr_peer.get(addr)
 
@@ -191,13 +195,13 @@ class PathTable:
     def has_events(self) -> bool:
         return bool(self._events)
 
-    def next_deadline(self) -> Optional[float]:
+    def next_deadline(self) -> float | None:
         """When `poll()` next has work (None: nothing scheduled)."""
         times = [d for p in self._peers.values() if p.enabled
                  for d in (self._peer_deadline(p),) if d is not None]
         return min(times) if times else None
 
-    def _peer_deadline(self, p: _Peer) -> Optional[float]:
+    def _peer_deadline(self, p: _Peer) -> float | None:
         times = []
         if p.best is not None:
             times.append(p.cands[p.best].last_pong + self.trust)
@@ -250,21 +254,7 @@ class PathTable:
             p.next_heartbeat = min(p.next_heartbeat, now)
             self.poll(now)
 
-    def forget(self, peer: PublicKey, now: float) -> None:
-        """The peer left the relay (PeerGone): drop its path and candidates, keep `enabled`."""
-        p = self._peers.get(peer)
-        if p is None:
-            return
-        self._set_best(p, None, now, "gone")
-        for a in list(p.cands) + list(p.endpoints):
-            if self._addr_peer.get(a) == peer:
-                del self._addr_peer[a]
-        p.cands.clear()
-        p.endpoints.clear()
-        p.pings.clear()
-        p.probed.clear()
-
-    def on_disco(self, peer: PublicKey, msg: Message, src: Optional[Addr], now: float) -> None:
+    def on_disco(self, peer: PublicKey, msg: Message, src: Addr | None, now: float) -> None:
         """A disco message from `peer` (box verified) arrived from UDP `src` (None: the relay)."""
         p = self._peer(peer)
         if not p.enabled:
@@ -294,7 +284,8 @@ class PathTable:
                 del p.cands[dead]
                 p.probed.discard(dead)
                 others = [a for a, c in p.cands.items() if now < c.last_pong + self.trust]
-                self._set_best(p, self._fastest(p, others), now, "silent" if active else "idle")
+                fastest = min(others, key=lambda a: p.cands[a].rtt) if others else None
+                self._set_best(p, fastest, now, "silent" if active else "idle")
                 p.next_discovery = now
             if not active:
                 continue
@@ -313,8 +304,18 @@ class PathTable:
     def _peer(self, peer: PublicKey) -> _Peer:
         p = self._peers.get(peer)
         if p is None:
+            if len(self._peers) >= self.max_peers:
+                self._evict()
             p = self._peers[peer] = _Peer(peer)
         return p
+
+    def _evict(self) -> None:
+        """Forget the least recently active peer (bounded memory whoever writes to us)."""
+        victim = min(self._peers.values(), key=lambda q: q.last_active)
+        self._routes.pop(victim.key, None)
+        for a in [a for a, k in self._addr_peer.items() if k == victim.key]:
+            del self._addr_peer[a]
+        del self._peers[victim.key]
 
     def _active(self, p: _Peer, now: float) -> bool:
         return now - p.last_active < self.idle_after
@@ -329,7 +330,7 @@ class PathTable:
         p.last_cmm_sent = now
         self._actions.append(SendDisco(p.key, CallMeMaybe(self._local), None))
 
-    def _ping(self, p: _Peer, addr: Optional[Addr], now: float, size: int) -> None:
+    def _ping(self, p: _Peer, addr: Addr | None, now: float, size: int) -> None:
         if len(p.pings) >= MAX_PINGS:
             oldest = min(p.pings, key=lambda tx: p.pings[tx].sent)
             del p.pings[oldest]
@@ -358,7 +359,7 @@ class PathTable:
         if owner is None or owner not in self._peers or addr not in self._peers[owner].cands:
             self._addr_peer[addr] = p.key
 
-    def _on_ping(self, p: _Peer, msg: Ping, src: Optional[Addr], now: float) -> None:
+    def _on_ping(self, p: _Peer, msg: Ping, src: Addr | None, now: float) -> None:
         self._actions.append(SendDisco(p.key, Pong(msg.tx_id, src if src is not None else _NO_SRC), src))
         if src is None:
             return
@@ -369,7 +370,7 @@ class PathTable:
         if not known and not any(x.addr == src for x in p.pings.values()):
             self._ping(p, src, now, 0)
 
-    def _on_pong(self, p: _Peer, msg: Pong, src: Optional[Addr], now: float) -> None:
+    def _on_pong(self, p: _Peer, msg: Pong, src: Addr | None, now: float) -> None:
         ping = p.pings.get(msg.tx_id)
         if ping is None or ping.addr != src:
             self.ignored_pongs += 1  # not an answer to a ping of ours from where we sent it
@@ -412,10 +413,7 @@ class PathTable:
         if p.best is None:
             p.next_discovery = max(p.next_discovery, now + self.upgrade_interval)
 
-    def _fastest(self, p: _Peer, addrs: list[Addr]) -> Optional[Addr]:
-        return min(addrs, key=lambda a: p.cands[a].rtt) if addrs else None
-
-    def _set_best(self, p: _Peer, addr: Optional[Addr], now: float, reason: str, *, force: bool = False) -> None:
+    def _set_best(self, p: _Peer, addr: Addr | None, now: float, reason: str, *, force: bool = False) -> None:
         if addr == p.best and not force:
             return
         p.best = addr

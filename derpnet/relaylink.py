@@ -7,7 +7,9 @@ It owns the current `DerpClient`, replaces it when it dies, and reports `LinkUp`
 
 Reconnect: ``min(n² × 10 ms, 5 s) × uniform[0.5, 1.5)`` (n = consecutive failures; a link
 that lived at least a second resets n); a relay's ``Restarting`` frame replaces the first
-wait by its ``reconnect_in``. Threads: none of its own; after a link dies, that link's
+wait by its ``reconnect_in``, capped at 5 s (the most Tailscale's client ever waits: it
+treats the frame as advice and keeps its own backoff) and honoured once, only if the link
+dies within 10 s of the frame (a stale one is forgotten). Threads: none of its own; after a link dies, that link's
 reader thread runs the reconnect loop and exits once the new link (with its own reader)
 is up. `close()` joins them all.
 """
@@ -19,22 +21,30 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from . import frames as F
 from .client import DerpClient, RelayAddress
+from .events import Event
 from .keys import PrivateKey, PublicKey
 
-__all__ = ["RelayLink", "LinkUp", "LinkDown", "backoff_delay"]
+__all__ = ["RelayLink", "LinkUp", "LinkDown", "backoff_delay", "restart_delay", "MAX_RECONNECT_DELAY",
+           "RESTART_HINT_TTL"]
 
 log = logging.getLogger(__name__)
 
 _RESET_AFTER = 1.0  # a link that lived this long resets the backoff
+#: The longest wait before a reconnect: Tailscale's backoff cap, also the most a relay's
+#: Restarting frame may make us wait (it could say 49.7 days: 2³² ms).
+MAX_RECONNECT_DELAY = 5.0
+#: A Restarting frame counts only for a link that dies within this time after it.
+RESTART_HINT_TTL = 10.0
 
 
 @dataclass(frozen=True)
-class LinkUp:
+class LinkUp(Event):
     """on_event: a relay link is up (generation 1 = the first connect)."""
 
     server_key: PublicKey
@@ -42,16 +52,25 @@ class LinkUp:
 
 
 @dataclass(frozen=True)
-class LinkDown:
+class LinkDown(Event):
     """on_event: the relay link ended; a reconnect follows unless the conn is closed."""
 
-    error: Optional[BaseException]
+    error: BaseException | None
 
 
 def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
     """Tailscale's reconnect delay: min(n² × 10 ms, 5 s) × uniform[0.5, 1.5)."""
-    base = min(failures * failures * 0.010, 5.0)
+    base = min(failures * failures * 0.010, MAX_RECONNECT_DELAY)
     return base * (0.5 + rng())
+
+
+def restart_delay(hint: F.Restarting | None, hint_at: float, died_at: float, failures: int,
+                  rng: Callable[[], float] = random.random) -> float:
+    """The wait before reconnecting after a link died at `died_at`: the relay's Restarting
+    advice (received at `hint_at`) if it is fresh, capped; else the backoff."""
+    if hint is not None and 0 <= died_at - hint_at <= RESTART_HINT_TTL:
+        return min(max(hint.reconnect_in, 0.0), MAX_RECONNECT_DELAY)
+    return backoff_delay(failures, rng)
 
 
 class RelayLink:
@@ -69,15 +88,16 @@ class RelayLink:
         self.health = ""  # the relay's last Health problem text ("" = healthy)
         self._reconnect = reconnect
         self.cond = threading.Condition(threading.Lock())
-        self._link: Optional[DerpClient] = None
-        self._pending: Optional[DerpClient] = None  # a reconnect attempt in progress
+        self._link: DerpClient | None = None
+        self._pending: DerpClient | None = None  # a reconnect attempt in progress
         self._old_readers: list[threading.Thread] = []
         self._closing = threading.Event()
         self.closed = False
-        self.dead: Optional[BaseException] = None   # reconnect=False and the link died
+        self.dead: BaseException | None = None   # reconnect=False and the link died
         self.generation = 0
         self.reconnects = 0
         self._failures = 0
+        self._restart_hint: tuple[F.Restarting, float] | None = None  # (frame, when), until used
         client = self._new_client()
         client.connect(start=False)  # raises: no silent retry at start
         self._install(client)
@@ -89,16 +109,16 @@ class RelayLink:
         return self._link is not None
 
     @property
-    def client(self) -> Optional[DerpClient]:
+    def client(self) -> DerpClient | None:
         """The current DerpClient (None while reconnecting)."""
         return self._link
 
     @property
-    def server_key(self) -> Optional[PublicKey]:
+    def server_key(self) -> PublicKey | None:
         link = self._link
         return link.server_key if link is not None else None
 
-    def send(self, dst: PublicKey, *parts: bytes, lock_timeout: Optional[float] = None) -> None:
+    def send(self, dst: PublicKey, *parts: bytes, lock_timeout: float | None = None) -> None:
         """One packet to `dst`; ConnectionError while down, TimeoutError waiting for writers."""
         link = self._link
         if link is None:
@@ -106,13 +126,13 @@ class RelayLink:
         link.send_packet(dst, *parts, lock_timeout=lock_timeout)
 
     def send_many(self, items: Sequence[tuple[PublicKey, Sequence[bytes]]],
-                  lock_timeout: Optional[float] = None) -> None:
+                  lock_timeout: float | None = None) -> None:
         link = self._link
         if link is None:
             raise ConnectionResetError(errno.ENOTCONN, "relay link is down")
         link.send_packets(items, lock_timeout=lock_timeout)
 
-    def wait_connected(self, timeout: Optional[float] = None, *, min_generation: int = 1) -> bool:
+    def wait_connected(self, timeout: float | None = None, *, min_generation: int = 1) -> bool:
         """Wait until a link of generation ≥ `min_generation` is up; False on timeout or close."""
         end = None if timeout is None else time.monotonic() + timeout
         with self.cond:
@@ -158,8 +178,9 @@ class RelayLink:
                 log.info("relay %s healthy again", self.relay.url)
             self.health = ev.problem
         elif isinstance(ev, F.Restarting):
-            log.info("relay %s is restarting: reconnect in %.3gs, try for %.3gs", self.relay.url,
-                     ev.reconnect_in, ev.try_for)
+            self._restart_hint = (ev, time.monotonic())
+            log.info("relay %s is restarting: reconnect in %.3gs (at most %gs), try for %.3gs", self.relay.url,
+                     ev.reconnect_in, MAX_RECONNECT_DELAY, ev.try_for)
         self._on_event(ev)
 
     def _install(self, client: DerpClient) -> bool:
@@ -178,7 +199,7 @@ class RelayLink:
         self._on_event(LinkUp(client.server_key, gen))
         return True
 
-    def _on_link_closed(self, client: DerpClient, err: Optional[BaseException]) -> None:
+    def _on_link_closed(self, client: DerpClient, err: BaseException | None) -> None:
         # Runs in the dead link's reader thread, which then runs the reconnect loop.
         with self.cond:
             if client is not self._link:
@@ -199,8 +220,9 @@ class RelayLink:
         if client.uptime >= _RESET_AFTER:
             self._failures = 0
         self._failures += 1
-        restarting: Optional[F.Restarting] = client.restarting
-        delay = restarting.reconnect_in if restarting is not None else backoff_delay(self._failures)
+        hint, self._restart_hint = self._restart_hint, None  # used once, never remembered
+        delay = restart_delay(hint[0] if hint else None, hint[1] if hint else 0.0, time.monotonic(),
+                              self._failures)
         log.warning("relay link to %s lost: %s; reconnecting in %.3fs", self.relay.url, err, delay)
         self._reconnect_loop(delay)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 from .udpaddr import Addr, ip_text, normalize, parse_ip
 
@@ -81,7 +81,7 @@ def is_stun(data: bytes) -> bool:
     return len(data) >= HEADER_LEN and data[0] & 0xC0 == 0 and data[4:8] == MAGIC_COOKIE
 
 
-def _message(data: bytes, want_type: int, what: str) -> Tuple[bytes, bytes]:
+def _message(data: bytes, want_type: int, what: str) -> tuple[bytes, bytes]:
     """(tx id, attribute bytes up to the header's length) of a STUN message of `want_type`."""
     if not is_stun(data):
         raise StunError("not a STUN message")
@@ -93,7 +93,7 @@ def _message(data: bytes, want_type: int, what: str) -> Tuple[bytes, bytes]:
     return bytes(tx_id), bytes(data[HEADER_LEN:HEADER_LEN + length])
 
 
-def _attributes(body: bytes) -> Iterator[Tuple[int, int, bytes]]:
+def _attributes(body: bytes) -> Iterator[tuple[int, int, bytes]]:
     """(offset in body, type, value) of each attribute; StunError when one overruns."""
     i = 0
     while i < len(body):
@@ -127,12 +127,12 @@ def binding_response(tx_id: bytes, addr: Addr) -> bytes:
     host, port = normalize(addr)
     raw = parse_ip(host).packed
     family = 0x01 if len(raw) == 4 else 0x02
-    xaddr = bytes(a ^ b for a, b in zip(raw, MAGIC_COOKIE + tx_id))
+    xaddr = bytes(a ^ b for a, b in zip(raw, MAGIC_COOKIE + tx_id, strict=False))  # IPv4 uses the first 4
     attr = _ATTR.pack(_ATTR_XOR_MAPPED_ADDRESS, 4 + len(raw)) + struct.pack(">BBH", 0, family, port ^ 0x2112) + xaddr
     return _HEADER.pack(_BINDING_SUCCESS, len(attr), MAGIC_COOKIE, tx_id) + attr
 
 
-def _address(value: bytes, xor_with: Optional[bytes]) -> Addr:
+def _address(value: bytes, xor_with: bytes | None) -> Addr:
     if len(value) < 4:
         raise StunError("malformed STUN address attribute")
     n = _FAMILY_LEN.get(value[1])
@@ -142,15 +142,15 @@ def _address(value: bytes, xor_with: Optional[bytes]) -> Addr:
     raw = value[4:4 + n]
     if xor_with is not None:
         port ^= 0x2112
-        raw = bytes(a ^ b for a, b in zip(raw, xor_with))
+        raw = bytes(a ^ b for a, b in zip(raw, xor_with, strict=False))  # IPv4 uses the first 4
     return ip_text(raw), port
 
 
-def parse_response(data: bytes) -> Tuple[bytes, Addr]:
+def parse_response(data: bytes) -> tuple[bytes, Addr]:
     """(transaction id, mapped address) of a Binding success response; StunError otherwise."""
     tx_id, body = _message(data, _BINDING_SUCCESS, "Binding success response")
-    mapped: Optional[Addr] = None
-    fallback: Optional[Addr] = None
+    mapped: Addr | None = None
+    fallback: Addr | None = None
     for _, t, value in _attributes(body):
         if t in (_ATTR_XOR_MAPPED_ADDRESS, _ATTR_XOR_MAPPED_ADDRESS_ALT):
             mapped = _address(value, MAGIC_COOKIE + tx_id)

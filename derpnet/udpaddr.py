@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["Addr", "IPAddress", "parse_ip", "normalize", "pack18", "unpack18", "ip_text", "host_port"]
 
-Addr = Tuple[str, int]
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+Addr = tuple[str, int]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _PORT = struct.Struct(">H")
 
@@ -43,7 +44,7 @@ def _port(port: object) -> int:
     return port
 
 
-def normalize(addr: Sequence, *, keep_zone: bool = False) -> Addr:
+def normalize(addr: Sequence[Any], *, keep_zone: bool = False) -> Addr:
     """`(host, port)` or a socket's `(host, port, flowinfo, scope_id)` → `(ip text, port)` in the
     normal form. ValueError for anything else."""
     if not isinstance(addr, (tuple, list)) or len(addr) not in (2, 4):

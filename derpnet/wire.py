@@ -59,7 +59,7 @@ class Wire:
                     self._tls_out = False
             try:
                 self.sock.sendall(data)
-            except (BlockingIOError, socket.timeout):  # SO_SNDTIMEO, or the settimeout() fallback
+            except (TimeoutError, BlockingIOError):  # SO_SNDTIMEO, or the settimeout() fallback
                 raise WireBroken(TimeoutError(errno.ETIMEDOUT, f"relay {self.url} did not take {len(data)} bytes "
                                               f"within {self.write_timeout}s (it stopped reading)")) from None
             except OSError as e:
@@ -91,7 +91,7 @@ class Wire:
         b"" at the end (then `eof` says what the relay closed, unless we shut the wire)."""
         try:
             data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, socket.timeout):  # SO_RCVTIMEO, or the settimeout() fallback
+        except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO, or the settimeout() fallback
             return None
         if not data:
             self.eof = "connection"

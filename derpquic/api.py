@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable, Iterator, Optional, Self
+from collections.abc import Iterable, Iterator
+from typing import Any, Self
 
 from derpnet.keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
 
@@ -28,11 +29,15 @@ log = logging.getLogger("derpquic")
 
 #: How long close() waits for data of already-closed streams to be acknowledged.
 DEFAULT_LINGER = 2.0
+#: A prepared connection still in its handshake after this long is not waited for by a dial.
+SPARE_PATIENCE = 2.0
+#: A dial that took a spare connection starts the next one this much later (seconds).
+SPARE_DELAY = 0.02
 
 _HANDSHAKING = (ConnState.HANDSHAKE, ConnState.AUTH)
 
 
-def _open_packet_conn(host: Any, key: Optional[PrivateKeyLike],
+def _open_packet_conn(host: Any, key: PrivateKeyLike | None,
                       options: dict[str, Any]) -> tuple[Any, PrivateKey, bool]:
     """(pc, private key, owned) from a relay URL/host, or an existing PacketConn."""
     if isinstance(host, str) or type(host).__name__ == "RelayAddress":
@@ -80,15 +85,47 @@ class AcceptQueue(ConnSet):
         self.opts = opts
         self.policy = policy
         self.closed = False
-        self.failure: Optional[BaseException] = None  # the driver stopped for good
+        self.failure: BaseException | None = None  # the driver stopped for good
         self._queue: deque[Stream] = deque()
         self._cond = threading.Condition(lock)
+        self.half_open: dict[PublicKey, set[Conn]] = {}  # handshaking connections by peer
+        self.half_open_count = 0
+        self.refused: dict[str, int] = {}  # Initials refused statelessly, by reason
+
+    def refusal(self, peer: PublicKey) -> str | None:
+        allow = self.policy.allow
+        if allow is not None and peer not in allow:
+            self.refused["not allowed"] = self.refused.get("not allowed", 0) + 1
+            return "not allowed"  # answered: the dialler fails at once
+        if (self.half_open_count >= self.opts.max_half_open
+                or len(self.half_open.get(peer, ())) >= self.opts.max_half_open_per_peer):
+            self.refused["busy"] = self.refused.get("busy", 0) + 1
+            return ""  # dropped: the dialler's retransmission may find room
+        return None
 
     def conn_accepted(self, conn: Conn) -> None:
         self.conns.add(conn)
+        self.half_open.setdefault(conn.peer, set()).add(conn)
+        self.half_open_count += 1
+        # Until accept(), a stream may hold only unaccepted_window bytes (before the first
+        # datagram is processed: the transport parameters advertise it).
+        conn.quic.set_peer_stream_window(self.opts.unaccepted_window)
+
+    def _handshake_over(self, conn: Conn) -> None:
+        peer_conns = self.half_open.get(conn.peer)
+        if peer_conns is not None and conn in peer_conns:
+            peer_conns.discard(conn)
+            self.half_open_count -= 1
+            if not peer_conns:
+                del self.half_open[conn.peer]
 
     def conn_ready(self, conn: Conn) -> None:
         self.conns.add(conn)
+        self._handshake_over(conn)
+
+    def conn_closed(self, conn: Conn) -> None:
+        super().conn_closed(conn)
+        self._handshake_over(conn)
 
     def driver_failed(self, error: BaseException) -> None:
         self.failure = error
@@ -103,7 +140,7 @@ class AcceptQueue(ConnSet):
         self._queue.append(stream)
         self._cond.notify()
 
-    def get(self, timeout: Optional[float]) -> Stream:
+    def get(self, timeout: float | None) -> Stream:
         """The next stream (lock NOT held). Raises TimeoutError, or OSError once closed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -115,11 +152,19 @@ class AcceptQueue(ConnSet):
                 while self._queue:
                     s = self._queue.popleft()
                     if not s.closed:
+                        self._grant(s)
                         return s
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError("accept timed out")
                 self._cond.wait(left)
+
+    @staticmethod
+    def _grant(s: Stream) -> None:
+        """An accepted stream may receive its whole window at once (lock held)."""
+        conn = s._conn
+        if not conn.closed and conn.quic.grant_stream(s.stream_id, conn.opts.stream_window):
+            conn.flush()
 
     def close(self) -> None:
         """Stop accepting; refuse what is queued (lock held)."""
@@ -131,16 +176,21 @@ class AcceptQueue(ConnSet):
 
 
 class DialedConns(ConnSet):
-    """A Dialer's connections, and the one per peer that new dials reuse."""
+    """A Dialer's connections, the one per peer that new dials reuse, and the spare ones
+    `Dialer.prepare` keeps (unused, handshaken ahead of the dial that takes them)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.by_peer: dict[PublicKey, Conn] = {}
+        self.spares: dict[PublicKey, Conn] = {}
+        self.prepared: set[PublicKey] = set()
 
     def conn_closed(self, conn: Conn) -> None:
         super().conn_closed(conn)
         if self.by_peer.get(conn.peer) is conn:
             del self.by_peer[conn.peer]
+        if self.spares.get(conn.peer) is conn:
+            del self.spares[conn.peer]
 
 
 class _Endpoint:
@@ -148,7 +198,7 @@ class _Endpoint:
 
     _owner: ConnSet
 
-    def __init__(self, host: Any, key: Optional[PrivateKeyLike], options: dict[str, Any]) -> None:
+    def __init__(self, host: Any, key: PrivateKeyLike | None, options: dict[str, Any]) -> None:
         self.opts = Options.pop_from(options)
         self._pc, self._key, self._owns_pc = _open_packet_conn(host, key, options)
         try:
@@ -211,8 +261,8 @@ class Listener(_Endpoint):
     derpnet.listen_packet options (ssl_context, ...).
     """
 
-    def __init__(self, host: Any, key: Optional[PrivateKeyLike] = None, *,
-                 allow: Optional[Iterable[PublicKeyLike]] = None, require_auth: bool = False,
+    def __init__(self, host: Any, key: PrivateKeyLike | None = None, *,
+                 allow: Iterable[PublicKeyLike] | None = None, require_auth: bool = False,
                  **options: Any) -> None:
         self.allow = coerce_keys(allow)
         self.require_auth = bool(require_auth)
@@ -231,7 +281,7 @@ class Listener(_Endpoint):
                 self._pc.close()
             raise OSError(errno.EADDRINUSE, "a Listener is already accepting on this PacketConn")
 
-    def accept(self, timeout: Optional[float] = None) -> Stream:
+    def accept(self, timeout: float | None = None) -> Stream:
         """The next stream a peer opened. Raises TimeoutError, or OSError once closed."""
         return self._queue.get(timeout)
 
@@ -260,7 +310,7 @@ class Listener(_Endpoint):
         return f"<derpquic.Listener {self.addr.b64()}{' closed' if self.closed else ''}>"
 
 
-def listen(host: Any, key: Optional[PrivateKeyLike] = None, **options: Any) -> Listener:
+def listen(host: Any, key: PrivateKeyLike | None = None, **options: Any) -> Listener:
     """Listen for derpquic streams on our key through the relay `host` (see Listener)."""
     return Listener(host, key, **options)
 
@@ -275,7 +325,7 @@ class Dialer(_Endpoint):
     `allow_unauthenticated=True`.
     """
 
-    def __init__(self, host: Any, key: Optional[PrivateKeyLike] = None, *, allow_unauthenticated: bool = False,
+    def __init__(self, host: Any, key: PrivateKeyLike | None = None, *, allow_unauthenticated: bool = False,
                  reuse_connections: bool = True, **options: Any) -> None:
         self.allow_unauthenticated = bool(allow_unauthenticated)
         self.reuse_connections = bool(reuse_connections)
@@ -283,7 +333,7 @@ class Dialer(_Endpoint):
         self._owner = self._dialed = DialedConns()
         self._policy = AuthPolicy(allow_unauthenticated=self.allow_unauthenticated)
 
-    def dial(self, pubkey: PublicKeyLike, timeout: Optional[float] = None) -> Stream:
+    def dial(self, pubkey: PublicKeyLike, timeout: float | None = None) -> Stream:
         """A new stream to `pubkey`, visible to the peer's listener at once.
 
         timeout (default: the `dial_timeout` option, 20 s) bounds the QUIC and key-proof
@@ -301,8 +351,12 @@ class Dialer(_Endpoint):
                     raise OSError(errno.EBADF, "dialer closed")
                 if driver.dead is not None:
                     raise ConnectionAbortedError(*driver.dead.args)
-                conn = self._reusable(peer)
-                mine = conn is None
+                conn = self._take_spare(peer)
+                if conn is not None:
+                    mine = True
+                else:
+                    conn = self._reusable(peer)
+                    mine = conn is None
                 if conn is None:
                     conn = driver.connect(peer, owner=self._dialed, opts=self.opts, policy=self._policy)
                     self._dialed.conns.add(conn)
@@ -321,19 +375,77 @@ class Dialer(_Endpoint):
                 if conn.state is ConnState.READY:
                     if not mine and not conn.ours:
                         continue  # a Go peer: one connection per dial, make our own
+                    if conn.ours:
+                        self._dialed.by_peer[peer] = conn  # (a taken spare) reused from now on
+                    if not conn.ours and peer in self._dialed.prepared:
+                        # The next dial to this Go peer finds a spare ready: started a little
+                        # later, so that its handshake (ours and the peer's CPU) does not
+                        # delay this stream's first exchange.
+                        refill = threading.Timer(SPARE_DELAY, self._refill, args=(peer,))
+                        refill.name = "derpquic-spare"
+                        refill.daemon = True
+                        refill.start()
                     return conn.open_stream()
                 if mine:
                     why = conn.error or ConnectionAbortedError("connection failed")
                     raise type(why)(*why.args)
                 # someone else's attempt failed: try our own
 
-    def _reusable(self, peer: PublicKey) -> Optional[Conn]:
+    def prepare(self, pubkey: PublicKeyLike) -> None:
+        """Start connecting to `pubkey` now, so that dials to it do not wait for the QUIC
+        handshake and key proofs: for a derpnet peer that is the connection every dial()
+        reuses; a Go peer takes one connection per dial, so a spare is kept ready for it
+        (kept alive while unused, replaced as each dial takes it). Returns at once; a
+        failure shows in the dial that would have used the connection."""
+        peer = PublicKey.coerce(pubkey)
+        with self._lock:
+            if self.closed:
+                raise OSError(errno.EBADF, "dialer closed")
+            self._dialed.prepared.add(peer)
+            self._start_spare(peer)
+
+    def _take_spare(self, peer: PublicKey) -> Conn | None:
+        """The prepared connection to `peer`, if it is ready or still young (lock held); a
+        failed one, or one still in its handshake after SPARE_PATIENCE, is dropped (the
+        dial then starts afresh)."""
+        conn = self._dialed.spares.pop(peer, None)
+        if conn is None:
+            return None
+        if conn.state is ConnState.READY and not conn.quic.state_closed:
+            conn.keep_alive_idle = False
+            return conn
+        if conn.state in _HANDSHAKING and time.monotonic() - conn.created < SPARE_PATIENCE:
+            conn.keep_alive_idle = False
+            return conn
+        if not conn.closed:
+            conn.close(ConnectionAbortedError("spare connection replaced"))
+        return None
+
+    def _refill(self, peer: PublicKey) -> None:
+        with self._lock:
+            self._start_spare(peer)
+
+    def _start_spare(self, peer: PublicKey) -> None:
+        """A new unused connection to `peer` for the next dial (lock held)."""
+        spare = self._dialed.spares.get(peer)
+        if self.closed or self._driver.dead is not None or (spare is not None and not spare.closed):
+            return
+        current = self._dialed.by_peer.get(peer)
+        if current is not None and current.ours and not current.closed:
+            return  # one of ours: its connection is reused anyway
+        conn = self._driver.connect(peer, owner=self._dialed, opts=self.opts, policy=self._policy)
+        conn.keep_alive_idle = True
+        self._dialed.conns.add(conn)
+        self._dialed.spares[peer] = conn
+
+    def _reusable(self, peer: PublicKey) -> Conn | None:
         conn = self._dialed.by_peer.get(peer)
         if conn is None or not self.reuse_connections:
             return None
         if conn.state in _HANDSHAKING:
             return conn  # wait for it; if it turns out to be a Go peer we dial our own
-        if conn.state is ConnState.READY and conn.ours and not conn.quic.state_closed:
+        if (conn.state is ConnState.READY and conn.ours and not conn.quic.state_closed
+                and peer not in self._driver.gone):  # not while the relay says it left
             # Reuse only while the peer was heard from recently (no idle-timeout race).
             if time.monotonic() - conn.last_rx < min(conn.opts.idle_timeout, 30.0) / 2:
                 return conn

@@ -3,9 +3,10 @@ private node key behind its DERP address, so the relay cannot impersonate a peer
 
 Holds the proof itself (`make_proof`, `verify_proof`, bound to the TLS session by
 `SecretsCollector`) and `KeyProof`, the sans-IO state machine one connection runs:
-events in (handshake completed, proof bytes received, time passed), actions out
-(send this proof, hand out streams, refuse with this code). The construction and why
-it stops a man in the middle: docs/derpquic.md.
+events in (protocol negotiated, handshake completed, proof bytes received, time passed),
+actions out (send this proof, hand out streams, refuse with this code). The construction
+(static and ephemeral X25519, as Noise KK) and why it stops a man in the middle and a
+thief of one key: docs/derpquic.md.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional, Union
 
 import nacl.bindings
 import nacl.exceptions
@@ -27,13 +27,18 @@ from derpnet.keys import PrivateKey, PublicKey
 from .codes import AppError
 
 __all__ = ["AuthenticationError", "SecretsCollector", "session_binding", "make_proof", "verify_proof",
-           "MAGIC", "PROOF_MESSAGE_LEN", "LABEL", "Role", "ProofState", "AuthPolicy", "KeyProof",
-           "SendProof", "Ready", "Refuse", "Action"]
+           "hello", "parse_hello", "MAGIC", "HELLO_LEN", "PROOF_MESSAGE_LEN", "LABEL", "Role", "ProofState",
+           "AuthPolicy", "KeyProof", "SendProof", "Ready", "Refuse", "Action"]
 
-LABEL = b"derpnet-auth/1"
-MAGIC = b"DQA1"
-PROOF_LEN = 32
-PROOF_MESSAGE_LEN = len(MAGIC) + PROOF_LEN
+LABEL = b"derpnet-auth/2"
+MAGIC = b"DQA2"
+KEY_LEN = 32
+MAC_LEN = 32
+#: What the server sends in its first flight (0.5-RTT data): MAGIC ‖ its ephemeral public key.
+HELLO_LEN = len(MAGIC) + KEY_LEN
+#: Each side's whole proof stream: MAGIC ‖ its ephemeral public key ‖ MAC.
+PROOF_MESSAGE_LEN = HELLO_LEN + MAC_LEN
+PROOF_LEN = MAC_LEN
 
 
 class SecretsCollector:
@@ -44,9 +49,9 @@ class SecretsCollector:
     __slots__ = ("client_random", "client_secret", "server_secret")
 
     def __init__(self) -> None:
-        self.client_random: Optional[bytes] = None
-        self.client_secret: Optional[bytes] = None
-        self.server_secret: Optional[bytes] = None
+        self.client_random: bytes | None = None
+        self.client_secret: bytes | None = None
+        self.server_secret: bytes | None = None
 
     def write(self, line: str) -> int:
         parts = line.split()
@@ -78,39 +83,73 @@ def session_binding(client_random: bytes, client_secret: bytes, server_secret: b
     return h.digest()
 
 
-def _auth_key(my_private: PrivateKey, peer: PublicKey, client: PublicKey, server: PublicKey) -> bytes:
+def _dh(private: PrivateKey, public: PublicKey, what: str) -> bytes:
     try:
-        shared = nacl.bindings.crypto_scalarmult(my_private.raw, peer.raw)
+        shared = nacl.bindings.crypto_scalarmult(private.raw, public.raw)
     except nacl.exceptions.RuntimeError:
         shared = bytes(32)
     if not any(shared):
-        # A low-order peer "key": the shared secret is known to everybody.
-        raise AuthenticationError(f"peer key {peer} is a low-order point; refusing it")
+        # A low-order "key": the shared secret is known to everybody.
+        raise AuthenticationError(f"{what} {public.b64()} is a low-order point; refusing it")
+    return shared
+
+
+def _auth_key(my_static: PrivateKey, my_ephemeral: PrivateKey, peer: PublicKey, peer_ephemeral: PublicKey,
+              *, is_client: bool) -> bytes:
+    """The MAC key of both proofs (as Noise KK's ss, es, se): only the two static key holders
+    know `ss`; `es` = DH(client ephemeral, server static) needs the server's static key or the
+    client's ephemeral, `se` = DH(client static, server ephemeral) the client's static key or
+    the server's ephemeral. So a thief of one static key cannot compute K towards its owner
+    while pretending to be anybody else (no key-compromise impersonation): the owner's
+    ephemeral never leaves it."""
+    ss = _dh(my_static, peer, "peer key")
+    if is_client:
+        es = _dh(my_ephemeral, peer, "peer key")
+        se = _dh(my_static, peer_ephemeral, "peer ephemeral key")
+        ids = (my_static.public_key, peer, my_ephemeral.public_key, peer_ephemeral)
+    else:
+        es = _dh(my_static, peer_ephemeral, "peer ephemeral key")
+        se = _dh(my_ephemeral, peer, "peer key")
+        ids = (peer, my_static.public_key, peer_ephemeral, my_ephemeral.public_key)
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=LABEL,
-                info=client.raw + server.raw).derive(shared)
+                info=b"".join(k.raw for k in ids)).derive(ss + es + se)
 
 
-def make_proof(my_private: PrivateKey, peer: PublicKey, *, is_client: bool, binding: bytes) -> bytes:
-    """The proof message (MAGIC ‖ HMAC) this side sends."""
-    me = my_private.public_key
-    client, server = (me, peer) if is_client else (peer, me)
-    key = _auth_key(my_private, peer, client, server)
+def _mac(key: bytes, is_client: bool, binding: bytes) -> bytes:
     role = b"client" if is_client else b"server"
-    return MAGIC + hmac.new(key, LABEL + b" " + role + binding, hashlib.sha256).digest()
+    return hmac.new(key, LABEL + b" " + role + binding, hashlib.sha256).digest()
+
+
+def hello(ephemeral: PrivateKey) -> bytes:
+    """The first HELLO_LEN bytes of a proof stream: MAGIC ‖ ephemeral public key."""
+    return MAGIC + ephemeral.public_key.raw
+
+
+def parse_hello(message: bytes, peer: PublicKey) -> PublicKey:
+    """The peer's ephemeral public key from the start of its proof stream."""
+    if len(message) < HELLO_LEN or not message.startswith(MAGIC):
+        raise AuthenticationError(f"peer {peer.b64()} sent a malformed key proof ({len(message)} bytes)")
+    return PublicKey(bytes(message[len(MAGIC):HELLO_LEN]))
+
+
+def make_proof(my_private: PrivateKey, peer: PublicKey, *, is_client: bool, binding: bytes,
+               ephemeral: PrivateKey, peer_ephemeral: PublicKey) -> bytes:
+    """The whole proof stream this side sends: MAGIC ‖ our ephemeral public key ‖ MAC."""
+    key = _auth_key(my_private, ephemeral, peer, peer_ephemeral, is_client=is_client)
+    return hello(ephemeral) + _mac(key, is_client, binding)
 
 
 def verify_proof(my_private: PrivateKey, peer: PublicKey, message: bytes, *, peer_is_client: bool,
-                 binding: bytes) -> None:
-    """Raise AuthenticationError unless `message` proves that `peer` holds its private key
-    and took part in this very TLS session."""
-    if len(message) != PROOF_MESSAGE_LEN or not message.startswith(MAGIC):
+                 binding: bytes, ephemeral: PrivateKey) -> None:
+    """Raise AuthenticationError unless `message` (the peer's whole proof stream) proves that
+    `peer` holds its private key, answered our `ephemeral` and took part in this very TLS
+    session."""
+    if len(message) != PROOF_MESSAGE_LEN:
         raise AuthenticationError(f"peer {peer.b64()} sent a malformed key proof ({len(message)} bytes)")
-    me = my_private.public_key
-    client, server = (peer, me) if peer_is_client else (me, peer)
-    key = _auth_key(my_private, peer, client, server)
-    role = b"client" if peer_is_client else b"server"
-    expected = hmac.new(key, LABEL + b" " + role + binding, hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, message[len(MAGIC):]):
+    peer_ephemeral = parse_hello(message, peer)
+    key = _auth_key(my_private, ephemeral, peer, peer_ephemeral, is_client=not peer_is_client)
+    expected = _mac(key, peer_is_client, binding)
+    if not hmac.compare_digest(expected, message[HELLO_LEN:]):
         raise AuthenticationError(
             f"peer could not prove it holds the key {peer.b64()}: a relay or another node may be "
             f"impersonating it")
@@ -145,14 +184,16 @@ class AuthPolicy:
 
     allow_unauthenticated: bool = False
     require_auth: bool = False
-    allow: Optional[frozenset[PublicKey]] = None
+    allow: frozenset[PublicKey] | None = None
 
 
 @dataclass(frozen=True)
 class SendProof:
-    """Send `message` on our first unidirectional stream, then FIN."""
+    """Send `message` on our first unidirectional stream (our proof stream), then FIN if
+    `end` (the server sends its hello first, with `end` False, and its MAC later)."""
 
     message: bytes
+    end: bool = True
 
 
 @dataclass(frozen=True)
@@ -173,23 +214,26 @@ class Refuse:
     detail: str
 
 
-Action = Union[SendProof, Ready, Refuse]
+Action = SendProof | Ready | Refuse
 
 
 class KeyProof:
     """The key-proof exchange of one connection (sans-IO: no aioquic, no clock).
 
-    Feed it `handshake_completed(ours)` (ours: the peer negotiated ALPN derpnet-auth/1),
-    the bytes of the peer's first unidirectional stream (`proof_received`) and the time
-    (`expire`); apply the actions it returns, in order. The client sends its proof when the
-    handshake completes; the server answers with its own once the client's verified.
+    Feed it `protocol_negotiated(ours)` (server: the ClientHello was read; ours: the peer
+    offered ALPN derpnet-auth/2), `handshake_completed(ours)`, the bytes of the peer's first
+    unidirectional stream (`proof_received`) and the time (`expire`); apply the actions it
+    returns, in order. Each side's proof stream is MAGIC ‖ ephemeral public key ‖ MAC:
+    the server sends its first half (the hello) in its first flight, the client its whole
+    stream once its handshake completed and the hello arrived, the server its MAC once the
+    client's verified — one round trip, as before ephemeral keys were added.
     `timeout` (server side): refuse a peer that has not finished both `timeout` seconds
     after `now` (the connection's first packet).
     Subclasses may override `make_proof` / `verify` (the tests' impostors do)."""
 
     def __init__(self, private_key: PrivateKey, peer: PublicKey, role: Role,
-                 policy: AuthPolicy = AuthPolicy(), *, now: float = 0.0, timeout: Optional[float] = None,
-                 secrets: Optional[SecretsCollector] = None) -> None:
+                 policy: AuthPolicy = AuthPolicy(), *, now: float = 0.0, timeout: float | None = None,
+                 secrets: SecretsCollector | None = None) -> None:
         self.private_key = private_key
         self.peer = peer
         self.role = role
@@ -200,18 +244,43 @@ class KeyProof:
         self.state = ProofState.HANDSHAKE
         self.ours = False
         self.authenticated = False
-        self.sent = False
+        self._ephemeral: PrivateKey | None = None
+        self.hello_sent = False   # server: our hello went out
+        self.sent = False         # our whole proof went out
         self.received = bytearray()
         self.received_all = False
 
     @property
-    def wake_at(self) -> Optional[float]:
+    def ephemeral(self) -> PrivateKey:
+        """This connection's ephemeral key (made when first needed, never reused)."""
+        if self._ephemeral is None:
+            self._ephemeral = PrivateKey.generate()
+        return self._ephemeral
+
+    @property
+    def peer_ephemeral(self) -> PublicKey:
+        """The peer's ephemeral public key, from its hello (AuthenticationError if malformed)."""
+        return parse_hello(bytes(self.received[:HELLO_LEN]), self.peer)
+
+    @property
+    def wake_at(self) -> float | None:
         """When `expire` has something to do (None: never)."""
         if self.state in (ProofState.HANDSHAKE, ProofState.PROVING):
             return self.deadline
         return None
 
     # -- events ------------------------------------------------------------------------------
+
+    def protocol_negotiated(self, ours: bool) -> list[Action]:
+        """Server: the ClientHello was processed. If the client speaks derpnet-auth, our hello
+        leaves with our first flight (0.5-RTT data), so that the client can bind its proof
+        to our ephemeral key without waiting another round trip."""
+        if self.role is not Role.SERVER or not ours or self.state is not ProofState.HANDSHAKE:
+            return []
+        allow = self.policy.allow
+        if allow is not None and self.peer not in allow:
+            return []  # refused when the handshake completes
+        return self._hello()
 
     def handshake_completed(self, ours: bool) -> list[Action]:
         if self.state is not ProofState.HANDSHAKE:
@@ -226,7 +295,7 @@ class KeyProof:
         if not ours:
             return self._unprovable()
         self.state = ProofState.PROVING
-        actions = self._send() if self.role is Role.CLIENT else []
+        actions = self._hello() if self.role is Role.SERVER else self._client_send()
         return actions + self._check()
 
     def proof_received(self, data: bytes, end: bool) -> list[Action]:
@@ -236,10 +305,11 @@ class KeyProof:
         self.received += data
         if len(self.received) > PROOF_MESSAGE_LEN:
             return self._failed(AuthenticationError(f"{self.peer.b64()} sent an oversized key proof"))
+        actions = self._client_send() if self.role is Role.CLIENT else []
         if end:
             self.received_all = True
-            return self._check()
-        return []
+            return actions + self._check()
+        return actions
 
     def expire(self, now: float) -> list[Action]:
         """Refuse the peer if the deadline passed before streams could flow."""
@@ -253,17 +323,27 @@ class KeyProof:
     # -- the proof (overridable) --------------------------------------------------------------
 
     def make_proof(self, binding: bytes) -> bytes:
-        return make_proof(self.private_key, self.peer, is_client=self.role.is_client, binding=binding)
+        """Our whole proof stream (MAGIC ‖ ephemeral ‖ MAC), bound to the peer's ephemeral key."""
+        return make_proof(self.private_key, self.peer, is_client=self.role.is_client, binding=binding,
+                          ephemeral=self.ephemeral, peer_ephemeral=self.peer_ephemeral)
 
     def verify(self, message: bytes, binding: bytes) -> None:
         """Raise AuthenticationError unless `message` is the peer's proof for this session."""
         verify_proof(self.private_key, self.peer, message, peer_is_client=not self.role.is_client,
-                     binding=binding)
+                     binding=binding, ephemeral=self.ephemeral)
 
     # -- steps --------------------------------------------------------------------------------
 
-    def _send(self) -> list[Action]:
-        if self.sent:
+    def _hello(self) -> list[Action]:
+        """Server: the first half of our proof stream."""
+        if self.hello_sent:
+            return []
+        self.hello_sent = True
+        return [SendProof(hello(self.ephemeral), end=False)]
+
+    def _client_send(self) -> list[Action]:
+        """Client: our proof, once the handshake completed and the server's hello arrived."""
+        if self.state is not ProofState.PROVING or self.sent or len(self.received) < HELLO_LEN:
             return []
         try:
             message = self.make_proof(self.secrets.binding())
@@ -272,9 +352,22 @@ class KeyProof:
         self.sent = True
         return [SendProof(message)]
 
+    def _server_send(self) -> list[Action]:
+        """Server: the rest of our proof stream (the MAC), after the client's verified."""
+        try:
+            message = self.make_proof(self.secrets.binding())
+        except AuthenticationError as e:
+            return self._failed(e)
+        self.sent = True
+        return [SendProof(message[HELLO_LEN:])]
+
     def _check(self) -> list[Action]:
         if self.state is not ProofState.PROVING or not self.received_all:
             return []
+        if self.role is Role.CLIENT and not self.sent:
+            # The server ended its stream before we could answer its hello: malformed.
+            return self._failed(AuthenticationError(
+                f"peer {self.peer.b64()} sent a malformed key proof ({len(self.received)} bytes)"))
         try:
             self.verify(bytes(self.received), self.secrets.binding())
         except AuthenticationError as e:
@@ -286,7 +379,7 @@ class KeyProof:
         if allow is not None and self.peer not in allow:
             return self._refuse(AppError.NOT_ALLOWED, "not allowed", ConnectionRefusedError("peer not allowed"),
                                 f"refusing {self.peer.b64()}: proved its key but is not in the allow-list")
-        actions = self._send()
+        actions = self._server_send()
         return actions + self._ready() if self.sent else actions  # (not sent: refused)
 
     def _unprovable(self) -> list[Action]:

@@ -13,7 +13,7 @@ from aioquic.quic.events import ConnectionTerminated
 
 from derpnet.errors import AuthenticationError
 
-__all__ = ["AppError", "STREAM_REFUSED", "close_error"]
+__all__ = ["AppError", "STREAM_REFUSED", "QUIC_CONNECTION_REFUSED", "close_error"]
 
 
 class AppError(IntEnum):
@@ -31,6 +31,9 @@ STREAM_REFUSED = 0x10
 #: QUIC transport error APPLICATION_ERROR: an application close sent before the handshake
 #: finished (its code is hidden from the peer until then).
 _QUIC_APPLICATION_ERROR = 0xC
+#: QUIC transport error CONNECTION_REFUSED: a listener refused our Initial statelessly
+#: (a key outside its allow-list, too many handshakes in progress).
+QUIC_CONNECTION_REFUSED = 0x2
 _IDLE = "Idle timeout"
 
 
@@ -57,5 +60,9 @@ def close_error(ev: ConnectionTerminated, *, peer: str, describe: str, handshaki
         return ConnectionResetError(f"{peer} closed the connection" + (f": {reason}" if reason else ""))
     if ev.error_code == _QUIC_APPLICATION_ERROR and handshaking:
         return ConnectionRefusedError(f"{peer} refused the connection during the handshake")
+    if ev.error_code == QUIC_CONNECTION_REFUSED:
+        if reason == "not allowed":
+            return ConnectionRefusedError(f"{peer} refused the connection: our key is not in its allow-list")
+        return ConnectionRefusedError(f"{peer} refused the connection" + (f": {reason}" if reason else ""))
     return ConnectionResetError(
         f"connection {describe} closed: QUIC error 0x{ev.error_code:x}" + (f" ({reason})" if reason else ""))

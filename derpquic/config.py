@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import datetime
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
@@ -59,6 +60,16 @@ class Options:
     max_streams: int = 1024
     #: Streams waiting in a Listener for accept(); more are refused (reset).
     backlog: int = 1024
+    #: Listener: incoming connections still in the QUIC handshake or the key proofs, at
+    #: most, in all and from one peer key (like a socket backlog): Initials beyond are
+    #: dropped (the dialler retransmits), and those from keys outside `allow` refused
+    #: statelessly; either way before any state is created.
+    max_half_open: int = 64
+    max_half_open_per_peer: int = 8
+    #: Listener: what a peer may send on a stream before it is accepted (the stream's first
+    #: MAX_STREAM_DATA); accept() raises it to `stream_window`. So the unaccepted streams of
+    #: a listener hold at most about (backlog + 16 per handshaking connection) x this.
+    unaccepted_window: int = 16384
     #: How long we may hold back an ACK (aioquic: 1 ms). Fewer ACK-only packets mean less
     #: per-packet Python work on both sides: 10 ms doubled ping-pong and bulk rates through
     #: a relay (within the 25 ms max_ack_delay we advertise).
@@ -67,7 +78,7 @@ class Options:
     congestion_control: str = "reno"
 
     @classmethod
-    def pop_from(cls, kwargs: dict[str, Any]) -> "Options":
+    def pop_from(cls, kwargs: dict[str, Any]) -> Options:
         """Take our option names out of `kwargs` (the rest go to derpnet.listen_packet)."""
         names = {f.name for f in fields(cls)}
         mine = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
@@ -87,8 +98,12 @@ class Options:
             raise ValueError("idle_timeout and keepalive_interval must be positive")
         if self.congestion_control not in ("reno", "cubic"):
             raise ValueError("congestion_control must be 'reno' or 'cubic'")
+        if self.max_half_open < 1 or self.max_half_open_per_peer < 1 or self.backlog < 1:
+            raise ValueError("max_half_open, max_half_open_per_peer and backlog must be at least 1")
+        if not 1024 <= self.unaccepted_window <= self.stream_window:
+            raise ValueError("unaccepted_window must be between 1024 and stream_window")
 
-    def quic_configuration(self, *, is_client: bool, alpn: Optional[list[str]] = None,
+    def quic_configuration(self, *, is_client: bool, alpn: list[str] | None = None,
                            secrets_log_file: Any = None,
                            max_datagram_size: int = GO_PACKET_SIZE) -> QuicConfiguration:
         """aioquic's configuration for one connection. `max_datagram_size`: the packet size
@@ -117,7 +132,7 @@ class Options:
 
 
 _cert_lock = threading.Lock()
-_cert_cache: Optional[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = None
+_cert_cache: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
 
 
 def server_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -131,7 +146,7 @@ def server_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         if _cert_cache is None:
             key = ec.generate_private_key(ec.SECP256R1())
             name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             cert = (x509.CertificateBuilder()
                     .subject_name(name).issuer_name(name)
                     .public_key(key.public_key())
@@ -143,7 +158,7 @@ def server_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         return _cert_cache
 
 
-def coerce_keys(keys: Optional[Iterable[PublicKeyLike]]) -> Optional[frozenset[PublicKey]]:
+def coerce_keys(keys: Iterable[PublicKeyLike] | None) -> frozenset[PublicKey] | None:
     if keys is None:
         return None
     return frozenset(PublicKey.coerce(k) for k in keys)

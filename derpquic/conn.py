@@ -15,12 +15,13 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from enum import Enum
-from typing import Callable, Optional
 
 from aioquic.quic import events
 
+from derpnet.errors import PeerNotConnected
 from derpnet.keys import PublicKey
 from derpnet.paths import RELAY_PATH_MTU
 
@@ -29,8 +30,8 @@ from .auth import Action, KeyProof, ProofState, Ready, Refuse, Role, SendProof
 from .codes import STREAM_REFUSED, AppError, close_error
 from .config import GO_PACKET_SIZE, Options
 from .hooks import ConnHost, ConnOwner, StreamEndpoint
-from .streamstate import window_credit
 from .stream import Stream
+from .streamstate import window_credit
 
 __all__ = ["Conn", "ConnState", "StreamTable", "create_conn", "MIN_PACKET_SIZE", "packet_size"]
 
@@ -38,6 +39,17 @@ log = logging.getLogger("derpquic")
 
 #: QUIC's smallest datagram size (RFC 9000 14): never go below it, whatever the path says.
 MIN_PACKET_SIZE = 1200
+#: Streams a peer may open before its connection is ready (held until the key proofs);
+#: more are refused. With Options.unaccepted_window this bounds a handshaking peer's bytes.
+MAX_PENDING_STREAMS = 16
+#: At the end of a batch, acknowledge at once when this many bytes came since our last ACK.
+ACK_NOW_BYTES = 2 * MIN_PACKET_SIZE
+#: How long a connection whose peer the relay says has left (PeerGone) waits to hear from it
+#: before failing, when that means the end: a dial (the peer is offline), or a connection to
+#: a Go derpconnect (the Go derpnet never reconnects, so its connections died with its relay
+#: link). A connection to one of ours only probes: ours reconnect, and if not, the idle
+#: timeout ends it.
+GONE_GRACE = 2.0
 
 
 class ConnState(Enum):
@@ -69,7 +81,7 @@ class StreamTable:
     def __len__(self) -> int:
         return len(self.by_id)
 
-    def get(self, sid: int) -> Optional[StreamEndpoint]:
+    def get(self, sid: int) -> StreamEndpoint | None:
         return self.by_id.get(sid)
 
     def add(self, stream: StreamEndpoint) -> None:
@@ -133,18 +145,22 @@ class Conn:
         self.proof = proof
         self.state = ConnState.HANDSHAKE
         self.cond = threading.Condition(host.lock)  # dial waiters (state changes)
-        self.error: Optional[BaseException] = None  # why the connection is unusable
+        self.error: BaseException | None = None  # why the connection is unusable
         self.cids: set[bytes] = set()               # our connection IDs the driver routes to us
         self.streams = StreamTable()
         self.peer_auth_stream = 3 if self.role is Role.CLIENT else 2  # the peer's first unidirectional stream
+        self.proof_stream: int | None = None      # ours (the server writes it in two parts)
         #: The largest packet our options and the peer allow, whatever the path (Go peers:
         #: GO_PACKET_SIZE; our peers: up to 65,527 once the handshake says so).
         self.uncapped_size = GO_PACKET_SIZE
         self.upgrade_size = 0      # packet size to switch to after the next flush
         self.received_any = False
+        self.unacked = 0           # bytes received since our last ACK went out
         self.created = self.last_rx = self.last_ping = now
         self.ping_seq = itertools.count(1)
         self.terminated = False    # aioquic reached TERMINATED / we dropped it
+        self.keep_alive_idle = False  # PING a silent peer even without open streams (a spare)
+        self.gone_deadline: float | None = None  # the relay said the peer left: fail at this time unless heard from
         self.terminated_event = threading.Event()
 
     # ------------------------------------------------------------------ views
@@ -155,7 +171,7 @@ class Conn:
 
     @property
     def ours(self) -> bool:
-        """The peer negotiated ALPN derpnet-auth/1 (a derpnet peer, not a Go one)."""
+        """The peer negotiated ALPN derpnet-auth/2 (a derpnet peer, not a Go one)."""
         return self.proof.ours
 
     @property
@@ -180,21 +196,39 @@ class Conn:
     # ------------------------------------------------------------------ inputs
 
     def datagram_received(self, data: bytes, now: float) -> None:
+        self.receive(data, now)
+        self.received_batch(now)
+
+    def receive(self, data: bytes, now: float) -> None:
+        """One datagram of a batch: into aioquic, no answer yet (see `received_batch`)."""
         self.quic.receive_datagram(data, self.peer, now)
         self.received_any = True
         self.last_rx = now
+        self.gone_deadline = None
+        self.unacked += len(data)
+
+    def received_batch(self, now: float) -> None:
+        """The end of a batch of received datagrams: handle the events and send everything
+        due, once. Bulk data (two full-size packets or more since our last ACK) is
+        acknowledged now, in that one flush, rather than after aioquic's ack_delay: a
+        sender's congestion window only moves on with our ACKs (RFC 9000 13.2.2 asks for an
+        ACK every second packet). Small packets wait for ack_delay, so that a request and
+        its answer do not each cost an ACK-only packet."""
+        if self.unacked >= ACK_NOW_BYTES:
+            self.quic.ack_now(now)
         self.process(now)
 
-    def next_timer(self) -> Optional[float]:
+    def next_timer(self) -> float | None:
         """When this connection next wants `timer_fired` (aioquic's timers, the key-proof
         deadline, keepalive while streams are open); None: never."""
         times = [self.quic.get_timer(), self._keepalive_at(),
-                 None if self.state is ConnState.CLOSED else self.proof.wake_at]
+                 None if self.state is ConnState.CLOSED else self.proof.wake_at, self.gone_deadline]
         return min((t for t in times if t is not None), default=None)
 
-    def _keepalive_at(self) -> Optional[float]:
-        """When to PING a silent peer: only while the application has streams open."""
-        if self.streams.open > 0 and self.state is ConnState.READY:
+    def _keepalive_at(self) -> float | None:
+        """When to PING a silent peer: only while the application has streams open (or the
+        connection is kept ready for the next dial)."""
+        if (self.streams.open > 0 or self.keep_alive_idle) and self.state is ConnState.READY:
             return max(self.last_rx, self.last_ping) + self.opts.keepalive_interval
         return None
 
@@ -203,6 +237,10 @@ class Conn:
             refused = self.proof.expire(now)
             if refused:
                 self._apply(refused, now)
+                return
+            if self.gone_deadline is not None and now >= self.gone_deadline:
+                self.gone_deadline = None
+                self.close(self._gone_error(), now=now)
                 return
         quic = self.quic
         qt = quic.get_timer()
@@ -221,6 +259,29 @@ class Conn:
         self.quic.probe_now(next(self.ping_seq))
         self.flush(now)
 
+    def peer_left(self, now: float, *, not_here: bool) -> None:
+        """The relay says the peer is not connected to it (PeerGone). A dial fails (at once
+        for NOT_HERE, else unless the peer answers within GONE_GRACE); so does a connection
+        to a Go peer, which never comes back; a connection to one of ours is probed at once
+        (it reconnects by itself; if it does not, the idle timeout ends the connection)."""
+        if self.terminated or self.state is ConnState.CLOSED:
+            return
+        if self.is_client and self.state is ConnState.HANDSHAKE:
+            if not_here:
+                self.close(self._gone_error(), now=now)
+                return
+        elif self.ours or self.state is not ConnState.READY:
+            self.probe(now)
+            return
+        if self.gone_deadline is None:
+            self.gone_deadline = now + GONE_GRACE
+            self.host.schedule(self, self.next_timer())
+
+    def _gone_error(self) -> BaseException:
+        if self.state is ConnState.HANDSHAKE:
+            return PeerNotConnected(f"{self.peer.b64()} is not connected to the relay (offline, or on another relay)")
+        return ConnectionAbortedError(f"{self.describe()}: the peer left the relay (a Go derpconnect never comes back)")
+
     def path_changed(self, mtu: int, now: float) -> None:
         """The path to the peer now carries datagrams of up to `mtu` bytes: resize our
         packets (data lost in too-large packets is resent in new ones) and probe at once."""
@@ -228,10 +289,11 @@ class Conn:
             return
         self.upgrade_size = 0
         self.quic.set_max_datagram_size(packet_size(self.uncapped_size, mtu))
+        self.quic.set_pacing(mtu < RELAY_PATH_MTU)
         self.probe(now)
 
     def close(self, error: BaseException, *, code: int = AppError.CLOSED, reason: str = "",
-              now: Optional[float] = None) -> None:
+              now: float | None = None) -> None:
         """Close now: CONNECTION_CLOSE to the peer, `error` to every user."""
         if not self.quic.state_closed:
             self.quic.close(error_code=code, reason_phrase=reason)
@@ -270,7 +332,7 @@ class Conn:
         self.flush()
         return s
 
-    def _peer_stream(self, sid: int) -> Optional[StreamEndpoint]:
+    def _peer_stream(self, sid: int) -> StreamEndpoint | None:
         """A stream the peer opened: a Stream for the listener, or a refusal."""
         s = self.streams.get(sid)
         if s is not None or sid % 4 >= 2 or (sid % 2 == 1) != self.is_client:
@@ -278,6 +340,9 @@ class Conn:
         if self.is_client or self.state is ConnState.CLOSED:
             # Our dialled connections do not accept streams from the listener side.
             self.streams.refuse(sid, self.quic)
+            return None
+        if self.state is not ConnState.READY and len(self.streams.pending) >= MAX_PENDING_STREAMS:
+            self.streams.refuse(sid, self.quic)  # streams before the key proofs: a few, not 1024
             return None
         stream = Stream(self, sid)
         self.streams.add(stream)
@@ -300,7 +365,7 @@ class Conn:
             self.fail(self._close_error(quic.close_event))
         self.flush(now)
 
-    def flush(self, now: Optional[float] = None) -> None:
+    def flush(self, now: float | None = None) -> None:
         """Send what aioquic has to send, wake writers that have room, reschedule."""
         if self.terminated:
             return
@@ -312,8 +377,15 @@ class Conn:
             credit = window_credit(used - self.streams.unread, self.opts.connection_window, limit)
             if credit is not None:
                 quic.grant_connection(credit)
-        for data, _ in quic.datagrams_to_send(now):
-            self.host.send_datagram(data, self.peer)
+        datagrams = quic.datagrams_to_send(now)
+        if not quic.ack_pending:
+            self.unacked = 0
+        if quic.issued_cids:  # routed before the NEW_CONNECTION_ID frames leave
+            for cid in quic.take_issued_cids():
+                self.cids.add(cid)
+                self.host.add_route(self, cid)
+        if datagrams:
+            self.host.send_datagrams([data for data, _ in datagrams], self.peer)
         if self.upgrade_size:
             quic.set_max_datagram_size(self.upgrade_size)
             self.upgrade_size = 0
@@ -342,6 +414,9 @@ class Conn:
                 if s is not None:
                     s.stop_sending_received(code)
                     self.streams.blocked_writers.discard(s)
+            case events.ProtocolNegotiated(alpn_protocol=alpn) if not self.is_client:
+                # The server's key-proof hello leaves with its first flight (0.5-RTT data).
+                self._apply(self.proof.protocol_negotiated(alpn == ALPN_AUTH), now)
             case events.HandshakeCompleted(alpn_protocol=alpn):
                 self._handshake_completed(alpn == ALPN_AUTH, now)
             case events.ConnectionIdIssued(connection_id=cid):
@@ -372,8 +447,8 @@ class Conn:
     def _apply(self, actions: list[Action], now: float) -> None:
         for action in actions:
             match action:
-                case SendProof(message=message):
-                    self.send_proof(message)
+                case SendProof(message=message, end=end):
+                    self.send_proof(message, end)
                 case Ready(authenticated=authenticated):
                     self._ready(authenticated)
                 case Refuse(code=code, reason=reason, error=error, detail=detail):
@@ -382,10 +457,11 @@ class Conn:
                     self.close(error, code=code, reason=reason, now=now)
                     return
 
-    def send_proof(self, message: bytes) -> None:
-        """Our key proof, on our first unidirectional stream."""
-        sid = self.quic.get_next_available_stream_id(is_unidirectional=True)
-        self.quic.send_stream_data(sid, message, end_stream=True)
+    def send_proof(self, message: bytes, end: bool = True) -> None:
+        """Our key proof (or a part of it), on our first unidirectional stream."""
+        if self.proof_stream is None:
+            self.proof_stream = self.quic.get_next_available_stream_id(is_unidirectional=True)
+        self.quic.send_stream_data(self.proof_stream, message, end_stream=end)
 
     def _ready(self, authenticated: bool) -> None:
         self.state = ConnState.READY
@@ -398,7 +474,7 @@ class Conn:
         if authenticated:
             self.host.peer_verified(self.peer)
 
-    def _tell_owner(self, hook: Callable[["Conn"], None]) -> None:
+    def _tell_owner(self, hook: Callable[[Conn], None]) -> None:
         try:
             hook(self)
         except Exception:  # pragma: no cover - a bug in the Listener/Dialer
@@ -419,16 +495,18 @@ class Conn:
 
 
 def create_conn(host: ConnHost, proof: KeyProof, owner: ConnOwner, opts: Options, now: float, *,
-                original_dcid: Optional[bytes] = None, conn_class: type[Conn] = Conn) -> Conn:
+                original_dcid: bytes | None = None, conn_class: type[Conn] = Conn) -> Conn:
     """A new connection to `proof.peer` in `proof.role`: aioquic configured from `opts`
     (packets no larger than the path carries). A client still has to `quic.connect()`;
     a server gets the Initial packet's destination connection ID as `original_dcid`."""
     client = proof.role is Role.CLIENT
+    path_mtu = host.path_mtu(proof.peer)
     cfg = opts.quic_configuration(is_client=client, alpn=[ALPN_AUTH] if client else None,
                                   secrets_log_file=proof.secrets,
-                                  max_datagram_size=packet_size(GO_PACKET_SIZE, host.path_mtu(proof.peer)))
+                                  max_datagram_size=packet_size(GO_PACKET_SIZE, path_mtu))
     quic = DerpQuicConnection(configuration=cfg, original_destination_connection_id=original_dcid,
                               max_streams_bidi=opts.max_streams, ack_delay=opts.ack_delay)
+    quic.set_pacing(path_mtu < RELAY_PATH_MTU)  # paced on a direct UDP path only
     if not client:
         quic.optional_alpn = [ALPN_AUTH]
     return conn_class(host, quic, proof.peer, owner=owner, opts=opts, proof=proof, now=now)

@@ -12,14 +12,24 @@ connections they concern. Threads, locking and time: docs/derpquic.md.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from enum import Enum
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, ClassVar
 
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported by aioquic
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import QuicHeader, QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicHeader,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.packet_builder import QuicPacketBuilder
 
 from derpnet.frames import PeerGone, PeerGoneReason
 from derpnet.keys import PrivateKey, PublicKey
@@ -27,9 +37,9 @@ from derpnet.packetconn import LinkUp
 from derpnet.paths import RELAY_PATH_MTU, PathChanged
 
 from .auth import AuthPolicy, KeyProof, Role
-from .codes import AppError
+from .codes import QUIC_CONNECTION_REFUSED, AppError
 from .config import Options
-from .conn import MIN_PACKET_SIZE, Conn, ConnState, create_conn
+from .conn import GONE_GRACE, MIN_PACKET_SIZE, Conn, create_conn
 from .hooks import Acceptor, ConnOwner
 from .timers import TimerHeap
 
@@ -38,6 +48,8 @@ __all__ = ["Driver", "DriverRegistry", "Admission", "admit", "CID_LENGTH", "SUPP
 log = logging.getLogger("derpquic")
 
 CID_LENGTH = 8
+#: At most this many datagrams are taken from the PacketConn and processed as one batch.
+RECEIVE_BATCH = 256
 #: The QUIC versions we speak (aioquic's); others get a Version Negotiation packet.
 SUPPORTED_VERSIONS: list[int] = list(QuicConfiguration().supported_versions)
 
@@ -48,6 +60,27 @@ class Admission(Enum):
     ACCEPT = "accept"        # an Initial packet: a new connection
     NEGOTIATE = "negotiate"  # a version we do not speak: answer with Version Negotiation
     DROP = "drop"            # anything else (stray, short, late)
+
+
+def refuse_initial(header: QuicHeader, reason: str) -> bytes:
+    """A stateless answer to the Initial packet `header` belongs to: an Initial packet of our
+    own carrying CONNECTION_CLOSE(CONNECTION_REFUSED, `reason`), protected with the Initial
+    keys every QUIC endpoint derives from the client's destination connection ID (RFC 9001
+    5.2). Nothing is kept: the dialler fails at once with ConnectionRefusedError."""
+    assert header.version is not None
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+    builder = QuicPacketBuilder(host_cid=os.urandom(CID_LENGTH), peer_cid=header.source_cid,
+                                version=header.version, is_client=False, max_datagram_size=MIN_PACKET_SIZE)
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    phrase = reason.encode()[:64]
+    buf = builder.start_frame(QuicFrameType.TRANSPORT_CLOSE, capacity=3 * 8 + len(phrase))
+    buf.push_uint_var(QUIC_CONNECTION_REFUSED)
+    buf.push_uint_var(0)  # frame type: none in particular
+    buf.push_uint_var(len(phrase))
+    buf.push_bytes(phrase)
+    datagrams, _ = builder.flush()
+    return datagrams[0]
 
 
 def admit(header: QuicHeader, size: int) -> Admission:
@@ -73,7 +106,7 @@ class Driver:
     key_proof_class: ClassVar[type[KeyProof]] = KeyProof
 
     @classmethod
-    def acquire(cls, pc: Any, private_key: PrivateKey) -> "Driver":
+    def acquire(cls, pc: Any, private_key: PrivateKey) -> Driver:
         """The driver of `pc` (created on first use); balance with `release()`."""
         return _REGISTRY.acquire(cls, pc, private_key)
 
@@ -88,16 +121,19 @@ class Driver:
         if private_key.public_key != self.local:
             raise ValueError("the private key does not match the PacketConn's address")
         self.lock = threading.Lock()
+        self._write_batch = getattr(pc, "write_batch", None)
         self.routes: dict[tuple[PublicKey, bytes], Conn] = {}
         self.conns: set[Conn] = set()
         self.timers: TimerHeap[Conn] = TimerHeap()
-        self.acceptor: Optional[Acceptor] = None  # the Listener accepting on this PacketConn, if any
-        self.armed: Optional[float] = None  # the read deadline we set (monotonic), None = none
+        self.acceptor: Acceptor | None = None  # the Listener accepting on this PacketConn, if any
+        self.armed: float | None = None  # the read deadline we set (monotonic), None = none
         self.stopped = False
-        self.dead: Optional[BaseException] = None  # why the receive thread stopped on its own
+        self.dead: BaseException | None = None  # why the receive thread stopped on its own
         self.drained = threading.Condition(self.lock)  # notified when a conn's sends complete
         self.drain_waiters = 0
         self.link_ups = 0  # relay reconnects seen (each probes every connection at once)
+        #: Peers the relay said are not connected (PeerGone), until a datagram from them arrives.
+        self.gone: dict[PublicKey, float] = {}
         self.thread = threading.Thread(target=self._run, name=f"derpquic-rx-{self.local.b64()[:8]}",
                                        daemon=True)
         self.thread.start()
@@ -124,18 +160,18 @@ class Driver:
                         now = time.monotonic()
                         for conn in [c for c in self.conns if c.peer == peer]:
                             conn.path_changed(mtu, now)
-            case PeerGone(key=peer, reason=PeerGoneReason.NOT_HERE):
-                # The relay says `peer` is not connected to it (an answer to a disco packet,
-                # which we only send to peers known to be ours): fail our dials to it now
-                # rather than after the dial timeout.
+            case PeerGone(key=peer, reason=reason):
+                # The relay says `peer` is not connected to it: it left (DISCONNECTED, sent to
+                # those it had sent packets to) or is unknown (NOT_HERE, the answer to a disco
+                # packet, which we only send to peers known to be ours). Its connections decide
+                # what that means for them (Conn.peer_left); new dials to it fail fast until
+                # it is heard from again.
                 with self.lock:
                     if not self.stopped:
                         now = time.monotonic()
-                        for conn in [c for c in self.conns if c.peer == peer and c.is_client
-                                     and c.state is ConnState.HANDSHAKE]:
-                            conn.close(ConnectionRefusedError(
-                                f"{peer.b64()} is not connected to the relay (offline, or on another relay)"),
-                                now=now)
+                        self.gone[peer] = now
+                        for conn in [c for c in self.conns if c.peer == peer]:
+                            conn.peer_left(now, not_here=reason == PeerGoneReason.NOT_HERE)
             case _:
                 pass
 
@@ -151,6 +187,16 @@ class Driver:
             # Closed or broken PacketConn: the connection times out / is failed by the reader.
             log.debug("derpquic: write_to %s failed: %s", peer.b64(), e)
 
+    def send_datagrams(self, datagrams: list[bytes], peer: PublicKey) -> None:
+        if len(datagrams) == 1 or self._write_batch is None:
+            for data in datagrams:
+                self.send_datagram(data, peer)
+            return
+        try:
+            self._write_batch([(data, peer) for data in datagrams])
+        except (OSError, ValueError) as e:
+            log.debug("derpquic: write_batch to %s failed: %s", peer.b64(), e)
+
     def add_route(self, conn: Conn, cid: bytes) -> None:
         self.routes[(conn.peer, cid)] = conn
 
@@ -164,7 +210,7 @@ class Driver:
         self.conns.discard(conn)
         self.timers.cancel(conn)
 
-    def schedule(self, conn: Conn, when: Optional[float]) -> None:
+    def schedule(self, conn: Conn, when: float | None) -> None:
         if conn.terminated:
             return
         self.timers.schedule(conn, when)
@@ -193,6 +239,8 @@ class Driver:
         """Start a client connection (lock held by the caller)."""
         now = time.monotonic()
         conn = self._new_conn(peer, Role.CLIENT, owner, opts, policy, now)
+        if peer in self.gone:  # the relay said it left: give it GONE_GRACE to answer, not the whole timeout
+            conn.gone_deadline = now + GONE_GRACE
         conn.quic.connect(peer, now)
         self._register(conn, conn.quic.host_cid)
         conn.process(now)
@@ -206,7 +254,7 @@ class Driver:
         return conn
 
     def _new_conn(self, peer: PublicKey, role: Role, owner: ConnOwner, opts: Options, policy: AuthPolicy,
-                  now: float, original_dcid: Optional[bytes] = None) -> Conn:
+                  now: float, original_dcid: bytes | None = None) -> Conn:
         proof = self.key_proof_class(self.private_key, peer, role, policy, now=now,
                                      timeout=None if role is Role.CLIENT else opts.dial_timeout)
         return create_conn(self, proof, owner, opts, now, original_dcid=original_dcid, conn_class=self.conn_class)
@@ -221,11 +269,12 @@ class Driver:
 
     def _run(self) -> None:
         pc = self.pc
+        read_batch = getattr(pc, "read_batch", None)
         try:
             while True:
-                data = addr = None
+                batch: Sequence[tuple[bytes, Any]] = ()
                 try:
-                    data, addr = pc.read_from(65536)
+                    batch = read_batch(RECEIVE_BATCH) if read_batch is not None else (pc.read_from(65536),)
                 except TimeoutError:
                     pass
                 except OSError as e:
@@ -237,11 +286,8 @@ class Driver:
                 with self.lock:
                     if self.stopped:
                         return
-                    if data is not None:
-                        try:
-                            self._datagram(data, addr, time.monotonic())
-                        except Exception:  # never let one bad packet kill the thread
-                            log.exception("derpquic: error handling a datagram from %s", addr)
+                    if batch:
+                        self._datagrams(batch, time.monotonic())
                     self._run_timers(time.monotonic())
                     self._arm()
         except BaseException:  # pragma: no cover - a bug: make it visible, fail everything
@@ -249,6 +295,28 @@ class Driver:
             with self.lock:
                 self._stop(ConnectionAbortedError("derpquic receive thread crashed"))
             raise
+
+    def _datagrams(self, batch: Sequence[tuple[bytes, Any]], now: float) -> None:
+        """Feed a batch of datagrams to their connections, then let each connection that got
+        some process them and answer once (lock held): one flush, one ACK, one relay write
+        per connection and batch instead of one per packet."""
+        touched: dict[Conn, None] = {}
+        for data, addr in batch:
+            try:
+                conn = self._route(data, addr, now)
+                if conn is not None and not conn.terminated:
+                    conn.receive(data, now)
+                    touched[conn] = None
+            except Exception:  # never let one bad packet kill the thread
+                log.exception("derpquic: error handling a datagram from %s", addr)
+        for conn in touched:
+            if conn.terminated:
+                continue
+            try:
+                conn.received_batch(now)
+            except Exception:
+                log.exception("derpquic: error processing datagrams of %s", conn)
+                conn.discard(ConnectionAbortedError("internal error processing datagrams"), now, tell_peer=False)
 
     def _stop(self, error: BaseException) -> None:
         """The receive thread ends for good: fail everything (lock held)."""
@@ -260,29 +328,38 @@ class Driver:
         if self.acceptor is not None:
             self.acceptor.driver_failed(error)
 
-    def _datagram(self, data: bytes, addr: Any, now: float) -> None:
-        """Route one datagram (lock held): to its connection, or a new one, or a Version
-        Negotiation answer; anything else is dropped."""
+    def _route(self, data: bytes, addr: Any, now: float) -> Conn | None:
+        """The connection a datagram is for (lock held): its own, or a new one for an
+        Initial packet; None after answering an unknown version with Version Negotiation,
+        or for anything else (dropped)."""
         peer = addr if type(addr) is PublicKey else PublicKey.coerce(addr)
+        if self.gone:
+            self.gone.pop(peer, None)  # heard from: it is back
+        if data and not data[0] & 0x80:  # short header: the destination ID follows the first byte
+            return self.routes.get((peer, data[1:1 + CID_LENGTH]))
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
-            return
+            return None
         conn = self.routes.get((peer, header.destination_cid))
-        if conn is None:
-            acceptor = self.acceptor
-            if acceptor is None or acceptor.closed:
-                return
-            admission = admit(header, len(data))
-            if admission is Admission.NEGOTIATE:
-                self.send_datagram(encode_quic_version_negotiation(
-                    source_cid=header.destination_cid, destination_cid=header.source_cid,
-                    supported_versions=SUPPORTED_VERSIONS), peer)
-            if admission is not Admission.ACCEPT:
-                return
-            conn = self._accept(peer, header, acceptor, now)
-        if not conn.terminated:
-            conn.datagram_received(data, now)
+        if conn is not None:
+            return conn
+        acceptor = self.acceptor
+        if acceptor is None or acceptor.closed:
+            return None
+        admission = admit(header, len(data))
+        if admission is Admission.NEGOTIATE:
+            self.send_datagram(encode_quic_version_negotiation(
+                source_cid=header.destination_cid, destination_cid=header.source_cid,
+                supported_versions=SUPPORTED_VERSIONS), peer)
+        if admission is not Admission.ACCEPT:
+            return None
+        refusal = acceptor.refusal(peer)  # a key outside `allow`, too many handshakes: no state at all
+        if refusal is not None:
+            if refusal:
+                self.send_datagram(refuse_initial(header, refusal), peer)
+            return None
+        return self._accept(peer, header, acceptor, now)
 
     # ------------------------------------------------------------------ timers
 

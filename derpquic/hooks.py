@@ -11,7 +11,7 @@ Every method here is called with the driver's lock held and must not block.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from derpnet.keys import PublicKey
 
@@ -59,26 +59,31 @@ class StreamEndpoint(Protocol):
 class ConnOwner(Protocol):
     """The Listener or Dialer a connection belongs to."""
 
-    def conn_ready(self, conn: "Conn") -> None:
+    def conn_ready(self, conn: Conn) -> None:
         """The connection may carry streams (handshake and key proofs done)."""
 
-    def conn_closed(self, conn: "Conn") -> None:
+    def conn_closed(self, conn: Conn) -> None:
         """The connection became unusable."""
 
-    def stream_opened(self, stream: "Stream") -> None:
+    def stream_opened(self, stream: Stream) -> None:
         """The peer opened `stream` on a ready connection: hand it out (or refuse it)."""
 
 
 class Acceptor(ConnOwner, Protocol):
     """The Listener, as the driver sees it when an Initial packet arrives from a new peer."""
 
-    opts: "Options"
-    policy: "AuthPolicy"
+    opts: Options
+    policy: AuthPolicy
 
     @property
     def closed(self) -> bool: ...
 
-    def conn_accepted(self, conn: "Conn") -> None:
+    def refusal(self, peer: PublicKey) -> str | None:
+        """None: make a connection for this Initial from `peer`. Else no state at all: ""
+        drops it (busy: the dialler retransmits, like a SYN to a full backlog), any other
+        text is answered with a stateless CONNECTION_REFUSED carrying it."""
+
+    def conn_accepted(self, conn: Conn) -> None:
         """A new incoming connection (not yet ready)."""
 
     def driver_failed(self, error: BaseException) -> None:
@@ -96,18 +101,21 @@ class ConnHost(Protocol):
 
     def send_datagram(self, data: bytes, peer: PublicKey) -> None: ...
 
-    def add_route(self, conn: "Conn", cid: bytes) -> None:
+    def send_datagrams(self, datagrams: list[bytes], peer: PublicKey) -> None:
+        """Send several datagrams to `peer` at once (one relay write where possible)."""
+
+    def add_route(self, conn: Conn, cid: bytes) -> None:
         """Datagrams for (conn.peer, cid) go to `conn`."""
 
-    def remove_route(self, conn: "Conn", cid: bytes) -> None: ...
+    def remove_route(self, conn: Conn, cid: bytes) -> None: ...
 
-    def forget(self, conn: "Conn") -> None:
+    def forget(self, conn: Conn) -> None:
         """`conn` ended: no more routes, timers or datagrams."""
 
-    def schedule(self, conn: "Conn", when: Optional[float]) -> None:
+    def schedule(self, conn: Conn, when: float | None) -> None:
         """Run `conn.timer_fired` at monotonic time `when` (None: no timer)."""
 
-    def flushed(self, conn: "Conn") -> None:
+    def flushed(self, conn: Conn) -> None:
         """`conn` sent what it could (wakes Listener/Dialer.close waiting for acknowledgements)."""
 
     def peer_verified(self, peer: PublicKey) -> None:

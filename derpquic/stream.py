@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from derpnet.keys import PublicKey
 
@@ -40,26 +40,26 @@ class SocketTimeout:
     waits (BlockingIOError), a number bounds the whole call (TimeoutError)."""
 
     _cond: threading.Condition
-    _timeout: Optional[float] = None
+    _timeout: float | None = None
 
-    def settimeout(self, value: Optional[float]) -> None:
+    def settimeout(self, value: float | None) -> None:
         if value is not None:
             value = float(value)
             if value < 0:
                 raise ValueError("Timeout value out of range")
         self._timeout = value
 
-    def gettimeout(self) -> Optional[float]:
+    def gettimeout(self) -> float | None:
         return self._timeout
 
     def setblocking(self, flag: bool) -> None:
         self.settimeout(None if flag else 0.0)
 
-    def _deadline(self) -> Optional[float]:
+    def _deadline(self) -> float | None:
         t = self._timeout
         return None if t is None else time.monotonic() + t
 
-    def _wait(self, deadline: Optional[float]) -> None:
+    def _wait(self, deadline: float | None) -> None:
         """Wait for a notification (lock held), or raise at the deadline."""
         if deadline is None:
             self._cond.wait()
@@ -75,7 +75,7 @@ class SocketTimeout:
 class Stream(SocketTimeout, StreamEndpoint):
     """A reliable, ordered byte stream to one peer (see the module docstring)."""
 
-    def __init__(self, conn: "Conn", stream_id: int) -> None:
+    def __init__(self, conn: Conn, stream_id: int) -> None:
         self._conn = conn
         self._driver = conn.host  # (tests/faults/harness.py reads ._driver.pc)
         self._cond = threading.Condition(conn.lock)
@@ -88,8 +88,15 @@ class Stream(SocketTimeout, StreamEndpoint):
     # ------------------------------------------------------------------ properties
 
     def remote_addr(self) -> PublicKey:
-        """The peer's key (Go's RemoteAddr()); proven when `authenticated` is True."""
+        """The key the packets came from (Go's RemoteAddr()): what the relay says, proven
+        only when `authenticated` is True. To act on who the peer is, use `peer_key`."""
         return self._conn.peer
+
+    @property
+    def peer_key(self) -> PublicKey | None:
+        """The peer's key if it proved, in this QUIC session, that it holds the private key;
+        None otherwise (a Go derpconnect, or anyone the relay passes off as that key)."""
+        return self._conn.peer if self._conn.authenticated else None
 
     def local_addr(self) -> PublicKey:
         """Our key (Go's LocalAddr())."""
@@ -119,7 +126,7 @@ class Stream(SocketTimeout, StreamEndpoint):
     def _rbuf(self) -> bytearray:  # (tests/faults/harness.py reads it)
         return self._state.rbuf
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -205,7 +212,7 @@ class Stream(SocketTimeout, StreamEndpoint):
         self._cond.notify_all()
 
     def wake_writer(self) -> bool:
-        if not self._state.writer_may_proceed(self._room()):
+        if not self._state.writer_may_proceed(self._room(), self._send_buffer // 4):
             return False
         self._cond.notify_all()
         return True
@@ -264,7 +271,7 @@ class Stream(SocketTimeout, StreamEndpoint):
         if error is not None:
             raise error
 
-    def _wait_room(self, deadline: Optional[float]) -> int:
+    def _wait_room(self, deadline: float | None) -> int:
         while True:
             self._check_writable()
             room = self._room()
@@ -329,7 +336,7 @@ class Stream(SocketTimeout, StreamEndpoint):
     def abort(self, code: int = 0) -> None:
         """Abortive close (like a TCP RST): RESET_STREAM and STOP_SENDING with `code`,
         unsent data dropped; the peer's recv/send raise ConnectionResetError. Wakes blocked
-        callers here (they get OSError EBADF or b""). Idempotent; no-op after close()."""
+        callers here (they get OSError EBADF). Idempotent; no-op after close()."""
         with self._cond:
             if self._state.closed:
                 return
@@ -344,6 +351,7 @@ class Stream(SocketTimeout, StreamEndpoint):
         state.connection_lost(err)
         if state.closed:
             return
+        state.aborted = True
         state.shut_wr = True
         if self._live():
             with suppress(ValueError, RuntimeError):
@@ -354,14 +362,14 @@ class Stream(SocketTimeout, StreamEndpoint):
 
     # ------------------------------------------------------------------ file objects
 
-    def makefile(self, mode: str = "r", buffering: Optional[int] = None, *, encoding: Optional[str] = None,
-                 errors: Optional[str] = None, newline: Optional[str] = None) -> Any:
+    def makefile(self, mode: str = "r", buffering: int | None = None, *, encoding: str | None = None,
+                 errors: str | None = None, newline: str | None = None) -> Any:
         """A file object reading/writing this stream, as socket.makefile()."""
         return makefile(self, mode, buffering, encoding=encoding, errors=errors, newline=newline)
 
 
-def makefile(stream: Stream, mode: str = "r", buffering: Optional[int] = None, *,
-             encoding: Optional[str] = None, errors: Optional[str] = None, newline: Optional[str] = None) -> Any:
+def makefile(stream: Stream, mode: str = "r", buffering: int | None = None, *,
+             encoding: str | None = None, errors: str | None = None, newline: str | None = None) -> Any:
     """A file object over `stream`, as socket.makefile() makes one over a socket."""
     if not set(mode) <= {"r", "w", "b"}:
         raise ValueError(f"invalid mode {mode!r} (only 'r', 'w', 'b')")

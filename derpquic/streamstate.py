@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 from enum import Enum
-from typing import Optional
 
 __all__ = ["StreamState", "Readable", "window_credit", "copy_error"]
 
@@ -24,7 +23,7 @@ def copy_error(err: BaseException) -> BaseException:
         return ConnectionAbortedError(str(err))
 
 
-def window_credit(consumed: int, window: int, limit: int) -> Optional[int]:
+def window_credit(consumed: int, window: int, limit: int) -> int | None:
     """The receive limit to advertise now that the application has consumed `consumed`
     bytes: `consumed + window`, or None while that is less than a quarter window above
     the current `limit` (fewer MAX_DATA / MAX_STREAM_DATA frames, same throughput)."""
@@ -47,19 +46,20 @@ class StreamState:
     and the application's shutdowns. Errors are kept and raised again as copies."""
 
     __slots__ = ("rbuf", "read_total", "eof", "reset_error", "stop_error", "conn_error", "written",
-                 "shut_rd", "shut_wr", "closed")
+                 "shut_rd", "shut_wr", "closed", "aborted")
 
     def __init__(self) -> None:
         self.rbuf = bytearray()
         self.read_total = 0      # bytes the application has read
         self.eof = False         # the peer's FIN arrived
-        self.reset_error: Optional[BaseException] = None  # the peer reset its sending side
-        self.stop_error: Optional[BaseException] = None   # the peer stopped reading ours
-        self.conn_error: Optional[BaseException] = None   # the connection is unusable
+        self.reset_error: BaseException | None = None  # the peer reset its sending side
+        self.stop_error: BaseException | None = None   # the peer stopped reading ours
+        self.conn_error: BaseException | None = None   # the connection is unusable
         self.written = 0         # bytes the application has queued
         self.shut_rd = False
         self.shut_wr = False
         self.closed = False
+        self.aborted = False     # reset by us (abort, refusal): reads raise, never return b""
 
     # -- from the peer -----------------------------------------------------------------------
 
@@ -91,12 +91,18 @@ class StreamState:
 
     def readable(self) -> Readable:
         """Whether a read returns data, end of stream or must wait; raises the stream's error
-        (reset, connection lost, closed) when that is all a read can return."""
+        (reset, connection lost, closed) when that is all a read can return. Only the peer's
+        FIN, or our own shutdown of reading, is an end of stream: a stream reset by either
+        side, or lost with its connection, never reads as one."""
         if self.rbuf:
             return Readable.DATA
         if self.reset_error is not None:
             raise copy_error(self.reset_error)
-        if self.eof or self.shut_rd:
+        if self.eof:
+            return Readable.EOF
+        if self.aborted:
+            raise copy_error(self.conn_error) if self.conn_error is not None else bad_fd("stream aborted")
+        if self.shut_rd:
             return Readable.EOF
         if self.conn_error is not None:
             raise copy_error(self.conn_error)
@@ -132,7 +138,7 @@ class StreamState:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write_error(self) -> Optional[BaseException]:
+    def write_error(self) -> BaseException | None:
         """Why a write fails now, or None if it may proceed."""
         if self.closed:
             return bad_fd("stream closed")
@@ -144,9 +150,10 @@ class StreamState:
             return copy_error(self.conn_error)
         return None
 
-    def writer_may_proceed(self, room: int) -> bool:
-        """A writer blocked for send-buffer room may wake: room, or an end."""
-        return (room > 0 or self.closed or self.shut_wr or self.stop_error is not None
+    def writer_may_proceed(self, room: int, wanted: int = 1) -> bool:
+        """A writer blocked for send-buffer room may wake: at least `wanted` bytes of room
+        (waking it for every few freed bytes costs a thread switch each), or an end."""
+        return (room >= wanted or self.closed or self.shut_wr or self.stop_error is not None
                 or self.conn_error is not None)
 
     def lingering(self, sender_finished: bool) -> bool:

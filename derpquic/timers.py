@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Hashable
-from typing import Generic, Optional, TypeVar
+from typing import Generic, TypeVar
 
 __all__ = ["TimerHeap"]
 
@@ -35,12 +35,12 @@ class TimerHeap(Generic[K]):
     def __contains__(self, key: object) -> bool:
         return key in self._want
 
-    def when(self, key: K) -> Optional[float]:
+    def when(self, key: K) -> float | None:
         """The time `key` wants, or None if it is not scheduled."""
         want = self._want.get(key)
         return None if want is None else want[0]
 
-    def schedule(self, key: K, when: Optional[float]) -> None:
+    def schedule(self, key: K, when: float | None) -> None:
         """`key` wants to run at `when` (None: never; same as `cancel`)."""
         if when is None:
             self.cancel(key)
@@ -64,7 +64,7 @@ class TimerHeap(Generic[K]):
         self._want.clear()
         self._entry.clear()
 
-    def earliest(self) -> Optional[float]:
+    def earliest(self) -> float | None:
         """The earliest wanted time of all keys, None if nothing is scheduled."""
         self._settle()
         return self._heap[0][0] if self._heap else None

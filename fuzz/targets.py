@@ -8,8 +8,7 @@ ProtocolError/HandshakeError, and never buffers more than it was given.
 from __future__ import annotations
 
 from derpnet import frames as F
-from derpnet.connection import (AcceptClient, AcceptUpgrade, ClientConnection, Hello, ServerConnection,
-                                State)
+from derpnet.connection import AcceptClient, AcceptUpgrade, ClientConnection, Hello, ServerConnection, State
 from derpnet.errors import ProtocolError
 from derpnet.keys import PrivateKey
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import ssl
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import pytest
 
@@ -42,5 +41,5 @@ class Relay:
 
     kind: str  # "ours" or "go"
     url: str
-    ssl_context: Optional[ssl.SSLContext] = None
+    ssl_context: ssl.SSLContext | None = None
     process: object = None  # the handle that owns the process (for fault tests)

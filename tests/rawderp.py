@@ -10,7 +10,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from typing import Deque, Optional, Tuple, Type, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from derpnet import frames as F
@@ -21,15 +21,15 @@ from derpnet.keys import PrivateKey, PublicKey
 T = TypeVar("T")
 
 
-def split_url(url: str) -> Tuple[str, int, bool]:
+def split_url(url: str) -> tuple[str, int, bool]:
     """(host, port, tls) of an http(s):// relay URL."""
     u = urlsplit(url)
     tls = u.scheme == "https"
     return u.hostname or "127.0.0.1", u.port or (443 if tls else 80), tls
 
 
-def dial(url: str, *, ssl_context: Optional[ssl.SSLContext] = None, timeout: float = 5.0,
-         rcvbuf: Optional[int] = None) -> socket.socket:
+def dial(url: str, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 5.0,
+         rcvbuf: int | None = None) -> socket.socket:
     """A connected (and, for https, TLS-wrapped) socket to the relay at `url`.
 
     `rcvbuf` shrinks the receive buffer (set before connecting) for slow-reader tests.
@@ -90,16 +90,16 @@ def wait_closed(s: socket.socket, timeout: float = 5.0) -> bool:
 class RawDerpClient:
     """One DERP connection: handshake on construction, then blocking frame I/O with deadlines."""
 
-    def __init__(self, url: str, key: Optional[PrivateKey] = None, *, fast_start: bool = False,
-                 ssl_context: Optional[ssl.SSLContext] = None, timeout: float = 5.0,
-                 rcvbuf: Optional[int] = None) -> None:
+    def __init__(self, url: str, key: PrivateKey | None = None, *, fast_start: bool = False,
+                 ssl_context: ssl.SSLContext | None = None, timeout: float = 5.0,
+                 rcvbuf: int | None = None) -> None:
         self.url = url
         self.key = key or PrivateKey.generate()
         self.timeout = timeout
         host, _, _ = split_url(url)
         self.sock = dial(url, ssl_context=ssl_context, timeout=timeout, rcvbuf=rcvbuf)
         self.conn = ClientConnection(self.key, host)
-        self.pending: Deque[object] = deque()
+        self.pending: deque[object] = deque()
         self.closed = False
         self.sock.sendall(self.conn.send(Upgrade(fast_start)))
         self.connected: Connected = self._wait_connected()
@@ -125,7 +125,7 @@ class RawDerpClient:
         self.sock.settimeout(left)
         try:
             data = self.sock.recv(1 << 20)
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError("no frame from the relay in time") from None
         if not data:
             self.closed = True
@@ -157,14 +157,14 @@ class RawDerpClient:
         self.sock.sendall(F.encode_ping(data))
 
     # -- receiving
-    def recv_frame(self, timeout: Optional[float] = None) -> object:
+    def recv_frame(self, timeout: float | None = None) -> object:
         """The next decoded frame (KeepAlives included)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while not self.pending:
             self._read_some(deadline)
         return self.pending.popleft()
 
-    def recv(self, kind: Type[T], timeout: Optional[float] = None) -> T:
+    def recv(self, kind: type[T], timeout: float | None = None) -> T:
         """The next frame of type `kind`, skipping KeepAlives; any other frame is an error."""
         while True:
             ev = self.recv_frame(timeout)
@@ -173,11 +173,11 @@ class RawDerpClient:
             if not isinstance(ev, F.KeepAlive):
                 raise AssertionError(f"expected {kind.__name__}, got {ev!r}")
 
-    def recv_packet(self, timeout: Optional[float] = None) -> F.RecvPacket:
+    def recv_packet(self, timeout: float | None = None) -> F.RecvPacket:
         """The next RecvPacket (KeepAlives skipped)."""
         return self.recv(F.RecvPacket, timeout)
 
-    def sync(self, data: bytes = b"syncsync", timeout: Optional[float] = None) -> list:
+    def sync(self, data: bytes = b"syncsync", timeout: float | None = None) -> list:
         """Ping and read up to the Pong: returns the frames the relay sent before it (KeepAlives dropped).
 
         The relay handles a client's frames in order and writes the Pong behind whatever is
@@ -204,7 +204,7 @@ class RawDerpClient:
         except OSError:
             pass
 
-    def __enter__(self) -> "RawDerpClient":
+    def __enter__(self) -> RawDerpClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

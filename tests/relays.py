@@ -18,8 +18,8 @@ import ssl
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from derpnet.keys import PublicKey
 from tests.interop_peers import LoggedProcess, make_test_ca
@@ -32,16 +32,16 @@ STUN_RX = r"STUN on udp (?P<addr>\S+):(?P<port>\d+)$"
 class OurRelay:
     """`python -m derpnet.server` on loopback, started on enter and stopped on exit."""
 
-    def __init__(self, *, tls: bool = False, cert: Optional[str] = None, key: Optional[str] = None,
-                 hostname: Optional[str] = None, port: int = 0, workdir: Optional[str] = None,
+    def __init__(self, *, tls: bool = False, cert: str | None = None, key: str | None = None,
+                 hostname: str | None = None, port: int = 0, workdir: str | None = None,
                  extra_args: Sequence[str] = (), ready_timeout: float = 20.0,
-                 host: str = "127.0.0.1", argv_prefix: Sequence[str] = (), stun_port: Optional[int] = None) -> None:
+                 host: str = "127.0.0.1", argv_prefix: Sequence[str] = (), stun_port: int | None = None) -> None:
         # host: the listen address; argv_prefix: run it through e.g. `ip netns exec NS`
         self.host, self.argv_prefix = host, list(argv_prefix)
         # stun_port: None → --stun-port 0 (no STUN, so parallel relays never fight over 3478),
         # unless extra_args has its own --stun-port; N → STUN on UDP N (self.stun_port once started)
         self.requested_stun_port = stun_port
-        self.stun_port: Optional[int] = None
+        self.stun_port: int | None = None
         self.tls = tls or cert is not None
         self.hostname = hostname or ("localhost" if self.tls else None)
         self.requested_port = port
@@ -51,15 +51,15 @@ class OurRelay:
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="derpnet-relay-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.key_file = self.workdir / "relay.key"  # persists the server key across restart()
-        self.ca_file: Optional[str] = None
+        self.ca_file: str | None = None
         self.cert, self.key = cert, key
         if self.tls and cert is None:
             self.ca_file, make_leaf = make_test_ca(self.workdir / "pki")
             self.cert, self.key = make_leaf(list(dict.fromkeys([self.hostname, self.host, "127.0.0.1"])))
-        self.logged: Optional[LoggedProcess] = None
+        self.logged: LoggedProcess | None = None
         self.url = ""
         self.port = 0
-        self.public_key: Optional[PublicKey] = None
+        self.public_key: PublicKey | None = None
         self._starts = 0
 
     @property
@@ -81,7 +81,7 @@ class OurRelay:
             argv += ["--stun-port", str(self.requested_stun_port or 0)]
         return argv + self.extra_args
 
-    def start(self) -> "OurRelay":
+    def start(self) -> OurRelay:
         """Start the process and wait for its ready line (url, port, key)."""
         port = self.port or self.requested_port
         env = dict(os.environ)
@@ -100,7 +100,7 @@ class OurRelay:
         self.public_key = PublicKey.parse(m.group("key"))
         return self
 
-    def ssl_context(self) -> Optional[ssl.SSLContext]:
+    def ssl_context(self) -> ssl.SSLContext | None:
         """A client context trusting the test CA (None for plain HTTP)."""
         if not self.tls:
             return None
@@ -118,18 +118,18 @@ class OurRelay:
         if self.logged is not None:
             self.logged.stop()
 
-    def restart(self) -> "OurRelay":
+    def restart(self) -> OurRelay:
         """Kill if running, then start again on the same port with the same server key."""
         self.kill()
         return self.start()
 
-    def stop(self) -> Optional[int]:
+    def stop(self) -> int | None:
         """SIGTERM and wait; returns the exit code."""
         if self.logged is None:
             return None
         return self.logged.stop(timeout=10)
 
-    def __enter__(self) -> "OurRelay":
+    def __enter__(self) -> OurRelay:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -1,6 +1,7 @@
-"""Go-to-Go baseline: Tailscale's derper + Go derpconnect (real, or the
-stand-in goderpconnect from interop/) on loopback, no Python code of ours in
-the path. This is what our Python relay/client are compared against.
+"""Go-to-Go baseline: Tailscale's derper + the original Go derpconnect on loopback, no
+Python code of ours in the path. This is what our Python relay/client are compared against.
+The original only dials HOST:443, so derper runs with TLS on port 443 of a loopback address
+of its own (tests.interop_peers.Relay443; needs root).
 
 Build the Go peers with interop/build.sh. Without them these tests skip (or
 fail under DERPNET_REQUIRE_INTEROP=1).
@@ -17,26 +18,23 @@ import socketserver
 import ssl
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import missing_go_peer  # skip locally, fail when CI requires interop
 from tests.interop_peers import (
     DERPCONNECT_MISSING,
     DERPER_MISSING,
     GoDerpconnect,
     GoDerper,
-    LoggedProcess,
+    Relay443,
     can_bind,
-    derpconnect_is_standin,
     derpconnect_path,
     derper_path,
     free_port,
     make_test_ca,
+    original_race_xfails,
 )
-
-from tests.conftest import missing_go_peer  # skip locally, fail when CI requires interop
-
 
 pytestmark = pytest.mark.interop
 
@@ -60,24 +58,16 @@ def test_ca(tmp_path_factory):
     return make_test_ca(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture(scope="module", params=["tls-test-port", "tls-443"])
-def tls_derper(request, tmp_path_factory, test_ca):
-    """derper with TLS for `localhost` signed by the test CA: on a free port
-    (the stand-in reaches it via DERPCONNECT_TEST_PORT) and on 443 (what the
-    real derpconnect needs)."""
-    _need_derper()
-    if request.param == "tls-443":
-        if not can_bind("127.0.0.1", 443):
-            pytest.skip("cannot bind 127.0.0.1:443 (not root, or port busy)")
-        port = 443
-    else:
-        if not derpconnect_is_standin() and derpconnect_path():
-            pytest.skip("the real derpconnect always dials :443; DERPCONNECT_TEST_PORT is stand-in only")
-        port = free_port()
-    ca_file, make_leaf = test_ca
-    with GoDerper(tmp_path_factory.mktemp("derper"), tls=True, port=port, hostname="localhost",
-                  make_leaf=make_leaf, ca_file=ca_file) as d:
-        yield d
+@pytest.fixture(scope="module")
+def tls_derper(tmp_path_factory):
+    """derper with TLS on port 443 of a loopback address of its own, a test-CA certificate
+    for that address: what the original derpconnect dials."""
+    _need_derpconnect()
+    try:
+        with Relay443("derper", tmp_path_factory.mktemp("derper")) as d:
+            yield d
+    except PermissionError as e:
+        missing_go_peer(str(e))
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -194,15 +184,15 @@ def test_go_derpconnect_http_fetch(tls_derper, http_origin, tmp_path):
     _need_derpconnect()
     port, want = http_origin
     srv, cli = _tunnel(tls_derper, port, tmp_path)
-    with srv, cli:
+    with srv, cli, original_race_xfails(srv, cli):
         for i in range(2):
             out = tmp_path / f"fetched{i}.bin"
-            r = subprocess.run(
-                ["curl", "-sS", "--fail", "--max-time", "60", "-o", str(out),
-                 f"http://127.0.0.1:{cli.listen_port}/blob.bin"],
+            r = subprocess.run(  # a stall (no byte for 10 s) fails: it may be the original's race
+                ["curl", "-sS", "--fail", "--max-time", "60", "--speed-limit", "1", "--speed-time", "10",
+                 "-o", str(out), f"http://127.0.0.1:{cli.listen_port}/blob.bin"],
                 capture_output=True, timeout=90,
             )
-            assert r.returncode == 0, r.stderr.decode() + _dump(srv, cli, tls_derper.proc)
+            assert r.returncode == 0, r.stderr.decode() + _dump(srv, cli, tls_derper.relay.proc)
             assert hashlib.sha256(out.read_bytes()).hexdigest() == want
         assert srv.proc.poll() is None and cli.proc.poll() is None
 
@@ -213,8 +203,8 @@ def test_go_derpconnect_half_close(tls_derper, half_close_origin, tmp_path):
     _need_derpconnect()
     srv, cli = _tunnel(tls_derper, half_close_origin, tmp_path)
     payload = os.urandom(300_000)
-    with srv, cli:
-        with socket.create_connection(("127.0.0.1", cli.listen_port), timeout=60) as s:
+    with srv, cli, original_race_xfails(srv, cli):
+        with socket.create_connection(("127.0.0.1", cli.listen_port), timeout=15) as s:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)
             got = bytearray()
@@ -227,18 +217,15 @@ def test_go_derpconnect_half_close(tls_derper, half_close_origin, tmp_path):
         assert bytes(got[32:]) == payload
 
 
-def test_standin_upgrade_request_on_the_wire(tmp_path, test_ca):
-    """Pin the DERP client's first bytes: TLS to HOST (SNI) verified against
-    SSL_CERT_FILE, the Go http.Request.Write upgrade request, and after a
-    ServerKey frame a 103-byte ClientInfo frame starting with its public key."""
+def test_original_upgrade_request_on_the_wire(tmp_path, test_ca):
+    """Pin the original's first bytes: TLS to HOST:443 (SNI = HOST) verified against
+    SSL_CERT_FILE, the Go http.Request.Write upgrade request, and after a ServerKey frame a
+    103-byte ClientInfo frame starting with its public key. HOST is `localhost` (the one
+    name that needs no /etc/hosts), so this needs 127.0.0.1:443."""
     _need_derpconnect()
-    binary = derpconnect_path()
-    if derpconnect_is_standin(binary):
-        port = free_port()
-    elif can_bind("127.0.0.1", 443):
-        port = 443
-    else:
-        pytest.skip("the real derpconnect needs a relay on :443")
+    if not can_bind("127.0.0.1", 443):
+        missing_go_peer("cannot bind 127.0.0.1:443, which `--derp=localhost` dials (run as root, or it is in use)")
+    port = 443
     ca_file, make_leaf = test_ca
     cert, key = make_leaf(["localhost", "127.0.0.1"])
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -248,8 +235,6 @@ def test_standin_upgrade_request_on_the_wire(tmp_path, test_ca):
     ls = socket.create_server(("127.0.0.1", port))
     ls.settimeout(20)
     env = {"SSL_CERT_FILE": ca_file}
-    if port != 443:
-        env["DERPCONNECT_TEST_PORT"] = str(port)
     with ls, GoDerpconnect("localhost", ["serve", "1"], tmp_path, env={**os.environ, **env}) as p:
         raw, _ = ls.accept()
         raw.settimeout(20)

@@ -6,8 +6,10 @@ Commands: serve, join, relay, keygen, pubkey, regions. Flag-compatible with the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def main(argv=None) -> int:
+
+def main(argv: Sequence[str] | None = None) -> int:
     from .cli import main as _main
     return _main(argv)
 

@@ -12,7 +12,8 @@ import logging
 import os
 import re
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 from ..keys import PublicKey
@@ -47,7 +48,7 @@ _BOOL_FLAGS = {"debug": "--debug", "verbose": "--verbose"}
 class _Parser(argparse.ArgumentParser):
     """Usage errors become one line (UsageError), not argparse's usage block."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
@@ -55,7 +56,7 @@ def _common_options(p: argparse.ArgumentParser, sub: bool) -> None:
     """The options every command takes. On a subcommand parser they default to SUPPRESS,
     so that values given before the command are not overwritten."""
 
-    def d(value):
+    def d(value: object) -> object:
         return argparse.SUPPRESS if sub else value
 
     g = p.add_argument_group("common options")
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(parser, sub=False)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def add(name: str, help: str, description: Optional[str] = None) -> argparse.ArgumentParser:
+    def add(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
         p = subs.add_parser(name, help=help, description=description or help, allow_abbrev=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         return p
@@ -147,7 +148,7 @@ def _normalise(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run derpconnect; returns the exit status (0 ok, 1 failure, 2 usage mistake)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "-verbose", "--verbose", "-debug", "--debug") for a in args_list)

@@ -12,12 +12,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import argparse
+    from types import FrameType
 
 from .. import derpmap
 from ..errors import AuthenticationError, DerpError, HandshakeError, UpgradeError
-from ..keys import PrivateKey, PublicKey
+from ..keys import PrivateKey, PublicKey, describe_key_text, key_file_mode_problem, redact_key_material
 
 log = logging.getLogger("derpnet.cmd")
 
@@ -37,8 +42,11 @@ class UserError(Exception):
 
 
 class UsageError(UserError):
+    """A command-line mistake. Its message may quote what the user typed, so anything in it
+    that may be key material is replaced by what kind of text it was."""
+
     def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_USAGE)
+        super().__init__(redact_key_material(message), EXIT_USAGE)
 
 
 # --------------------------------------------------------------------------
@@ -107,15 +115,26 @@ def user_config_dir() -> Path:
 
 def key_path(name: str) -> Path:
     """Where `--key NAME` lives: `<user config dir>/derpconnect/NAME`, as the Go tool."""
+    if redact_key_material(name) != name:
+        raise UsageError("--key takes the name of a key file, not a key (not shown); "
+                         "use --key-file PATH for a file elsewhere")
     if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
         raise UsageError(f"--key {name!r}: give a plain name (the file lives in "
                          f"{user_config_dir() / 'derpconnect'}); use --key-file PATH for a path")
     return user_config_dir() / "derpconnect" / name
 
 
-def identity_path(args) -> Path:
+def key_file_arg(text: str, what: str = "--key-file") -> Path:
+    """A key file path from the command line. A key pasted where a path goes would become a
+    file name, then a log line: refused without showing it."""
+    if redact_key_material(text) != text:
+        raise UsageError(f"{what} takes a file path, not a key (not shown)")
+    return Path(text).expanduser()
+
+
+def identity_path(args: argparse.Namespace) -> Path:
     if getattr(args, "key_file", None):
-        return Path(args.key_file).expanduser()
+        return key_file_arg(args.key_file)
     return key_path(args.key)
 
 
@@ -132,12 +151,9 @@ def load_key(path: Path) -> PrivateKey:
         raise UserError(f"cannot read key file {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise UsageError(f"malformed key file: {e}") from None
-    try:
-        mode = path.stat().st_mode
-        if os.name == "posix" and mode & 0o077:
-            log.warning("key file %s is readable by other users (mode %o): chmod 600 it", path, mode & 0o777)
-    except OSError:
-        pass
+    problem = key_file_mode_problem(path)
+    if problem:
+        log.warning("%s", problem)
     return key
 
 
@@ -164,7 +180,7 @@ def create_key_file(path: Path, key: PrivateKey, *, raw: bool = True, overwrite:
             pass
 
 
-def load_or_create_identity(args) -> tuple[PrivateKey, Path]:
+def load_or_create_identity(args: argparse.Namespace) -> tuple[PrivateKey, Path]:
     """The node's private key: --key-file PATH, or --key NAME under the user config dir;
     created (raw 32 bytes, mode 0600, the Go tool's format) on first use."""
     path = identity_path(args)
@@ -190,21 +206,21 @@ def parse_public_key(text: str, what: str = "public key") -> PublicKey:
         detail = str(e)
         if detail.startswith("public key: "):
             detail = detail[len("public key: "):]
-        raise UsageError(f"malformed {what} {text!r}: {detail}") from None
+        raise UsageError(f"malformed {what} ({describe_key_text(text)}): {detail}") from None
 
 
 # --------------------------------------------------------------------------
 # Relay
 
 
-def derp_map(args) -> derpmap.DerpMap:
+def derp_map(args: argparse.Namespace) -> derpmap.DerpMap:
     try:
         return derpmap.load(getattr(args, "derp_map", None))
     except derpmap.DerpMapError as e:
         raise UsageError(str(e)) from None
 
 
-def relay_target(args) -> derpmap.RelayTarget:
+def relay_target(args: argparse.Namespace) -> derpmap.RelayTarget:
     spec = getattr(args, "derp", None)
     if not spec:
         raise UsageError("no relay given: use --derp=HOST (a DERP server host name such as "
@@ -221,16 +237,30 @@ def _may_be_region(spec: str) -> bool:
     return "." not in s and ":" not in s and "/" not in s
 
 
-def relay_ssl_context(args, insecure: bool = False) -> Optional[ssl.SSLContext]:
-    """None (the library's default verification) unless --derp-ca or an
-    InsecureForTests map node asks otherwise."""
+def relay_ssl_for(args: argparse.Namespace, target: derpmap.RelayTarget) -> Callable[[str], dict[str, Any]]:
+    """The TLS options for each host of `target`, as keyword arguments: --derp-ca for every
+    host when given (the map's InsecureForTests never overrides it); else no certificate
+    check for the hosts whose own map node is InsecureForTests, the default check for all
+    others."""
+    ctx = relay_ssl_context(args)
+    if ctx is not None:
+        if target.insecure:
+            log.warning("the DERP map marks %s InsecureForTests: ignored, --derp-ca is checked",
+                        ", ".join(sorted(target.insecure_hosts)))
+        return lambda host: {"ssl_context": ctx}
+
+    def for_host(host: str) -> dict[str, Any]:
+        if host not in target.insecure_hosts:
+            return {}
+        log.warning("the DERP map marks relay %s InsecureForTests: its TLS certificate is not checked", host)
+        return {"ssl_context": derpmap.unverified_context()}
+
+    return for_host
+
+
+def relay_ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """None (the library's default verification) unless --derp-ca is given."""
     ca = getattr(args, "derp_ca", None)
-    if insecure:
-        log.warning("the DERP map marks this relay InsecureForTests: its TLS certificate is not checked")
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
     if not ca:
         return None
     try:
@@ -278,16 +308,16 @@ class Stopper:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signal_name = ""
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
-    def install(self) -> "Stopper":
+    def install(self) -> Stopper:
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.event.is_set():
             os._exit(128 + signum)
         self.signal_name = signal.Signals(signum).name
@@ -312,7 +342,7 @@ class Interrupted(Exception):
 def run_bounded(fn: Callable[[], T], timeout: float, what: str, stop: Stopper) -> T:
     """Run fn() in a helper thread; give up after `timeout` seconds (UserError) or on a
     signal (Interrupted). A late result is closed if it has a close()."""
-    box: dict = {}
+    box: dict[str, Any] = {}
     done = threading.Event()
     abandoned = threading.Event()
 
@@ -341,10 +371,11 @@ def run_bounded(fn: Callable[[], T], timeout: float, what: str, stop: Stopper) -
             raise UserError(f"{what}: no answer within {timeout:g} s")
     if "error" in box:
         raise box["error"]
-    return box["value"]
+    value: T = box["value"]
+    return value
 
 
-def close_bounded(objs, timeout: float = 0.5, linger: Optional[float] = None) -> None:
+def close_bounded(objs: Iterable[Any], timeout: float = 0.5, linger: float | None = None) -> None:
     """Close objects in a helper thread, waiting at most `timeout` seconds overall
     (`close(linger=...)` where the object takes it: derpquic's Listener and Dialer)."""
     objs = [o for o in objs if o is not None]
@@ -379,9 +410,9 @@ def host_port(text: str) -> str:
     return text
 
 
-def path_options(args: object) -> dict:
+def path_options(args: object) -> dict[str, Any]:
     """The direct-path options of serve and join (--no-direct, --stun) for derpquic."""
-    options: dict = {"direct": not getattr(args, "no_direct", False)}
+    options: dict[str, Any] = {"direct": not getattr(args, "no_direct", False)}
     stun = getattr(args, "stun", None)
     if stun:
         options["stun"] = stun
@@ -398,6 +429,19 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < v < 1e9:
         raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def max_conns(text: str) -> int:
+    """argparse type of --max-conns: an integer from 1 to 10000."""
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= v <= 10000:
+        raise argparse.ArgumentTypeError("must be between 1 and 10000")
     return v
 
 

@@ -9,14 +9,33 @@ import logging
 import os
 import socket
 import threading
+from typing import TYPE_CHECKING, Any
 
-from ..errors import AuthenticationError, DerpError
-from .common import (EXIT_FAILURE, EXIT_OK, Interrupted, Stopper, UserError, close_bounded, describe_error,
-                     load_or_create_identity, local_endpoint, parse_public_key, path_options, positive_float, relay_ssl_context,
-                     relay_target)
+from ..errors import AuthenticationError, DerpError, PeerNotConnected
+from ..keys import PublicKey
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    Interrupted,
+    Stopper,
+    UsageError,
+    UserError,
+    close_bounded,
+    describe_error,
+    load_or_create_identity,
+    local_endpoint,
+    max_conns,
+    parse_public_key,
+    positive_float,
+    relay_ssl_for,
+    relay_target,
+)
 from .forward import Tunnels, abort
-from .serve import _max_conns
+from .serve import add_idle_timeout, quic_options
 from .session import connect_relay
+
+if TYPE_CHECKING:
+    import derpquic
 
 log = logging.getLogger("derpnet.cmd")
 
@@ -40,10 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-allow-unauthenticated", action="store_true",
                    help="accept a serving peer that cannot prove it holds PUBKEY, such as the Go "
                         "derpconnect (its identity is then only vouched for by the relay)")
-    p.add_argument("--max-conns", metavar="N", type=_max_conns, default=256,
+    p.add_argument("--max-conns", metavar="N", type=max_conns, default=256,
                    help="at most N connections at once (default %(default)s)")
     p.add_argument("--dial-timeout", metavar="SECONDS", type=positive_float, default=DIAL_TIMEOUT,
                    help="give up on reaching the peer for one connection after this time (default %(default)g)")
+    add_idle_timeout(p)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -69,20 +89,20 @@ def _fmt_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     peer = parse_public_key(args.pubkey, "peer public key")
     host, port = local_endpoint(args.listen, default_host="127.0.0.1", what="listen address")
     target = relay_target(args)
-    ssl_context = relay_ssl_context(args, target.insecure)
+    ssl_for = relay_ssl_for(args, target)
     key, _ = load_or_create_identity(args)
+    if peer.raw == key.raw:  # bare hex parses as a public key: never print it back
+        raise UsageError("PUBKEY is this node's private key (not shown): give its public key (derpconnect pubkey)")
     if peer == key.public_key:
         log.warning("PUBKEY is this node's own key: connections will go to this node's own serve, if any")
 
     import derpquic
 
-    options: dict = path_options(args)
-    if ssl_context is not None:
-        options["ssl_context"] = ssl_context
+    options = quic_options(args)
     if args.insecure_allow_unauthenticated:
         options["allow_unauthenticated"] = True
 
@@ -94,9 +114,10 @@ def run(args) -> int:
     try:
         try:
             dialer, relay_host = connect_relay(
-                target, lambda h: derpquic.Dialer(h, key, **options), args.connect_timeout, stop)
+                target, lambda h: derpquic.Dialer(h, key, **options, **ssl_for(h)), args.connect_timeout, stop)
         except Interrupted:
             return EXIT_OK
+        dialer.prepare(peer)  # the handshakes now, not in the first connection's way
         addr = lsock.getsockname()
         log.info("Listening on %s", _fmt_addr(addr[0], addr[1]))
         log.info("forwarding to %s through %s as %s", peer.b64(), relay_host, key.public_key.b64())
@@ -106,7 +127,7 @@ def run(args) -> int:
                 break
             try:
                 conn, src = lsock.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 tunnels.release_slot()
                 continue
             except OSError as e:
@@ -123,7 +144,8 @@ def run(args) -> int:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-            threading.Thread(target=_dial_peer, args=(tunnels, dialer, peer, key.public_key.b64(), conn, src, args, stop, fatal),
+            threading.Thread(target=_dial_peer,
+                             args=(tunnels, dialer, peer, key.public_key.b64(), conn, src, args, stop, fatal),
                              name=f"dial-{src[1]}", daemon=True).start()
         if fatal:
             raise UserError(fatal[0], EXIT_FAILURE)
@@ -142,8 +164,8 @@ def run(args) -> int:
         stop.restore()
 
 
-def _dial_peer(tunnels: Tunnels, dialer, peer, me: str, conn: socket.socket, src, args, stop: Stopper,
-               fatal: list) -> None:
+def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: str, conn: socket.socket,
+               src: tuple[Any, ...], args: argparse.Namespace, stop: Stopper, fatal: list[str]) -> None:
     client = _fmt_addr(src[0], src[1])
     try:
         stream = dialer.dial(peer, timeout=args.dial_timeout)
@@ -155,6 +177,9 @@ def _dial_peer(tunnels: Tunnels, dialer, peer, me: str, conn: socket.socket, src
         else:
             why = f"authentication with peer {peer.b64()} failed: {e}"
         _refused(conn, tunnels, stop, fatal, why)
+        return
+    except PeerNotConnected as e:  # offline: this connection fails, later ones may work
+        _dial_failed(tunnels, conn, client, peer, e, args, stop)
         return
     except ConnectionRefusedError:
         _refused(conn, tunnels, stop, fatal,
@@ -172,10 +197,11 @@ def _dial_peer(tunnels: Tunnels, dialer, peer, me: str, conn: socket.socket, src
     label = f"{client} to {peer.b64()[:8]}"
     if not getattr(stream, "authenticated", True):
         label += " (unverified)"  # --insecure-allow-unauthenticated: the relay could be in the middle
-    tunnels.start(conn, stream, peer=label, what="from")
+    tunnels.run(conn, stream, peer=label, what="from")
 
 
-def _dial_failed(tunnels: Tunnels, conn, client: str, peer, e: BaseException, args, stop: Stopper) -> None:
+def _dial_failed(tunnels: Tunnels, conn: socket.socket, client: str, peer: PublicKey, e: BaseException,
+                 args: argparse.Namespace, stop: Stopper) -> None:
     if not stop.is_set():
         if isinstance(e, (TimeoutError, socket.timeout)):
             why = f"no answer within {args.dial_timeout:g} s (is it serving, on the same relay or region?)"
@@ -188,7 +214,7 @@ def _dial_failed(tunnels: Tunnels, conn, client: str, peer, e: BaseException, ar
     tunnels.release_slot()
 
 
-def _refused(conn, tunnels: Tunnels, stop: Stopper, fatal: list, message: str) -> None:
+def _refused(conn: socket.socket, tunnels: Tunnels, stop: Stopper, fatal: list[str], message: str) -> None:
     abort(conn)
     tunnels.release_slot()
     if not fatal:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from ..keys import PrivateKey
-from .common import EXIT_OK, UserError, create_key_file, identity_path, load_key, load_or_create_identity
+from .common import EXIT_OK, UserError, create_key_file, identity_path, key_file_arg, load_key, load_or_create_identity
 
 log = logging.getLogger("derpnet.cmd")
 
@@ -41,8 +40,8 @@ def _print_public(key: PrivateKey) -> None:
     sys.stdout.flush()
 
 
-def run(args) -> int:
-    path = Path(args.path).expanduser() if args.path else identity_path(args)
+def run(args: argparse.Namespace) -> int:
+    path = key_file_arg(args.path, "keygen PATH") if args.path else identity_path(args)
     key = PrivateKey.generate()
     if path.is_dir():
         raise UserError(f"{path} is a directory")
@@ -58,7 +57,7 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def run_pubkey(args) -> int:
+def run_pubkey(args: argparse.Namespace) -> int:
     key, _ = load_or_create_identity(args)
     _print_public(key)
     return EXIT_OK

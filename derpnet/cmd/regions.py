@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
+from typing import TextIO
 
 from .. import derpmap
 from .common import EXIT_FAILURE, EXIT_OK, UsageError, UserError, derp_map, relay_ssl_context
@@ -21,7 +23,8 @@ derpnet/data/README.md for its date); --derp-map FILE uses another map.
 --probe measures HTTPS latency to every region (GET /derp/latency-check on the first node,
 best of --samples, in parallel, bounded by --timeout) and marks the closest with '*'.
 --refresh [URL|FILE] downloads (default {derpmap.DEFAULT_MAP_URL}) or reads a DERP map,
-checks it and saves it as the user's copy ({derpmap.user_cache_path()}).
+checks it and saves it as the user's copy ({derpmap.user_cache_path()}); plain http://
+only with --insecure.
 Nothing else ever fetches the map.
 """
 
@@ -33,18 +36,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time limit of one probe sample (default 2)")
     p.add_argument("--refresh", metavar="URL|FILE", nargs="?", const=derpmap.DEFAULT_MAP_URL,
                    help="fetch or read a DERP map and save it as the user's copy")
+    p.add_argument("--insecure", action="store_true",
+                   help="let --refresh fetch from a plain http:// URL (anyone on the path could rewrite the map)")
     p.add_argument("--json", action="store_true", help="print the map as JSON")
     p.add_argument("region", metavar="REGION", nargs="*", help="only these region codes or ids")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     if not 1 <= args.samples <= 20:
         raise UsageError("--samples must be between 1 and 20")
     if not 0 < args.timeout <= 60:
         raise UsageError("--timeout must be between 0 and 60 seconds")
     if args.refresh:
         try:
-            m, path = derpmap.refresh(args.refresh, ssl_context=relay_ssl_context(args))
+            m, path = derpmap.refresh(args.refresh, ssl_context=relay_ssl_context(args), insecure=args.insecure)
         except derpmap.DerpMapError as e:
             raise UserError(f"refresh failed: {e}") from None
         except OSError as e:
@@ -73,18 +78,18 @@ def run(args) -> int:
         return EXIT_OK
     results = derpmap.probe(m, regions=regions, samples=args.samples, timeout=args.timeout,
                             ssl_context=relay_ssl_context(args))
-    ok = [r for r in results if r.latency is not None]
-    best = min(ok, key=lambda r: r.latency) if ok else None
-    rows = []
-    for r in results:
-        mark = "*" if best is not None and r is best else ""
-        lat = f"{r.latency * 1000:.1f} ms" if r.latency is not None else f"- ({r.error})"
-        host = r.node.host_name if r.node is not None else _first_host(r.region)
-        rows.append((mark, str(r.region.region_id), r.region.code, r.region.name, host, lat))
-    _table(out, ("", "ID", "CODE", "NAME", "HOST", "LATENCY"), rows)
+    answered = [(p.latency, p) for p in results if p.latency is not None]
+    best_latency, best = min(answered, key=lambda a: a[0]) if answered else (0.0, None)
+    probe_rows = []
+    for p in results:
+        mark = "*" if best is not None and p is best else ""
+        lat = f"{p.latency * 1000:.1f} ms" if p.latency is not None else f"- ({p.error})"
+        host = p.node.host_name if p.node is not None else _first_host(p.region)
+        probe_rows.append((mark, str(p.region.region_id), p.region.code, p.region.name, host, lat))
+    _table(out, ("", "ID", "CODE", "NAME", "HOST", "LATENCY"), probe_rows)
     if best is None:
         raise UserError(f"no region answered the latency probe ({len(results)} tried)", EXIT_FAILURE)
-    out.write(f"closest: {best.region.code} ({best.region.name}), {best.latency * 1000:.1f} ms: "
+    out.write(f"closest: {best.region.code} ({best.region.name}), {best_latency * 1000:.1f} ms: "
               f"--derp={best.region.code}\n")
     return EXIT_OK
 
@@ -94,8 +99,8 @@ def _first_host(r: derpmap.DerpRegion) -> str:
     return nodes[0].host_name if nodes else "-"
 
 
-def _table(out, header, rows) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+def _table(out: TextIO, header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)] if rows else [len(h) for h in header]
     for row in (header, *rows):
-        out.write("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
     out.flush()

@@ -37,8 +37,8 @@ RENEW_BEFORE = datetime.timedelta(days=7)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     try:
         from .. import server
-        add = getattr(server, "add_arguments")
-        getattr(server, "run")
+        add = server.add_arguments
+        server.run  # noqa: B018 -- checks that the relay's entry point is installed too
     except (ImportError, AttributeError) as e:  # a partial installation: say so when used
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(_relay_missing=str(e))
@@ -47,15 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cert-dir", metavar="DIR", default=None,
                    help="where --tls without --cert keeps its self-signed certificate "
                         "(default <user config dir>/derpconnect/relay-certs)")
-    for flags, kw in ((("-v", "--verbose"), {"help": "more logging"}),
-                      (("-debug", "--debug"), {"help": "debug logging"})):
+    for flags, text in ((("-v", "--verbose"), "more logging"),
+                        (("-debug", "--debug"), "debug logging")):
         try:
-            p.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, **kw)
+            p.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, help=text)
         except argparse.ArgumentError:
             pass  # the server defines it itself
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     missing = getattr(args, "_relay_missing", None)
     if missing is not None:
         raise UserError(f"{_MISSING} ({missing})")
@@ -71,7 +71,7 @@ def run(args) -> int:
     return int(server.run(args) or 0)
 
 
-def _names(args) -> list[str]:
+def _names(args: argparse.Namespace) -> list[str]:
     from ..server.cli import parse_listen
 
     try:
@@ -83,7 +83,7 @@ def _names(args) -> list[str]:
     return default_names(args.hostname, host)
 
 
-def _persistent_self_signed(args) -> tuple[Path, Path]:
+def _persistent_self_signed(args: argparse.Namespace) -> tuple[Path, Path]:
     """(cert, key) paths of a self-signed certificate covering the relay's names: reused when
     it exists, covers them and is not about to expire; else made anew (key 0600)."""
     from ..server import certs
@@ -120,7 +120,7 @@ def _usable(cert_path: Path, key_path: Path, names: list[str]) -> bool:
     except (OSError, ValueError, x509.ExtensionNotFound):
         return False
     wanted = {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in names}
-    return wanted <= have and expires - datetime.datetime.now(datetime.timezone.utc) > RENEW_BEFORE
+    return wanted <= have and expires - datetime.datetime.now(datetime.UTC) > RENEW_BEFORE
 
 
 def _is_ip(name: str) -> bool:

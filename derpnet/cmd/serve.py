@@ -7,14 +7,32 @@ import argparse
 import logging
 import socket
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DerpError
-from .common import (EXIT_FAILURE, EXIT_OK, Interrupted, Stopper, UsageError, UserError, close_bounded,
-                     describe_error, load_or_create_identity, local_endpoint, parse_public_key,
-                     path_options, relay_ssl_context, relay_target)
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    Interrupted,
+    Stopper,
+    UsageError,
+    UserError,
+    close_bounded,
+    describe_error,
+    load_or_create_identity,
+    local_endpoint,
+    max_conns,
+    parse_public_key,
+    path_options,
+    positive_float,
+    relay_ssl_for,
+    relay_target,
+)
 from .forward import Tunnels, abort
 from .session import connect_relay
+
+if TYPE_CHECKING:
+    import derpquic
 
 log = logging.getLogger("derpnet.cmd")
 
@@ -36,34 +54,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "are refused before any byte reaches TARGET. Without --allow anyone who knows "
                         "this node's public key may connect, including the Go derpconnect (which "
                         "cannot prove its key, so it can never pass --allow)")
-    p.add_argument("--max-conns", metavar="N", type=_max_conns, default=256,
+    p.add_argument("--max-conns", metavar="N", type=max_conns, default=256,
                    help="at most N connections at once (default %(default)s)")
+    add_idle_timeout(p)
 
 
-def _max_conns(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= v <= 10000:
-        raise argparse.ArgumentTypeError("must be between 1 and 10000")
-    return v
+def add_idle_timeout(p: argparse.ArgumentParser) -> None:
+    """--idle-timeout, for serve and join."""
+    p.add_argument("--idle-timeout", metavar="SECONDS", type=positive_float, default=30.0,
+                   help="give up on a peer that has been silent this long: its tunnels are reset "
+                        "(default %(default)g; the smaller of both sides' applies; idle tunnels are "
+                        "kept alive meanwhile)")
 
 
-def run(args) -> int:
+def quic_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The derpquic options serve and join share: direct paths and the idle timeout."""
+    options: dict[str, Any] = path_options(args)
+    idle = getattr(args, "idle_timeout", None)
+    if idle is not None:
+        options["idle_timeout"] = idle
+        options["keepalive_interval"] = min(10.0, idle / 3)
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
     host, port = local_endpoint(args.target, default_host="localhost", what="serve target")
     if port == 0:
         raise UsageError(f"serve target {args.target!r}: port 0 is not a port to forward to")
     allow = [parse_public_key(a, "--allow key") for a in args.allow]
     target = relay_target(args)
-    ssl_context = relay_ssl_context(args, target.insecure)
+    ssl_for = relay_ssl_for(args, target)
     key, key_path = load_or_create_identity(args)
+    if any(a.raw == key.raw for a in allow):  # bare hex parses as a public key: never print it back
+        raise UsageError("--allow: that is this node's private key (not shown): give public keys")
 
     import derpquic
 
-    options: dict = path_options(args)
-    if ssl_context is not None:
-        options["ssl_context"] = ssl_context
+    options = quic_options(args)
     if allow:
         options["allow"] = allow
 
@@ -73,7 +100,7 @@ def run(args) -> int:
     try:
         try:
             listener, relay_host = connect_relay(
-                target, lambda h: derpquic.listen(h, key, **options), args.connect_timeout, stop)
+                target, lambda h: derpquic.listen(h, key, **options, **ssl_for(h)), args.connect_timeout, stop)
         except Interrupted:
             return EXIT_OK
         shown = relay_host if target.region is not None else args.derp
@@ -81,7 +108,7 @@ def run(args) -> int:
         log.info("public key %s (%s), key file %s; forwarding to %s:%d%s", key.public_key.b64(), key.public_key,
                  key_path, host, port, f"; allowing only {', '.join(k.b64() for k in allow)}" if allow else "")
         allowed = set(allow)
-        failure: Optional[str] = None
+        failure: str | None = None
         while not stop.is_set():
             if not tunnels.acquire(stop.event):
                 break
@@ -96,14 +123,16 @@ def run(args) -> int:
                     break
                 failure = f"the relay connection failed: {describe_error(e, relay_host)}"
                 break
-            peer = stream.remote_addr()
-            if allowed and (peer not in allowed or not getattr(stream, "authenticated", False)):
+            peer, proven = stream.remote_addr(), stream.peer_key
+            if allowed and (proven is None or proven not in allowed):
                 # derpquic refuses these before any stream exists; never let one through anyway
                 log.warning("refused a stream from %s: not in --allow", _b64(peer))
                 abort(stream)
                 tunnels.release_slot()
                 continue
-            label = _b64(peer) if getattr(stream, "authenticated", True) else f"{_b64(peer)} (unverified)"
+            # A peer that did not prove its key (a Go derpconnect, or whoever the relay says) is
+            # named as such on every line about its connection.
+            label = _b64(peer) if proven is not None else f"{_b64(peer)} (UNVERIFIED: did not prove this key)"
             threading.Thread(target=_connect_local, args=(tunnels, stream, host, port, label),
                              name=f"connect-{host}:{port}", daemon=True).start()
         if failure:
@@ -119,12 +148,12 @@ def run(args) -> int:
         stop.restore()
 
 
-def _b64(peer) -> str:
+def _b64(peer: object) -> str:
     b64 = getattr(peer, "b64", None)
-    return b64() if b64 else str(peer)
+    return str(b64()) if b64 else str(peer)
 
 
-def _connect_local(tunnels: Tunnels, stream, host: str, port: int, peer: str) -> None:
+def _connect_local(tunnels: Tunnels, stream: derpquic.Stream, host: str, port: int, peer: str) -> None:
     try:
         sock = socket.create_connection((host, port), timeout=LOCAL_CONNECT_TIMEOUT)
     except OSError as e:
@@ -138,4 +167,4 @@ def _connect_local(tunnels: Tunnels, stream, host: str, port: int, peer: str) ->
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass
-    tunnels.start(sock, stream, peer=peer, what="from")
+    tunnels.run(sock, stream, peer=peer, what="from")

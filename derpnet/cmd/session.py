@@ -3,12 +3,14 @@ and making sure the process really ends once the command is done."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..derpmap import RelayTarget
 from ..errors import DerpError
@@ -33,7 +35,7 @@ def connect_relay(target: RelayTarget, connect: Callable[[str], T], timeout: flo
             left = max(min(left, timeout / 2), 1.0) if i < len(target.hosts) - 1 else left
         log.debug("connecting to relay %s", host)
         try:
-            return run_bounded(lambda: connect(host), left, f"relay {host}", stop), host
+            return run_bounded(functools.partial(connect, host), left, f"relay {host}", stop), host
         except UserError as e:  # timed out
             errors.append(str(e))
         except (OSError, DerpError, ValueError) as e:

@@ -18,8 +18,8 @@ import os
 import ssl
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional, Tuple, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,15 +33,15 @@ __all__ = ["META_CERT_CN_PREFIX", "self_signed_cert", "meta_cert", "read_cert_fi
            "server_ssl_context", "cert_sha256", "meta_key_from_chain"]
 
 META_CERT_CN_PREFIX = "derpkey"
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = str | os.PathLike[str]
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
-    out = []
+    out: list[x509.GeneralName] = []
     seen = set()
     for n in names:
         if not n or n in seen:
@@ -54,7 +54,7 @@ def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(out)
 
 
-def default_names(hostname: Optional[str], listen_host: Optional[str]) -> list:
+def default_names(hostname: str | None, listen_host: str | None) -> list[str]:
     """Names for a self-signed relay certificate: the advertised hostname, loopback,
     and the listen address when it is a specific host."""
     names = [hostname or "localhost", "localhost", "127.0.0.1", "::1"]
@@ -67,7 +67,7 @@ def default_names(hostname: Optional[str], listen_host: Optional[str]) -> list:
     return list(dict.fromkeys(names))
 
 
-def self_signed_cert(names: Iterable[str], *, days: int = 365) -> Tuple[bytes, bytes]:
+def self_signed_cert(names: Iterable[str], *, days: int = 365) -> tuple[bytes, bytes]:
     """A self-signed ECDSA P-256 server certificate for `names` (DNS names or IPs): (cert PEM, key PEM).
 
     Usable as its own trust anchor by clients (`cadata=` / SSL_CERT_FILE).
@@ -119,7 +119,7 @@ def meta_cert(server_key: PublicKey) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def meta_key_from_chain(der_certs: Iterable[bytes]) -> Optional[Tuple[PublicKey, int]]:
+def meta_key_from_chain(der_certs: Iterable[bytes]) -> tuple[PublicKey, int] | None:
     """What a fast-start client reads from the peer's chain: (server key, version) from a meta cert, or None."""
     for der in der_certs:
         try:
@@ -138,7 +138,7 @@ def meta_key_from_chain(der_certs: Iterable[bytes]) -> Optional[Tuple[PublicKey,
     return None
 
 
-def read_cert_files(certfile: PathLike, keyfile: Optional[PathLike] = None) -> Tuple[bytes, bytes]:
+def read_cert_files(certfile: PathLike, keyfile: PathLike | None = None) -> tuple[bytes, bytes]:
     """Read a PEM certificate chain and its private key (the key may live in the cert file)."""
     chain = Path(certfile).read_bytes()
     key = Path(keyfile).read_bytes() if keyfile else chain
@@ -155,7 +155,7 @@ def cert_sha256(cert_pem: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def server_ssl_context(chain_pem: bytes, key_pem: bytes, *, extra_pem: Optional[bytes] = None) -> ssl.SSLContext:
+def server_ssl_context(chain_pem: bytes, key_pem: bytes, *, extra_pem: bytes | None = None) -> ssl.SSLContext:
     """A TLS ≥ 1.2 server context offering only `http/1.1`, serving `chain_pem` (+ `extra_pem` last).
 
     `load_cert_chain` needs files: they are written to a private temporary directory and

@@ -13,15 +13,15 @@ import argparse
 import asyncio
 import errno
 import logging
+import math
 import signal
 import ssl
 import sys
-from typing import List, Optional, Tuple
 
 from ..keys import PrivateKey
 from ..udpaddr import host_port
 from .keyfile import load_or_create_key
-from .server import RelayOptions, RelayServer, tls_setup, relay_url
+from .server import RelayOptions, RelayServer, relay_url, tls_setup
 from .stun import DEFAULT_PORT as DEFAULT_STUN_PORT
 
 __all__ = ["add_arguments", "run", "main", "parse_listen", "READY_PREFIX"]
@@ -31,7 +31,7 @@ DEFAULT_LISTEN = "127.0.0.1:3340"
 log = logging.getLogger(__name__)
 
 
-def parse_listen(text: str) -> Tuple[Optional[str], int]:
+def parse_listen(text: str) -> tuple[str | None, int]:
     """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces) → (host or None, port)."""
     s = text.strip()
     if s.startswith("["):
@@ -67,7 +67,8 @@ def _port_arg(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the relay's options to `parser` (used by this module and by `derpconnect relay`)."""
     parser.add_argument("--listen", "-a", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                        help=f"address to listen on; port 0 picks a free one (default {DEFAULT_LISTEN}; ':PORT' = all interfaces)")
+                        help=f"address to listen on; port 0 picks a free one (default {DEFAULT_LISTEN}; "
+                             "':PORT' = all interfaces)")
     parser.add_argument("--tls", action="store_true",
                         help="serve HTTPS (a self-signed certificate unless --cert/--key are given)")
     parser.add_argument("--cert", metavar="PEM", help="TLS certificate chain file (implies --tls)")
@@ -87,6 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stun-port", type=_port_arg, default=None, metavar="PORT",
                         help=f"answer STUN Binding requests on UDP HOST:PORT, HOST from --listen (default "
                              f"{DEFAULT_STUN_PORT}, skipped with a warning when it cannot be bound; 0 = no STUN)")
+    parser.add_argument("--accept-connection-limit", type=float, default=math.inf, metavar="PER_SECOND",
+                        help="rate limit for accepting new connections, as derper's flag: over it a connection "
+                             "is accepted and closed at once (default: no limit)")
+    parser.add_argument("--accept-connection-burst", type=int, default=sys.maxsize, metavar="N",
+                        help="how many connections may be accepted at once above that rate, as derper's flag "
+                             "(default: no limit)")
+    parser.add_argument("--max-unauthenticated", type=int, default=RelayOptions.max_unauthenticated, metavar="N",
+                        help="at most N connections that have not completed their hello; more are closed at once "
+                             "(default %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (one line per connection)")
 
 
@@ -118,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
     wt = args.write_timeout if args.write_timeout and args.write_timeout > 0 else None
     try:
         options = RelayOptions(write_timeout=wt, handshake_timeout=args.handshake_timeout,
-                               client_info_timeout=args.handshake_timeout)
+                               client_info_timeout=args.handshake_timeout,
+                               accept_rate=args.accept_connection_limit, accept_burst=args.accept_connection_burst,
+                               max_unauthenticated=args.max_unauthenticated)
     except ValueError as e:
         return _fail(str(e))
     server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
@@ -128,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
-async def _serve(server: RelayServer, args: argparse.Namespace, host: Optional[str]) -> int:
+async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None) -> int:
     stun_port = getattr(args, "stun_port", None)
     # An explicit STUN port is bound first, so that failing prints nothing but the error;
     # the default one after DERP, where failing is only a warning.
@@ -167,7 +179,7 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: Optional[s
     return 0
 
 
-async def _start_stun(server: RelayServer, requested: Optional[int], host: Optional[str]) -> Optional[str]:
+async def _start_stun(server: RelayServer, requested: int | None, host: str | None) -> str | None:
     """Start STUN on the requested port (None: the default one, given up with a warning when
     it cannot be bound). Returns the one-line error when an explicit port cannot be bound."""
     port = DEFAULT_STUN_PORT if requested is None else requested
@@ -185,7 +197,7 @@ async def _start_stun(server: RelayServer, requested: Optional[int], host: Optio
     return None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """`python -m derpnet.server`: parse `argv` and run the relay."""
     parser = argparse.ArgumentParser(prog="python -m derpnet.server",
                                      description="Run a DERP relay (Tailscale-compatible) for derpnet.")

@@ -39,7 +39,8 @@ class ClientProtocol(asyncio.Protocol):
 
     __slots__ = ("server", "relay", "options", "loop", "conn_id", "transport", "peer", "key", "info", "is_dup",
                  "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "_tls",
-                 "_admission", "_sender", "_write_timer", "__weakref__")
+                 "_admission", "_sender", "_write_timer", "preauth_held", "unauthenticated",
+                 "__weakref__")
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
@@ -64,6 +65,8 @@ class ClientProtocol(asyncio.Protocol):
         self._admission: Admission | None = None  # until registered
         self._sender: Sender | None = None  # once registered
         self._write_timer: asyncio.TimerHandle | None = None
+        self.preauth_held = 0  # bytes held before the hello, charged to the server's budget
+        self.unauthenticated = False  # counted in the server's unauthenticated connections
 
     def __repr__(self) -> str:
         who = self.key.short() if self.key else "-"
@@ -87,7 +90,11 @@ class ClientProtocol(asyncio.Protocol):
         self.peer = _fmt_addr(transport.get_extra_info("peername"))
         _tune_socket(transport.get_extra_info("socket"))
         transport.set_write_buffer_limits(high=self.options.write_buffer_limit)
-        self.server.connection_opened(self)
+        if not self.server.connection_opened(self):
+            self.closed = True  # refused (accept rate, unauthenticated limit): closed at once
+            _reset_on_close(transport)
+            transport.abort()
+            return
         self._admission = Admission(self)
 
     def data_received(self, data: bytes) -> None:
@@ -143,11 +150,15 @@ class ClientProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ closing
 
-    def abort(self, reason: str, level: int = logging.INFO) -> None:
-        """Drop the connection now (protocol error, timeout, server shutdown)."""
+    def abort(self, reason: str, level: int = logging.INFO, *, rate_limited: bool = False) -> None:
+        """Drop the connection now (protocol error, timeout, server shutdown). `rate_limited`:
+        the reason is something a client can provoke at will (its line may be left out)."""
         if self.closed:
             return
-        log.log(level, "relay: closing %s: %s", self.name, reason)
+        if rate_limited:
+            self.server.error_log.log(level, "relay: closing %s: %s", self.name, reason)
+        else:
+            log.log(level, "relay: closing %s: %s", self.name, reason)
         self._shutdown()
         if self.transport is not None:
             self.transport.abort()
@@ -182,6 +193,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.closed = True
         self._proto = None
+        self.server.preauth_release(self)
         if self._admission is not None:
             self._admission.stop()
             self._admission = None
@@ -208,13 +220,19 @@ class ClientProtocol(asyncio.Protocol):
             proto = self._proto = ServerConnection(self.server.private_key)
         try:
             self.dispatch_all(proto.receive_data(data))
+            if not self.registered and not self.closed and not self.server.preauth_hold(self, proto.buffered):
+                self.abort(f"holds {proto.buffered} bytes before its hello while the relay's pre-hello buffer "
+                           f"budget is spent", rate_limited=True)
         except LocalProtocolError:
             pass  # data after we finished (e.g. behind an HTTP request): ignore
         except DerpError as e:
             self.server.protocol_errors += 1
-            self.abort(f"protocol error: {e}")
-        except Exception:  # a bug here, not client misbehaviour: keep the traceback
-            log.warning("relay: internal error serving %s; closing it", self.name, exc_info=True)
+            if not self.registered:
+                self.server.handshake_failures += 1
+            self.abort(f"{'protocol error' if self.registered else 'handshake failed'}: {e}", rate_limited=True)
+        except Exception:  # a bug here, not client misbehaviour: keep the traceback (rate-limited too)
+            self.server.error_log.log(logging.WARNING, "relay: internal error serving %s; closing it", self.name,
+                                      exc_info=True)
             self.abort("internal error", level=logging.DEBUG)
 
     def dispatch_all(self, events: list[Event]) -> None:
@@ -237,7 +255,8 @@ class ClientProtocol(asyncio.Protocol):
                 case F.NotePreferred(preferred=preferred):
                     self.preferred = preferred
                 case F.ForwardPacket() | F.WatchConns() | F.ClosePeer():
-                    self.abort(f"{type(ev).__name__} frame from a non-mesh client: insufficient permissions")
+                    self.abort(f"{type(ev).__name__} frame from a non-mesh client: insufficient permissions",
+                               rate_limited=True)
                 # Pong and unknown frames are skipped.
             return
         if self._admission is not None and self._proto is not None:
@@ -246,6 +265,7 @@ class ClientProtocol(asyncio.Protocol):
     def admit(self, hello: ClientHello) -> None:
         """Register the client whose ClientInfo opened (ServerInfo already sent)."""
         self._admission = None
+        self.server.connection_authenticated(self)
         self.key = hello.key
         self.info = hello.info
         self._sender = Sender(self)

@@ -7,7 +7,6 @@ each response. See shared/derp-protocol.md §6.3.
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Tuple
 
 from ..http11 import Request, build_response
 
@@ -25,7 +24,7 @@ _CHALLENGE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _TEXT = "text/plain; charset=utf-8"
 
 
-def respond(req: Request) -> Tuple[int, bytes]:
+def respond(req: Request) -> tuple[int, bytes]:
     """The (status, response bytes) for a non-upgrade request; HEAD gets headers only."""
     path = req.path
     if path in ("/derp/probe", "/derp/latency-check"):
@@ -49,14 +48,14 @@ def respond(req: Request) -> Tuple[int, bytes]:
     return _reply(req, 404, [("Content-Type", _TEXT)], "404 page not found\n")
 
 
-def websocket_not_supported(req: Request) -> Tuple[int, bytes]:
+def websocket_not_supported(req: Request) -> tuple[int, bytes]:
     """501 for DERP-in-WebSocket upgrades (derper serves those; we only speak raw DERP)."""
     return _reply(req, 501, [("Content-Type", _TEXT)], "DERP over WebSocket is not supported by this relay\n",
                   reason="Not Implemented")
 
 
-def _reply(req: Request, status: int, headers: List[Tuple[str, str]], body: str = "",
-           reason: Optional[str] = None) -> Tuple[int, bytes]:
+def _reply(req: Request, status: int, headers: list[tuple[str, str]], body: str = "",
+           reason: str | None = None) -> tuple[int, bytes]:
     data = body.encode()
     headers = list(headers)
     if status != 204:

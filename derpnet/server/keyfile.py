@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Union
 
 from .._files import write_atomic
-from ..keys import PrivateKey
+from ..keys import PrivateKey, key_file_mode_problem
 
 __all__ = ["load_or_create_key"]
 
+log = logging.getLogger(__name__)
 
-def load_or_create_key(path: Union[str, "os.PathLike[str]"]) -> PrivateKey:
-    """Read the key at `path` (ours, derper's JSON or 32 raw bytes), or generate and save a new one."""
+
+def load_or_create_key(path: str | os.PathLike[str]) -> PrivateKey:
+    """Read the key at `path` (ours, derper's JSON or 32 raw bytes), or generate and save a new one.
+    A key file other users can read is used, with a warning (as the CLI does for node keys)."""
     p = Path(path)
     try:
-        return PrivateKey.load(p)
+        key = PrivateKey.load(p)
     except FileNotFoundError:
         pass
+    else:
+        problem = key_file_mode_problem(p)
+        if problem:
+            log.warning("relay: %s", problem)
+        return key
     key = PrivateKey.generate()
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:

@@ -14,9 +14,10 @@ among the rest takes over, or nobody (packets are then dropped as "dup_client").
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Optional, Protocol, Set, Tuple
+from typing import Protocol
 
-from ..disco import MAGIC as DISCO_MAGIC, looks_like_disco  # disco packets get their own queue (conn.py)
+from ..disco import MAGIC as DISCO_MAGIC  # disco packets get their own queue (conn.py)
+from ..disco import looks_like_disco
 from ..frames import PeerGoneReason
 from ..keys import PublicKey
 
@@ -54,19 +55,19 @@ class _ClientSet:
     __slots__ = ("conns", "active", "history")
 
     def __init__(self, first: Endpoint) -> None:
-        self.conns: List[Endpoint] = [first]
-        self.active: Optional[Endpoint] = first
-        self.history: List[Endpoint] = []  # duplicates only: by recency of activity, newest last
+        self.conns: list[Endpoint] = [first]
+        self.active: Endpoint | None = first
+        self.history: list[Endpoint] = []  # duplicates only: by recency of activity, newest last
 
 
 class Relay:
     """The relay's routing table and counters (one per server, used from the loop thread)."""
 
     def __init__(self) -> None:
-        self._clients: Dict[PublicKey, _ClientSet] = {}
+        self._clients: dict[PublicKey, _ClientSet] = {}
         # src key -> connections that were sent packets from src (they get PeerGone when src leaves)
-        self._watchers: Dict[PublicKey, Set[Endpoint]] = {}
-        self.drops: Counter = Counter({r: 0 for r in DROP_REASONS})
+        self._watchers: dict[PublicKey, set[Endpoint]] = {}
+        self.drops: Counter[str] = Counter({r: 0 for r in DROP_REASONS})
         self.connections = 0        # registered DERP connections now
         self.connections_total = 0  # registered DERP connections ever
         self.dup_keys = 0           # keys with more than one connection now
@@ -137,14 +138,14 @@ class Relay:
                 h.remove(c)  # keep each connection once: order of most recent activity
             h.append(c)
 
-    def lookup(self, dst: PublicKey) -> Tuple[Optional[Endpoint], int]:
+    def lookup(self, dst: PublicKey) -> tuple[Endpoint | None, int]:
         """The active connection for `dst` (or None) and how many connections the key has."""
         cs = self._clients.get(dst)
         if cs is None:
             return None, 0
         return cs.active, len(cs.conns)
 
-    def connections_of(self, key: PublicKey) -> List[Endpoint]:
+    def connections_of(self, key: PublicKey) -> list[Endpoint]:
         """Every connection of `key` (several when it is duplicated)."""
         cs = self._clients.get(key)
         return list(cs.conns) if cs else []
@@ -184,7 +185,7 @@ class Relay:
         """Count `n` dropped packets under `reason`."""
         self.drops[reason] += n
 
-    def stats(self) -> Dict[str, object]:
+    def stats(self) -> dict[str, object]:
         """A snapshot of the counters (plain ints and a dict of drops by reason)."""
         return {
             "clients": self.connections,

@@ -13,16 +13,20 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import math
 import os
 import socket
 import ssl
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Set, Union
+from typing import Any
 
 from ..keys import PrivateKey, PrivateKeyLike, PublicKey
 from . import certs
 from .conn import ClientProtocol
+from .outbox import TokenBucket
+from .ratelog import RateLimitedLog
 from .relay import Relay
 from .stun import StunServer
 
@@ -31,13 +35,16 @@ __all__ = ["RelayOptions", "RelayServer", "DerpServer", "serve", "relay_url"]
 log = logging.getLogger(__name__)
 
 ACCEPT_BATCH = 32  # connections accepted per wake-up of the listening socket (see RelayServer.start)
+#: What one connection may hold before its hello without counting against the shared
+#: budget (RelayOptions.preauth_buffer_limit): an honest ClientInfo is ~100 bytes.
+PREAUTH_FREE = 1 << 10
 
 
 @dataclass(frozen=True)
 class RelayOptions:
     """Tunables of the relay; defaults are derper's. Tests shorten the timeouts."""
 
-    write_timeout: Optional[float] = 2.0        # a client whose writes stall this long is dropped (None: never)
+    write_timeout: float | None = 2.0        # a client whose writes stall this long is dropped (None: never)
     handshake_timeout: float = 10.0             # TLS handshake, then the HTTP request head
     client_info_timeout: float = 10.0           # from ServerKey to the client's ClientInfo
     keepalive_interval: float = 60.0            # KeepAlive period, plus jitter of up to 1/12 (5 s)
@@ -46,15 +53,31 @@ class RelayOptions:
     not_here_burst: int = 3
     write_buffer_limit: int = 64 << 10          # transport high-water mark before pause_writing
     backlog: int = 1024
+    #: Bytes that connections which have not completed their hello may hold between reads,
+    #: all together (a partial ClientInfo, up to 256 KiB each). Beyond it, a connection that
+    #: holds more than PREAUTH_FREE bytes is dropped; honest hellos are far smaller.
+    preauth_buffer_limit: int = 4 << 20
+    #: derper's --accept-connection-limit / --accept-connection-burst: new connections per
+    #: second (a token bucket; inf: no limit) and how many may come at once. Over the limit a
+    #: connection is accepted and closed at once, as derper does (the client backs off).
+    accept_rate: float = math.inf
+    accept_burst: int = sys.maxsize
+    #: Connections that have not completed their hello (TLS, HTTP, ClientInfo), at most: more
+    #: are closed at once, so a flood costs refused connections, never unbounded memory.
+    max_unauthenticated: int = 4096
 
     def __post_init__(self) -> None:
         if self.queue_depth < 1:
             raise ValueError("queue_depth must be at least 1")
         if self.handshake_timeout <= 0 or self.client_info_timeout <= 0:
             raise ValueError("handshake timeouts must be positive")
+        if not self.accept_rate > 0 or self.accept_burst < 1:
+            raise ValueError("accept_rate must be > 0 and accept_burst at least 1")
+        if self.max_unauthenticated < 1:
+            raise ValueError("max_unauthenticated must be at least 1")
 
 
-def relay_url(host: Optional[str], port: int, tls: bool, hostname: Optional[str] = None) -> str:
+def relay_url(host: str | None, port: int, tls: bool, hostname: str | None = None) -> str:
     """The URL clients should use: the TLS name for https, else the bound address (wildcards → loopback)."""
     name = hostname
     if not name:
@@ -72,8 +95,8 @@ def relay_url(host: Optional[str], port: int, tls: bool, hostname: Optional[str]
 class RelayServer:
     """The relay's async core: listens, accepts, owns the routing table. Use from one event loop."""
 
-    def __init__(self, private_key: PrivateKey, *, host: Optional[str] = "127.0.0.1", port: int = 0,
-                 ssl_context: Optional[ssl.SSLContext] = None, options: Optional[RelayOptions] = None) -> None:
+    def __init__(self, private_key: PrivateKey, *, host: str | None = "127.0.0.1", port: int = 0,
+                 ssl_context: ssl.SSLContext | None = None, options: RelayOptions | None = None) -> None:
         self.private_key = private_key
         self.public_key: PublicKey = private_key.public_key
         self.host = host
@@ -82,20 +105,31 @@ class RelayServer:
         self.options = options or RelayOptions()
         self.relay = Relay()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
-        self._server: Optional[asyncio.AbstractServer] = None
-        self._conns: Set[ClientProtocol] = set()
+        self._server: asyncio.Server | None = None
+        self._conns: set[ClientProtocol] = set()
         self._ids = itertools.count(1)
-        self.stun: Optional[StunServer] = None  # see start_stun()
+        self.stun: StunServer | None = None  # see start_stun()
         self.connections_accepted = 0
         self.http_requests = 0
         self.handshake_timeouts = 0
         self.write_timeouts = 0
         self.protocol_errors = 0
+        self.handshake_failures = 0
+        self.preauth_bytes = 0      # held by connections before their hello (see preauth_hold)
+        self.preauth_drops = 0
+        self.unauthenticated = 0    # connections that have not completed their hello
+        self.rejected_rate = 0      # closed at accept: --accept-connection-limit
+        self.rejected_unauthenticated = 0  # closed at accept: max_unauthenticated reached
+        self._accept_bucket: TokenBucket | None = None  # made in start() (needs the loop's clock)
         self.tls_errors = 0
+        #: Lines a client can provoke (failed handshakes, protocol errors): 20 at once, 1/s after.
+        self.error_log = RateLimitedLog(log, rate=1.0, burst=20)
 
     async def start(self) -> None:
         """Bind and listen. Raises OSError (e.g. address in use) without leaving anything open."""
         self.loop = asyncio.get_running_loop()
+        if math.isfinite(self.options.accept_rate):
+            self._accept_bucket = TokenBucket(self.options.accept_rate, self.options.accept_burst, self.loop.time())
         # TLS is done by ClientProtocol itself (see derpnet.tlsbio), not by asyncio's SSL transport.
         # asyncio accepts up to `backlog` connections each time the listening socket wakes
         # it, and sets them all up in the next loop turn: with a deep backlog a connection
@@ -127,10 +161,11 @@ class RelayServer:
         """The bound TCP port."""
         if self._server is None or not self._server.sockets:
             raise RuntimeError("relay is not listening")
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     @property
-    def addresses(self) -> list:
+    def addresses(self) -> list[str]:
         """Every bound address as HOST:PORT."""
         if self._server is None:
             return []
@@ -174,16 +209,55 @@ class RelayServer:
         """A unique id for a new connection."""
         return next(self._ids)
 
-    def connection_opened(self, c: ClientProtocol) -> None:
-        """Track an accepted connection."""
+    def connection_opened(self, c: ClientProtocol) -> bool:
+        """Track an accepted connection; False: it must be closed at once (the accept rate
+        limit, or too many connections have not completed their hello)."""
+        bucket = self._accept_bucket
+        if bucket is not None and not bucket.take(self.loop.time()):
+            self.rejected_rate += 1
+            self.error_log.log(logging.INFO, "relay: closing %s: over the accept rate limit (%g/s, burst %d)",
+                               c.peer, self.options.accept_rate, self.options.accept_burst)
+            return False
+        if self.unauthenticated >= self.options.max_unauthenticated:
+            self.rejected_unauthenticated += 1
+            self.error_log.log(logging.WARNING, "relay: closing %s: %d connections have not completed their "
+                               "hello (the limit)", c.peer, self.unauthenticated)
+            return False
         self.connections_accepted += 1
+        self.unauthenticated += 1
+        c.unauthenticated = True
         self._conns.add(c)
+        return True
+
+    def connection_authenticated(self, c: ClientProtocol) -> None:
+        """`c` completed its hello: it no longer counts as unauthenticated."""
+        if c.unauthenticated:
+            c.unauthenticated = False
+            self.unauthenticated -= 1
+        self.preauth_release(c)
 
     def connection_closed(self, c: ClientProtocol) -> None:
         """Forget a closed connection."""
         self._conns.discard(c)
+        self.connection_authenticated(c)
 
-    def stats(self) -> Dict[str, Any]:
+    def preauth_hold(self, c: ClientProtocol, held: int) -> bool:
+        """`c` (not yet past its hello) now holds `held` bytes between reads. False: the
+        shared budget is spent and `c` holds more than PREAUTH_FREE, so it must go."""
+        self.preauth_bytes += held - c.preauth_held
+        c.preauth_held = held
+        if held > PREAUTH_FREE and self.preauth_bytes > self.options.preauth_buffer_limit:
+            self.preauth_drops += 1
+            self.preauth_release(c)
+            return False
+        return True
+
+    def preauth_release(self, c: ClientProtocol) -> None:
+        """`c` completed its hello or closed: it no longer holds pre-hello bytes."""
+        self.preauth_bytes -= c.preauth_held
+        c.preauth_held = 0
+
+    def stats(self) -> dict[str, Any]:
         """Counters: clients, packets forwarded, drops by reason, timeouts, queued bytes."""
         d = self.relay.stats()
         queued = buffered = 0
@@ -198,6 +272,13 @@ class RelayServer:
             handshake_timeouts=self.handshake_timeouts,
             write_timeouts=self.write_timeouts,
             protocol_errors=self.protocol_errors,
+            handshake_failures=self.handshake_failures,
+            preauth_bytes=self.preauth_bytes,
+            preauth_drops=self.preauth_drops,
+            unauthenticated=self.unauthenticated,
+            rejected_rate=self.rejected_rate,
+            rejected_unauthenticated=self.rejected_unauthenticated,
+            log_lines_left_out=self.error_log.suppressed_total,
             tls_errors=self.tls_errors,
             queued_packets=queued,
             write_buffer_bytes=buffered,
@@ -206,21 +287,21 @@ class RelayServer:
         return d
 
 
-TLSArg = Union[bool, ssl.SSLContext]
+TLSArg = bool | ssl.SSLContext
 
 
 @dataclass
 class TLSSetup:
     """What the relay serves over TLS: the server context, and the chain PEM when we built it."""
 
-    context: Optional[ssl.SSLContext] = None
-    cert_pem: Optional[bytes] = None  # what we serve (leaf first), if we built the context
+    context: ssl.SSLContext | None = None
+    cert_pem: bytes | None = None  # what we serve (leaf first), if we built the context
     self_signed: bool = False
-    names: list = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
 
 
-def tls_setup(tls: TLSArg, certfile: Optional[str], keyfile: Optional[str], hostname: Optional[str],
-               host: Optional[str], public_key: PublicKey, meta_cert: bool) -> TLSSetup:
+def tls_setup(tls: TLSArg, certfile: str | None, keyfile: str | None, hostname: str | None,
+               host: str | None, public_key: PublicKey, meta_cert: bool) -> TLSSetup:
     """Build the relay's TLS setup from DerpServer/CLI arguments (no TLS when neither tls nor certfile)."""
     if isinstance(tls, ssl.SSLContext):
         return TLSSetup(context=tls)
@@ -246,9 +327,9 @@ class DerpServer:
     `RelayOptions` fields (timeouts, queue depth).
     """
 
-    def __init__(self, key: Optional[PrivateKeyLike] = None, *, host: str = "127.0.0.1", port: int = 0,
-                 tls: TLSArg = False, certfile: Optional[str] = None, keyfile: Optional[str] = None,
-                 hostname: Optional[str] = None, meta_cert: bool = True, stun_port: Optional[int] = None,
+    def __init__(self, key: PrivateKeyLike | None = None, *, host: str = "127.0.0.1", port: int = 0,
+                 tls: TLSArg = False, certfile: str | None = None, keyfile: str | None = None,
+                 hostname: str | None = None, meta_cert: bool = True, stun_port: int | None = None,
                  **options: Any) -> None:
         self.private_key = PrivateKey.coerce(key) if key is not None else PrivateKey.generate()
         self.host = host
@@ -257,18 +338,18 @@ class DerpServer:
         self._tls = tls_setup(tls, certfile, keyfile, hostname, host, self.private_key.public_key, meta_cert)
         self._requested_port = port
         self._requested_stun_port = stun_port
-        self._core: Optional[RelayServer] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._stop: Optional[asyncio.Event] = None
+        self._core: RelayServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
         self._lock = threading.Lock()
         self._closed = False
-        self._port: Optional[int] = None
-        self._final_stats: Dict[str, Any] = {}
+        self._port: int | None = None
+        self._final_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> "DerpServer":
+    def start(self) -> DerpServer:
         """Start the loop thread; return once listening (raises OSError if the port is taken)."""
         with self._lock:
             if self._closed:
@@ -276,7 +357,7 @@ class DerpServer:
             if self._thread is not None:
                 return self
             ready = threading.Event()
-            result: Dict[str, BaseException] = {}
+            result: dict[str, BaseException] = {}
             self._thread = threading.Thread(target=self._run, args=(ready, result), name="derpnet-relay", daemon=True)
             self._thread.start()
         ready.wait()
@@ -287,7 +368,7 @@ class DerpServer:
             raise result["error"]
         return self
 
-    def _run(self, ready: threading.Event, result: Dict[str, BaseException]) -> None:
+    def _run(self, ready: threading.Event, result: dict[str, BaseException]) -> None:
         try:
             asyncio.run(self._main(ready, result))
         except BaseException as e:  # pragma: no cover - only if the loop itself breaks
@@ -297,7 +378,7 @@ class DerpServer:
             else:
                 log.warning("relay: event loop failed: %s", e, exc_info=True)
 
-    async def _main(self, ready: threading.Event, result: Dict[str, BaseException]) -> None:
+    async def _main(self, ready: threading.Event, result: dict[str, BaseException]) -> None:
         core = RelayServer(self.private_key, host=self.host, port=self._requested_port,
                            ssl_context=self._tls.context, options=self.options)
         try:
@@ -337,7 +418,7 @@ class DerpServer:
         if thread is not threading.current_thread():
             thread.join(timeout)
 
-    def __enter__(self) -> "DerpServer":
+    def __enter__(self) -> DerpServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -357,7 +438,7 @@ class DerpServer:
         return self._port
 
     @property
-    def stun_port(self) -> Optional[int]:
+    def stun_port(self) -> int | None:
         """The bound STUN (UDP) port, None without STUN."""
         core = self._core
         return core.stun.port if core is not None and core.stun is not None else None
@@ -378,12 +459,12 @@ class DerpServer:
         return self.private_key.public_key
 
     @property
-    def ssl_context(self) -> Optional[ssl.SSLContext]:
+    def ssl_context(self) -> ssl.SSLContext | None:
         """The server-side TLS context (None for plain HTTP)."""
         return self._tls.context
 
     @property
-    def cert_pem(self) -> Optional[bytes]:
+    def cert_pem(self) -> bytes | None:
         """The certificate chain served (PEM, without the meta cert); None if an SSLContext was given."""
         return self._tls.cert_pem
 
@@ -395,14 +476,14 @@ class DerpServer:
 
     # ------------------------------------------------------------ counters
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """Counters (see RelayServer.stats); taken on the relay thread for a consistent snapshot."""
         core, loop, thread = self._core, self._loop, self._thread
         if core is None or loop is None or thread is None or not thread.is_alive() or loop.is_closed():
             return dict(self._final_stats)
         if threading.current_thread() is thread:
             return core.stats()
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
 
         def take() -> None:
             try:
@@ -417,6 +498,6 @@ class DerpServer:
             return dict(self._final_stats)
 
 
-def serve(key: Optional[PrivateKeyLike] = None, **kwargs: Any) -> DerpServer:
+def serve(key: PrivateKeyLike | None = None, **kwargs: Any) -> DerpServer:
     """Start a relay in a background thread and return it (same arguments as DerpServer)."""
     return DerpServer(key, **kwargs).start()

@@ -23,7 +23,7 @@ import errno
 import logging
 import socket
 from collections import Counter
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from .. import stun
 from ..udpaddr import host_port
@@ -47,15 +47,15 @@ class StunServer(asyncio.DatagramProtocol):
     """One UDP socket answering Binding requests; `start()` it on the relay's loop, `close()` when done."""
 
     def __init__(self) -> None:
-        self._transport: Optional[asyncio.DatagramTransport] = None
+        self._transport: asyncio.DatagramTransport | None = None
         self._paused = False
-        self._port: Optional[int] = None
+        self._port: int | None = None
         self.address = ""  # HOST:PORT once bound
         self.answered = 0
         self.send_errors = 0
-        self.drops: Counter = Counter({r: 0 for r in DROP_REASONS})
+        self.drops: Counter[str] = Counter({r: 0 for r in DROP_REASONS})
 
-    async def start(self, host: Optional[str], port: int) -> None:
+    async def start(self, host: str | None, port: int) -> None:
         """Bind UDP `host:port` (no host: every interface, dual-stack when possible). Raises OSError."""
         loop = asyncio.get_running_loop()
         if host:
@@ -81,7 +81,7 @@ class StunServer(asyncio.DatagramProtocol):
             self._transport.close()
             self._transport = None
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """Counters: requests answered, datagrams dropped (total and by reason), send errors."""
         return {"port": self._port, "answered": self.answered, "dropped": sum(self.drops.values()),
                 "dropped_by": dict(self.drops), "send_errors": self.send_errors}
@@ -91,15 +91,15 @@ class StunServer(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
 
-    def datagram_received(self, data: bytes, addr: Tuple[Any, ...]) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         reason = self._answer(data, addr)
         if reason is not None:
             self.drops[reason] += 1
 
-    def _answer(self, data: bytes, addr: Tuple[Any, ...]) -> Optional[str]:
+    def _answer(self, data: bytes, addr: tuple[Any, ...]) -> str | None:
         """Answer one datagram if it is a Binding request; else the reason it is dropped."""
         if self._transport is None:  # closed
             return None

@@ -16,16 +16,19 @@ Readiness is always a log line or a port (bounded polling), never a fixed sleep.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
+import random
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 from tests.interop_peers import LoggedProcess, free_port, wait_for_port  # noqa: E402,F401
 
@@ -61,7 +64,7 @@ def cli_env(home, **extra) -> dict:
     return env
 
 
-def run_cli(args: Sequence, env: dict, timeout: float = 60.0, input: Optional[bytes] = None
+def run_cli(args: Sequence, env: dict, timeout: float = 60.0, input: bytes | None = None
             ) -> subprocess.CompletedProcess:
     """Run `derpconnect ARGS` to completion; text stdout/stderr captured separately."""
     return subprocess.run(cli_argv(*args), env=env, capture_output=True, timeout=timeout,
@@ -84,24 +87,24 @@ def error_lines(stderr: str) -> list[str]:
 class Proc(LoggedProcess):
     """A subprocess whose output tests can wait on, started in the repository by default."""
 
-    def __init__(self, argv: Sequence, env: Optional[dict] = None, log_path=None, cwd=None) -> None:
+    def __init__(self, argv: Sequence, env: dict | None = None, log_path=None, cwd=None) -> None:
         super().__init__(argv, log_path, env=env, cwd=str(cwd or REPO_ROOT))
 
 
 class CliProcess(Proc):
     """A long-running `derpconnect` (serve, join or relay)."""
 
-    pubkey: Optional[str] = None  # serve: the 43-char base64url key from the "Join with" line
-    join_derp: Optional[str] = None  # serve: the --derp value in that line
-    listen_addr: Optional[str] = None  # join: "HOST:PORT" from "Listening on"
-    listen_port: Optional[int] = None
+    pubkey: str | None = None  # serve: the 43-char base64url key from the "Join with" line
+    join_derp: str | None = None  # serve: the --derp value in that line
+    listen_addr: str | None = None  # join: "HOST:PORT" from "Listening on"
+    listen_port: int | None = None
 
     def __init__(self, args: Sequence, env: dict, log_path=None) -> None:
         super().__init__(cli_argv(*args), env=env, log_path=log_path)
 
     @classmethod
     def serve(cls, relay: str, target, env: dict, *, extra: Sequence = (), log_path=None,
-              timeout: float = 30.0) -> "CliProcess":
+              timeout: float = 30.0) -> CliProcess:
         """`derpconnect --derp=RELAY serve TARGET EXTRA...`, returned once the join line is out."""
         p = cls([f"--derp={relay}", "serve", str(target), *extra], env, log_path)
         try:
@@ -114,7 +117,7 @@ class CliProcess(Proc):
 
     @classmethod
     def join(cls, relay: str, pubkey: str, env: dict, listen="0", *, extra: Sequence = (), log_path=None,
-             timeout: float = 30.0) -> "CliProcess":
+             timeout: float = 30.0) -> CliProcess:
         """`derpconnect --derp=RELAY join PUBKEY LISTEN EXTRA...`, returned once listening."""
         p = cls([f"--derp={relay}", "join", pubkey, str(listen), *extra], env, log_path)
         try:
@@ -145,14 +148,14 @@ class RelayProc:
         self.tls = tls
         self.extra = list(extra)
         self.port = free_port()
-        self.proc: Optional[CliProcess] = None
-        self.ca_file: Optional[str] = None
+        self.proc: CliProcess | None = None
+        self.ca_file: str | None = None
 
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
-    def start(self) -> "RelayProc":
+    def start(self) -> RelayProc:
         args = ["relay", "--listen", f"127.0.0.1:{self.port}"]
         if not any(a.split("=", 1)[0] == "--stun-port" for a in map(str, self.extra)):
             args += ["--stun-port", "0"]  # parallel relays must not fight over UDP 3478
@@ -172,7 +175,7 @@ class RelayProc:
         if self.proc is not None:
             self.proc.stop()
 
-    def __enter__(self) -> "RelayProc":
+    def __enter__(self) -> RelayProc:
         return self if self.proc is not None else self.start()  # start_relay() already started it
 
     def __exit__(self, *exc) -> None:
@@ -250,7 +253,152 @@ class CountingServer:
             pass
         self.sock.close()
 
-    def __enter__(self) -> "CountingServer":
+    def __enter__(self) -> CountingServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TransferService:
+    """A TCP server in this process on 127.0.0.1 for transfers through a tunnel; each
+    connection sends one request line:
+
+    - ``D <n>``: n bytes (`PATTERN` repeated) come back, then a FIN;
+    - ``U``: everything up to the client's FIN is hashed; the SHA-256 hex digest comes back;
+    - ``S``: `PATTERN` chunks every 10 ms until the connection breaks (a stream to cut).
+
+    `download`, `upload` and `first_byte` are the client sides (all SHA-256 checked, all
+    failing with TimeoutError after `inactivity` seconds without progress)."""
+
+    PATTERN = bytes(random.Random(20261201).getrandbits(8) for _ in range(1 << 16)) * 16  # 1 MiB
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._loop, name="transfer-service", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._one, args=(c,), name="transfer-service-conn", daemon=True).start()
+
+    def _one(self, c: socket.socket) -> None:
+        try:
+            with c:
+                c.settimeout(300)
+                line = b""
+                while not line.endswith(b"\n"):
+                    b = c.recv(1)
+                    if not b:
+                        return
+                    line += b
+                if line.startswith(b"D "):
+                    left = int(line[2:])
+                    view = memoryview(self.PATTERN)
+                    while left:
+                        n = min(left, len(view))
+                        c.sendall(view[:n])
+                        left -= n
+                    c.shutdown(socket.SHUT_WR)
+                    while c.recv(1 << 16):
+                        pass
+                elif line.startswith(b"S"):
+                    while True:
+                        c.sendall(self.PATTERN[:1 << 16])
+                        time.sleep(0.01)
+                else:
+                    h = hashlib.sha256()
+                    while True:
+                        b = c.recv(1 << 16)
+                        if not b:
+                            break
+                        h.update(b)
+                    c.sendall(h.hexdigest().encode())
+        except OSError:
+            pass
+
+    @classmethod
+    def expected(cls, n: int) -> str:
+        """The SHA-256 hex digest of a `D n` download."""
+        h = hashlib.sha256()
+        while n:
+            k = min(n, len(cls.PATTERN))
+            h.update(cls.PATTERN[:k])
+            n -= k
+        return h.hexdigest()
+
+    @classmethod
+    def download(cls, port: int, n: int, *, inactivity: float = 15.0, host: str = "127.0.0.1") -> float:
+        """Fetch n bytes through `port` and check them (and the FIN after them); MB/s."""
+        t0 = time.perf_counter()
+        with socket.create_connection((host, port), timeout=inactivity) as s:
+            s.sendall(b"D %d\n" % n)
+            h = hashlib.sha256()
+            got = 0
+            while True:
+                b = s.recv(1 << 16)
+                if not b:
+                    break
+                h.update(b)
+                got += len(b)
+            dt = time.perf_counter() - t0
+        assert got == n, f"download through the tunnel ended after {got} of {n} bytes"
+        assert h.hexdigest() == cls.expected(n), "download through the tunnel corrupted"
+        return n / dt / 1e6
+
+    @staticmethod
+    def upload(port: int, n: int, *, inactivity: float = 15.0, host: str = "127.0.0.1") -> float:
+        """Send n random bytes through `port`, half-close, and check the service's digest; MB/s."""
+        blob = os.urandom(min(n, 1 << 20))
+        want = hashlib.sha256()
+        t0 = time.perf_counter()
+        with socket.create_connection((host, port), timeout=inactivity) as s:
+            s.sendall(b"U\n")
+            left = n
+            while left:
+                k = min(left, len(blob))
+                s.sendall(blob[:k])
+                want.update(blob[:k])
+                left -= k
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                b = s.recv(128)
+                if not b:
+                    break
+                got += b
+        dt = time.perf_counter() - t0
+        assert got.decode(errors="replace") == want.hexdigest(), f"upload digest mismatch: {got[:64]!r}"
+        return n / dt / 1e6
+
+    @staticmethod
+    def first_byte(port: int, *, inactivity: float = 15.0, host: str = "127.0.0.1") -> float:
+        """Milliseconds from the TCP connect to the first byte of a 100-byte download."""
+        t0 = time.perf_counter()
+        with socket.create_connection((host, port), timeout=inactivity) as s:
+            s.sendall(b"D 100\n")
+            if not s.recv(1):
+                raise ConnectionError("no reply through the tunnel")
+            dt = time.perf_counter() - t0
+            while s.recv(100):
+                pass
+        return dt * 1e3
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> TransferService:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -274,7 +422,7 @@ def make_self_signed(directory, names: Iterable[str] = ("localhost", "127.0.0.1"
             sans.append(x509.IPAddress(ipaddress.ip_address(n)))
         except ValueError:
             sans.append(x509.DNSName(n))
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
@@ -335,7 +483,7 @@ class TlsProbeServer:
             pass
         self.sock.close()
 
-    def __enter__(self) -> "TlsProbeServer":
+    def __enter__(self) -> TlsProbeServer:
         return self
 
     def __exit__(self, *exc) -> None:

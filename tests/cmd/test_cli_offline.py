@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from derpnet.keys import PrivateKey, PublicKey
-from tests.cmd.procs import (HttpFileServer, TlsProbeServer, cli_env, error_lines, free_port, make_self_signed,
-                             run_cli)
+from tests.cmd.procs import HttpFileServer, TlsProbeServer, cli_env, error_lines, free_port, make_self_signed, run_cli
 
 B64_RX = r"^[A-Za-z0-9_-]{43}$"
 
@@ -275,10 +274,25 @@ def test_regions_refresh_from_url(env, tmp_path):
     _lab_map(www / "derpmap.json", {"web": 8443})
     (www / "nope.json").write_text("<html>not a map</html>")
     with HttpFileServer(www) as http:
-        r = run_cli(["regions", "--refresh", f"http://127.0.0.1:{http.port}/derpmap.json"], env)
+        # Plain http only with --insecure (issue 9, item 12): nothing is fetched without it.
+        _one_error(run_cli(["regions", "--refresh", f"http://127.0.0.1:{http.port}/derpmap.json"], env),
+                   1, "refresh failed", "plain http", "--insecure")
+        assert run_cli(["regions"], env).stdout.splitlines()[1].split()[:2] != ["900", "web"]
+        r = run_cli(["regions", "--insecure", "--refresh", f"http://127.0.0.1:{http.port}/derpmap.json"], env)
         assert r.returncode == 0, r.stderr
         assert run_cli(["regions"], env).stdout.splitlines()[1].split()[:2] == ["900", "web"]
-        _one_error(run_cli(["regions", "--refresh", f"http://127.0.0.1:{http.port}/missing.json"], env),
-                   1, "refresh failed", "404")
-        _one_error(run_cli(["regions", "--refresh", f"http://127.0.0.1:{http.port}/nope.json"], env),
-                   1, "refresh failed", "not JSON")
+        _one_error(run_cli(["regions", "--insecure", "--refresh", f"http://127.0.0.1:{http.port}/missing.json"],
+                           env), 1, "refresh failed", "404")
+        _one_error(run_cli(["regions", "--insecure", "--refresh", f"http://127.0.0.1:{http.port}/nope.json"],
+                           env), 1, "refresh failed", "not JSON")
+
+
+def test_node_key_file_readable_by_others_is_warned_about(env, tmp_path):
+    """The relay warns the same way (tests/derpnet/test_server_cli.py)."""
+    path = tmp_path / "node.key"
+    key = PrivateKey.generate()
+    key.save(path)
+    path.chmod(0o640)
+    r = run_cli(["--key-file", str(path), "pubkey"], env)
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == key.public_key.b64()
+    assert f"key file {path} is readable by other users (mode 640): chmod 600 it" in r.stderr

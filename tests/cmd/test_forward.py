@@ -353,7 +353,8 @@ def test_relay_command_with_self_signed_tls_and_region_code(tmp_path, envs):
         assert Path(ca).is_file()
         lab = tmp_path / "lab.json"
         lab.write_text('{"Regions": {"900": {"RegionID": 900, "RegionCode": "lab", "RegionName": "Lab", '
-                       f'"Nodes": [{{"Name": "900a", "RegionID": 900, "HostName": "localhost", "DERPPort": {port}}}]}}}}}}')
+                       '"Nodes": [{"Name": "900a", "RegionID": 900, "HostName": "localhost", '
+                       f'"DERPPort": {port}}}]}}}}}}')
         common = ["--derp-map", str(lab), "--derp-ca", ca]
         with CountingServer() as target, \
                 CliProcess(["--derp=lab", *common, "serve", str(target.port)], srv_env,

@@ -1,48 +1,44 @@
-"""The CLI against the Go derpconnect, as real processes with real TCP bytes (SHA-256 checked).
+"""The CLI against the original Go derpconnect (github.com/ntnj/derpnet, built unmodified by
+interop/build.sh), as real processes moving real TCP bytes, SHA-256 and length checked,
+through Tailscale's `derper` and through our relay. Each relay runs with TLS on port 443 of
+a loopback address of its own, with a test-CA certificate for that address: the original
+only ever dials HOST:443 (fast start, system roots via SSL_CERT_FILE), so it reaches them
+exactly as it reaches a relay in the wild.
 
-- Go `serve` + Go `join` through OUR relay on 127.0.0.1:443 with a test-CA certificate for
-  `localhost`, exactly as the Go tool dials (`HOST:443`, fast start, system roots via
-  SSL_CERT_FILE; no test-port override): our relay serving Go clients.
-- Python `join` -> Go `serve` (with the explicit opt-in for a peer that cannot prove its key,
-  and refused without it) and Go `join` -> Python `serve`, through our relay and through the
-  Go derper.
-- Python `serve`/`join` moving a 50 MiB download through the Go derper.
+- Go `serve` + Go `join`: our relay serving Go clients as derper does.
+- Python `join` -> Go `serve` (with the explicit opt-in for a peer that cannot prove its
+  key, refused without it) and Go `join` -> Python `serve`: downloads and uploads, so the
+  half-close travels both ways.
+- A killed Go `serve` resets the TCP client behind a Python `join` (never a clean FIN).
+- Python `serve`/`join` moving 50 MiB through derper; one key file serves both tools.
 
-The Go side is the real derpconnect when the module proxy serves it, else the stand-in
-goderpconnect built by interop/build.sh from interop/goderpconnect (same wire behaviour).
+Transfers through a Go process stay at a few MiB and run under `original_race_xfails`: the
+original's own reader deadlock (interop/README.md) is reported as its expected failure,
+with the stuck goroutine, never as a pass and never blamed on us.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import urllib.request
+import socket
+import time
 
 import pytest
 
-from tests.cmd.procs import CliProcess, HttpFileServer, cli_env, error_lines, run_cli
-from tests.interop_peers import (DERPCONNECT_MISSING, DERPER_MISSING, GoDerpconnect, GoDerper, can_bind,
-                                 derpconnect_path, derper_path, free_port, make_test_ca)
+from tests.cmd.procs import CliProcess, TransferService, cli_env, error_lines, run_cli
+from tests.interop_peers import (
+    DERPCONNECT_MISSING,
+    DERPER_MISSING,
+    GoDerpconnect,
+    Relay443,
+    derpconnect_path,
+    derper_path,
+    original_race_xfails,
+)
 
 pytestmark = pytest.mark.interop
 
-
-class _Relay:
-    """What both the Go and the Python CLI need to reach one TLS relay."""
-
-    def __init__(self, kind: str, host: str, port: int, ca_file: str) -> None:
-        self.kind, self.host, self.port, self.ca_file = kind, host, port, str(ca_file)
-
-    @property
-    def derp_arg(self) -> str:
-        """--derp for our CLI: the bare hostname (port 443, like Go), else a URL."""
-        return self.host if self.port == 443 else f"https://{self.host}:{self.port}"
-
-    def env_for_clients(self) -> dict:  # GoDerpconnect's interface
-        env = {"SSL_CERT_FILE": self.ca_file}
-        if self.port != 443:
-            env["DERPCONNECT_TEST_PORT"] = str(self.port)  # read only by the stand-in
-        return env
+MiB = 1 << 20
+SIZE = 3 * MiB  # small enough that the original's reader race rarely bites (see the docstring)
 
 
 @pytest.fixture(scope="module")
@@ -56,103 +52,101 @@ def go_binary():
     return binary
 
 
-@pytest.fixture(scope="module", params=["our-relay-443", "go-derper"])
+@pytest.fixture(scope="module", params=["ours", "derper"])
 def relay(request, tmp_path_factory, go_binary):
-    tmp = tmp_path_factory.mktemp(request.param)
-    ca, make_leaf = make_test_ca(tmp / "pki")
-    if request.param == "our-relay-443":
-        from tests.conftest import missing_go_peer
-        if not can_bind("127.0.0.1", 443):
-            missing_go_peer("cannot bind 127.0.0.1:443, which the Go derpconnect always dials (run as root)")
-        from tests.relays import OurRelay
-        cert, key = make_leaf(["localhost", "127.0.0.1"])
-        with OurRelay(tls=True, cert=cert, key=key, hostname="localhost", port=443, workdir=str(tmp / "relay")):
-            yield _Relay("ours", "localhost", 443, ca)
-    else:
-        with GoDerper(tmp / "derper", tls=True, port=free_port(), make_leaf=make_leaf, ca_file=ca) as d:
-            yield _Relay("go", "localhost", d.port, ca)
+    from tests.conftest import missing_go_peer
+    try:
+        with Relay443(request.param, tmp_path_factory.mktemp(f"relay-{request.param}")) as r:
+            yield r
+    except PermissionError as e:
+        missing_go_peer(str(e))
 
 
 @pytest.fixture(scope="module")
-def origin(tmp_path_factory):
-    """A real `python -m http.server` with a random file; yields (server, name, sha256)."""
-    d = tmp_path_factory.mktemp("origin")
-    data = os.urandom(6 * 1024 * 1024)
-    (d / "blob.bin").write_bytes(data)
-    with HttpFileServer(d) as srv:
-        yield srv, "blob.bin", hashlib.sha256(data).hexdigest()
+def service():
+    with TransferService() as s:
+        yield s
 
 
-def _download_sha(port: int, name: str, timeout: float = 120.0) -> str:
-    """SHA-256 of a download through the tunnel; a short body is an error, not a digest
-    (http.client's read(n) returns b"" on a premature close instead of raising)."""
-    h = hashlib.sha256()
-    got = 0
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}", timeout=timeout) as r:
-        length = int(r.headers["Content-Length"])
-        while True:
-            chunk = r.read(1 << 16)
-            if not chunk:
-                break
-            got += len(chunk)
-            h.update(chunk)
-    assert got == length, f"download through the tunnel ended after {got} of {length} bytes"
-    return h.hexdigest()
+def _py_extra(relay) -> list[str]:
+    return ["--derp-ca", relay.ca_file, "--no-direct"]
 
 
-def test_go_serve_and_go_join_through_relay(relay, origin, go_binary, tmp_path):
-    srv, name, digest = origin
-    with GoDerpconnect.serve(relay, srv.port, tmp_path / "serve", binary=go_binary) as serve, \
-            GoDerpconnect.join(relay, serve.pubkey, 0, tmp_path / "join", binary=go_binary) as join:
-        assert _download_sha(join.listen_port, name) == digest
-        assert _download_sha(join.listen_port, name) == digest  # a second connection, new QUIC dial
+def test_go_serve_and_go_join_through_relay(relay, service, go_binary, tmp_path):
+    with GoDerpconnect.serve(relay, service.port, tmp_path / "serve", binary=go_binary) as serve, \
+            GoDerpconnect.join(relay, serve.pubkey, 0, tmp_path / "join", binary=go_binary) as join, \
+            original_race_xfails(serve, join):
+        TransferService.download(join.listen_port, SIZE)
+        TransferService.download(join.listen_port, SIZE)  # a second connection, a new QUIC dial
+        TransferService.upload(join.listen_port, SIZE)
 
 
-def test_python_join_to_go_serve(relay, origin, go_binary, tmp_path):
-    srv, name, digest = origin
-    env = cli_env(tmp_path / "py", DERPNET_DERP=relay.derp_arg)
-    with GoDerpconnect.serve(relay, srv.port, tmp_path / "serve", binary=go_binary) as serve:
-        with CliProcess.join(relay.derp_arg, serve.pubkey, env,
-                             extra=["--derp-ca", relay.ca_file, "--insecure-allow-unauthenticated"]) as join:
-            assert _download_sha(join.listen_port, name) == digest
-            join.wait_for_line(r"conn #1 .*\(unverified\)")
+def test_python_join_to_go_serve(relay, service, go_binary, tmp_path):
+    with GoDerpconnect.serve(relay, service.port, tmp_path / "serve", binary=go_binary) as serve, \
+            CliProcess.join(relay.derp_arg, serve.pubkey, cli_env(tmp_path / "py"),
+                            extra=[*_py_extra(relay), "--insecure-allow-unauthenticated"],
+                            log_path=tmp_path / "join.log") as join, \
+            original_race_xfails(serve):
+        TransferService.download(join.listen_port, SIZE)
+        TransferService.upload(join.listen_port, SIZE)
+        join.wait_for_line(r"conn #1 .*\(unverified\)")
+    assert "Traceback" not in join.output()
 
 
-def test_python_join_refuses_go_serve_without_opt_in(relay, origin, go_binary, tmp_path):
-    srv, name, _ = origin
-    env = cli_env(tmp_path / "py")
-    with GoDerpconnect.serve(relay, srv.port, tmp_path / "serve", binary=go_binary) as serve:
-        with CliProcess.join(relay.derp_arg, serve.pubkey, env, extra=["--derp-ca", relay.ca_file]) as join:
-            with pytest.raises(OSError):
-                _download_sha(join.listen_port, name, timeout=30)
-            join.wait_eof(timeout=30)
-            assert join.wait(timeout=5) == 1
-            lines = error_lines(join.output())
-            assert "Traceback" not in join.output()
-            assert any("prove" in line or "authenticat" in line for line in lines), lines
-
-
-def test_go_join_to_python_serve(relay, origin, go_binary, tmp_path):
-    srv, name, digest = origin
-    env = cli_env(tmp_path / "py")
-    with CliProcess.serve(relay.derp_arg, srv.port, env, extra=["--derp-ca", relay.ca_file]) as serve:
-        with GoDerpconnect.join(relay, serve.pubkey, 0, tmp_path / "join", binary=go_binary) as join:
-            assert _download_sha(join.listen_port, name) == digest
+def test_go_join_to_python_serve(relay, service, go_binary, tmp_path):
+    with CliProcess.serve(relay.derp_arg, service.port, cli_env(tmp_path / "py"), extra=_py_extra(relay),
+                          log_path=tmp_path / "serve.log") as serve, \
+            GoDerpconnect.join(relay, serve.pubkey, 0, tmp_path / "join", binary=go_binary) as join, \
+            original_race_xfails(join):
+        TransferService.download(join.listen_port, SIZE)
+        TransferService.upload(join.listen_port, SIZE)
     assert "Traceback" not in serve.output()
 
 
-def test_python_pair_50mib_through_go_derper(relay, tmp_path, go_binary):
-    if relay.kind != "go":
+def test_python_join_refuses_go_serve_without_opt_in(relay, service, go_binary, tmp_path):
+    with GoDerpconnect.serve(relay, service.port, tmp_path / "serve", binary=go_binary) as serve, \
+            CliProcess.join(relay.derp_arg, serve.pubkey, cli_env(tmp_path / "py"),
+                            extra=_py_extra(relay)) as join:
+        with pytest.raises(OSError):
+            TransferService.download(join.listen_port, MiB, inactivity=30)
+        join.wait_eof(timeout=30)
+        assert join.wait(timeout=5) == 1
+        lines = error_lines(join.output())
+        assert "Traceback" not in join.output()
+        assert any("prove" in line or "authenticat" in line for line in lines), lines
+
+
+def test_killed_go_serve_resets_the_client_behind_python_join(relay, service, go_binary, tmp_path):
+    """The Go serve dies (SIGKILL); the relay tells the join that its peer left, and a Go
+    derpconnect never comes back: the client gets a reset within seconds, not a FIN."""
+    with GoDerpconnect.serve(relay, service.port, tmp_path / "serve", binary=go_binary) as serve, \
+            CliProcess.join(relay.derp_arg, serve.pubkey, cli_env(tmp_path / "py"),
+                            extra=[*_py_extra(relay), "--insecure-allow-unauthenticated"],
+                            log_path=tmp_path / "join.log") as join:
+        with socket.create_connection(("127.0.0.1", join.listen_port), timeout=20) as c:
+            c.sendall(b"S\n")  # an endless stream from the service
+            c.settimeout(20)
+            got = 0
+            while got < MiB:
+                got += len(c.recv(1 << 16))
+            serve.proc.kill()
+            t0 = time.monotonic()
+            c.settimeout(40)
+            with pytest.raises(ConnectionResetError):
+                while c.recv(1 << 16):
+                    pass
+            elapsed = time.monotonic() - t0
+        assert elapsed < 10, f"the reset took {elapsed:.1f} s"
+        join.wait_for_line(r"conn #1 .*failed", timeout=10)
+        assert join.proc.poll() is None
+
+
+def test_python_pair_50mib_through_go_derper(relay, service, tmp_path, go_binary):
+    if relay.kind != "derper":
         pytest.skip("the Python pair through our relay is covered by tests/cmd/test_forward.py")
-    d = tmp_path / "big"
-    d.mkdir()
-    data = os.urandom(50 * 1024 * 1024)
-    (d / "big.bin").write_bytes(data)
-    env_s, env_j = cli_env(tmp_path / "s"), cli_env(tmp_path / "j")
-    with HttpFileServer(d) as srv, \
-            CliProcess.serve(relay.derp_arg, srv.port, env_s, extra=["--derp-ca", relay.ca_file]) as serve, \
-            CliProcess.join(relay.derp_arg, serve.pubkey, env_j, extra=["--derp-ca", relay.ca_file]) as join:
-        assert _download_sha(join.listen_port, "big.bin") == hashlib.sha256(data).hexdigest()
+    with CliProcess.serve(relay.derp_arg, service.port, cli_env(tmp_path / "s"), extra=_py_extra(relay)) as serve, \
+            CliProcess.join(relay.derp_arg, serve.pubkey, cli_env(tmp_path / "j"), extra=_py_extra(relay)) as join:
+        TransferService.download(join.listen_port, 50 * MiB)
 
 
 def test_one_identity_serves_both_tools(relay, go_binary, tmp_path):

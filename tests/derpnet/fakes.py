@@ -12,7 +12,7 @@ import http.server
 import socket
 import threading
 import time
-from typing import Callable, Iterator, List, Optional, Tuple
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -27,8 +27,8 @@ class FakeRelay:
     """Accepts connections on 127.0.0.1 and runs `handler(sock, relay, n)` for the n-th one
     (n from 0) in its own thread. `url` is http://127.0.0.1:PORT."""
 
-    def __init__(self, handler: Callable[[socket.socket, "FakeRelay", int], None], *,
-                 rcvbuf: Optional[int] = None) -> None:
+    def __init__(self, handler: Callable[[socket.socket, FakeRelay, int], None], *,
+                 rcvbuf: int | None = None) -> None:
         self.key = PrivateKey.generate()
         self.handler = handler
         self.stop = threading.Event()
@@ -41,8 +41,8 @@ class FakeRelay:
         self.url = f"http://127.0.0.1:{self.port}"
         self.accepted = 0
         self._cond = threading.Condition()
-        self._socks: List[socket.socket] = []
-        self._threads: List[threading.Thread] = []
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
         self._acceptor = threading.Thread(target=self._accept_loop, name="fake-relay-accept", daemon=True)
         self._acceptor.start()
 
@@ -91,7 +91,7 @@ class FakeRelay:
         for t in self._threads:
             t.join(5)
 
-    def __enter__(self) -> "FakeRelay":
+    def __enter__(self) -> FakeRelay:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -103,11 +103,11 @@ def recv_some(sock: socket.socket, timeout: float = 5.0) -> bytes:
     return sock.recv(65536)
 
 
-def derp_accept(sock: socket.socket, key: PrivateKey, timeout: float = 5.0) -> Tuple[ServerConnection, PublicKey]:
+def derp_accept(sock: socket.socket, key: PrivateKey, timeout: float = 5.0) -> tuple[ServerConnection, PublicKey]:
     """Play the relay's side of the upgrade and hello (101, ServerKey, ServerInfo)."""
     conn = ServerConnection(key)
     deadline = time.monotonic() + timeout
-    pending: List[object] = []
+    pending: list[object] = []
     while True:
         for ev in pending:
             if isinstance(ev, UpgradeRequest):
@@ -148,7 +148,7 @@ def drain_until_stop(sock: socket.socket, relay: FakeRelay) -> None:
         try:
             if not sock.recv(65536):
                 return
-        except socket.timeout:
+        except TimeoutError:
             continue
 
 
@@ -158,7 +158,7 @@ class StatusHTTPServer:
     def __init__(self, status: int) -> None:
         outer = self
         self.status = status
-        self.requests: List[str] = []
+        self.requests: list[str] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
@@ -185,7 +185,7 @@ class StatusHTTPServer:
         self.httpd.server_close()
         self._thread.join(5)
 
-    def __enter__(self) -> "StatusHTTPServer":
+    def __enter__(self) -> StatusHTTPServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -201,9 +201,9 @@ class TcpProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._lock = threading.Lock()
-        self._pairs: List[Tuple[socket.socket, socket.socket]] = []
-        self._all: List[socket.socket] = []
-        self._threads: List[threading.Thread] = []
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._all: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
         self.connections = 0
         self._acceptor = threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True)
         self._acceptor.start()
@@ -270,7 +270,7 @@ class TcpProxy:
         for s in self._all:
             s.close()
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:

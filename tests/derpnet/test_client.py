@@ -19,8 +19,16 @@ from derpnet.connection import AcceptClient, AcceptUpgrade, ClientHello, ServerC
 from derpnet.errors import HandshakeError, UpgradeError
 from derpnet.http11 import build_response
 from derpnet.keys import PrivateKey
-from tests.derpnet.fakes import (FakeRelay, StatusHTTPServer, derp_accept, drain_until_stop, read_frames,
-                                 real_relay, relay_params, recv_some)
+from tests.derpnet.fakes import (
+    FakeRelay,
+    StatusHTTPServer,
+    derp_accept,
+    drain_until_stop,
+    read_frames,
+    real_relay,
+    recv_some,
+    relay_params,
+)
 
 
 def reader_threads():

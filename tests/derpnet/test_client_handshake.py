@@ -9,8 +9,15 @@ import pytest
 
 from derpnet import frames as F
 from derpnet.client import derp_handshake
-from derpnet.connection import (AcceptClient, AcceptUpgrade, ClientConnection, ClientHello, Connected,
-                                ServerConnection, UpgradeRequest)
+from derpnet.connection import (
+    AcceptClient,
+    AcceptUpgrade,
+    ClientConnection,
+    ClientHello,
+    Connected,
+    ServerConnection,
+    UpgradeRequest,
+)
 from derpnet.errors import HandshakeError, UpgradeError
 from derpnet.keys import PrivateKey
 

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpnet import frames as F
-from derpnet.connection import (AcceptClient, AcceptUpgrade, ClientConnection, ClientHello, Connected, Hello,
-                                HttpRequest, Reject, ServerConnection, State, Upgrade, UpgradeRequest)
+from derpnet.connection import (
+    AcceptClient,
+    AcceptUpgrade,
+    ClientConnection,
+    ClientHello,
+    Connected,
+    Hello,
+    HttpRequest,
+    Reject,
+    ServerConnection,
+    State,
+    Upgrade,
+    UpgradeRequest,
+)
 from derpnet.errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError, UpgradeError
 from derpnet.handshake import seal_client_info
 from derpnet.keys import PrivateKey

@@ -34,7 +34,8 @@ def test_snapshot_is_a_valid_default_map():
 def test_load_prefers_a_valid_user_copy(tmp_path):
     assert derpmap.load().source == "built-in snapshot"
     lab = {"Regions": {"900": {"RegionID": 900, "RegionCode": "lab", "RegionName": "Lab",
-                               "Nodes": [{"Name": "900a", "RegionID": 900, "HostName": "127.0.0.1", "DERPPort": 3340}]}}}
+                               "Nodes": [{"Name": "900a", "RegionID": 900, "HostName": "127.0.0.1",
+                                          "DERPPort": 3340}]}}}
     src = tmp_path / "lab.json"
     src.write_text(json.dumps(lab))
     m, path = derpmap.refresh(str(src))
@@ -98,3 +99,59 @@ def test_resolve_forms():
 def test_resolve_rejects(spec, msg):
     with pytest.raises(DerpMapError, match=msg):
         resolve(spec, derpmap.snapshot())
+
+
+# ---------------------------------------------------------------- InsecureForTests (issue 9, item 12)
+
+_TWO_NODES = ('{"Regions": {"900": {"RegionID": 900, "RegionCode": "lab", "Nodes": ['
+              '{"Name": "900a", "HostName": "127.0.0.1", "DERPPort": 8443, "InsecureForTests": true},'
+              '{"Name": "900b", "HostName": "relay.example"}]}}}')
+
+
+def test_insecure_for_tests_is_scoped_to_its_node():
+    t = resolve("lab", parse(_TWO_NODES))
+    assert t.hosts == ("https://127.0.0.1:8443", "relay.example")
+    assert t.insecure_hosts == frozenset({"https://127.0.0.1:8443"}) and t.insecure
+
+
+def test_cli_tls_options_per_host(tmp_path):
+    """The CLI's TLS options: only the InsecureForTests node goes unchecked, and an explicit
+    --derp-ca is used for every node, that one included."""
+    import argparse
+    import ssl
+
+    from derpnet.cmd.common import relay_ssl_for
+    from tests.interop_peers import make_test_ca
+
+    t = resolve("lab", parse(_TWO_NODES))
+    for_host = relay_ssl_for(argparse.Namespace(derp_ca=None), t)
+    ctx = for_host("https://127.0.0.1:8443")["ssl_context"]
+    assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname
+    assert for_host("relay.example") == {}  # the library's default verification
+    ca_file, _ = make_test_ca(tmp_path / "pki")
+    for_host = relay_ssl_for(argparse.Namespace(derp_ca=ca_file), t)
+    for host in t.hosts:
+        ctx = for_host(host)["ssl_context"]
+        assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname, host
+
+
+def test_probe_with_an_explicit_ca_ignores_insecure_for_tests(tmp_path):
+    """regions --probe --derp-ca: the given CA is checked even for an InsecureForTests node."""
+    import ssl
+
+    from tests.relays import OurRelay
+
+    with OurRelay(tls=True) as relay:
+        node = derpmap.DerpNode(name="x", region_id=900, host_name="127.0.0.1", derp_port=relay.port,
+                                insecure_for_tests=True)
+        assert derpmap.probe_node(node, samples=1, timeout=5) > 0  # no CA given: unchecked, as marked
+        other_ca = ssl.create_default_context()  # the system roots: do not know the test CA
+        with pytest.raises(ssl.SSLCertVerificationError):
+            derpmap.probe_node(node, samples=1, timeout=5, ssl_context=other_ca)
+        assert derpmap.probe_node(node, samples=1, timeout=5, ssl_context=relay.ssl_context()) > 0
+
+
+def test_refresh_over_plain_http_needs_insecure(tmp_path):
+    with pytest.raises(DerpMapError, match="plain http"):
+        derpmap.refresh("http://127.0.0.1:9/derpmap.json", dest=tmp_path / "m.json")
+    assert not (tmp_path / "m.json").exists()

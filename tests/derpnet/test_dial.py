@@ -8,7 +8,8 @@ import socket
 import ssl
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpnet.dial import RelayAddress, parse_relay, with_relay_url
 from derpnet.errors import AuthenticationError, HandshakeError, RemoteProtocolError, UpgradeError

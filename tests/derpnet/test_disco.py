@@ -4,7 +4,8 @@ open for the right pair of node keys, and properties. Pure: no sockets, no threa
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpnet import disco as D
 from derpnet.disco import CallMeMaybe, DiscoBox, DiscoError, Ping, Pong

@@ -7,7 +7,8 @@ import dataclasses
 import pydoc
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import derpnet
 from derpnet import errors as E

@@ -5,7 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpnet import frames as F
 from derpnet.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -119,7 +120,8 @@ client_frames = st.one_of(
     st.binary(min_size=8, max_size=8).map(F.Ping),
     st.binary(min_size=8, max_size=8).map(F.Pong),
     st.text(max_size=50).map(F.Health),
-    st.builds(F.Restarting, st.integers(0, 10**6).map(lambda x: x / 1000), st.integers(0, 10**6).map(lambda x: x / 1000)),
+    st.builds(F.Restarting, st.integers(0, 10**6).map(lambda x: x / 1000),
+              st.integers(0, 10**6).map(lambda x: x / 1000)),
 )
 
 

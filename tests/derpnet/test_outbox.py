@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpnet import frames as F
 from derpnet.keys import PrivateKey
@@ -83,7 +84,7 @@ def test_control_queue_is_bounded():
 
 def test_batch_stops_at_batch_bytes_and_resumes():
     box = Outbox(32, batch_bytes=3000)
-    for i in range(10):
+    for _ in range(10):
         box.add_packet(A, bytes(1000), disco=False)
     box.stage_packets(always)
     assert box.batch_full

@@ -14,12 +14,26 @@ from derpnet import frames as F
 from derpnet.client import DerpClient
 from derpnet.errors import UpgradeError
 from derpnet.keys import PrivateKey, PublicKey
-from derpnet.packetconn import (MAX_DATAGRAM_SIZE, LinkDown, LinkUp, PacketConn, ShortBufferError,
-                                backoff_delay, listen_packet)
-from tests.derpnet.fakes import (FakeRelay, StatusHTTPServer, TcpProxy, derp_accept, drain_until_stop,
-                                 real_relay, relay_params)
-from tests.interop_peers import GoDerper, derper_path, free_port, skip_reason
+from derpnet.packetconn import (
+    MAX_DATAGRAM_SIZE,
+    LinkDown,
+    LinkUp,
+    PacketConn,
+    ShortBufferError,
+    backoff_delay,
+    listen_packet,
+)
 from tests.conftest import missing_go_peer
+from tests.derpnet.fakes import (
+    FakeRelay,
+    StatusHTTPServer,
+    TcpProxy,
+    derp_accept,
+    drain_until_stop,
+    real_relay,
+    relay_params,
+)
+from tests.interop_peers import GoDerper, derper_path, free_port, skip_reason
 from tests.relays import OurRelay
 
 
@@ -443,6 +457,69 @@ def test_restarting_frame_sets_the_first_reconnect_delay(conns):
         assert t_up - t_down >= 0.4  # not the 5-15 ms of the first backoff step
         assert len(ev.of(F.Restarting)) == 1
         assert a.stats()["reconnects"] == 1
+
+
+def test_restart_delay_is_capped_and_must_be_fresh():
+    """Issue 9, item 11: a Restarting frame can say 2³² ms (49.7 days); it is capped at
+    Tailscale's 5 s backoff ceiling, and counts only for a link that dies soon after it."""
+    from derpnet.relaylink import MAX_RECONNECT_DELAY, RESTART_HINT_TTL, restart_delay
+    huge = F.Restarting((2**32 - 1) / 1000, 5.0)
+    assert MAX_RECONNECT_DELAY == 5.0
+    assert restart_delay(huge, 100.0, 100.5, 1) == 5.0
+    assert restart_delay(F.Restarting(0.4, 5.0), 100.0, 100.5, 1) == 0.4
+    stale = restart_delay(F.Restarting(0.4, 5.0), 100.0, 100.0 + RESTART_HINT_TTL + 1, 1, rng=lambda: 0.5)
+    assert stale == backoff_delay(1, rng=lambda: 0.5) == 0.01
+    assert restart_delay(None, 0.0, 100.0, 3, rng=lambda: 0.5) == backoff_delay(3, rng=lambda: 0.5)
+    assert restart_delay(F.Restarting(0.0, 0.0), 100.0, 100.0, 1) == 0.0
+
+
+def _reconnect_gaps(conns, handler, n: int) -> list[float]:
+    """A PacketConn on a scripted relay: seconds from each of its first `n` link losses to
+    the next link up."""
+    with FakeRelay(handler) as relay:
+        ev = Events()
+        conns(relay.url, on_event=ev)
+        gaps = []
+        for k in range(1, n + 1):
+            t_down, _ = ev.wait_for(LinkDown, count=k)
+            t_up, _ = ev.wait_for(LinkUp, count=k + 1, timeout=5)
+            gaps.append(t_up - t_down)
+        return gaps
+
+
+def test_restarting_frame_cannot_stall_reconnects(conns, monkeypatch):
+    """A hostile relay says "come back in 49.7 days" and hangs up: we are back within the cap
+    (shortened to 0.5 s here so the test is quick; its value is checked above)."""
+    monkeypatch.setattr("derpnet.relaylink.MAX_RECONNECT_DELAY", 0.5)
+
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)
+        if n == 0:
+            sock.sendall(F.encode_restarting((2**32 - 1) / 1000, 5.0))
+            return
+        drain_until_stop(sock, relay)
+
+    [gap] = _reconnect_gaps(conns, handler, 1)
+    assert 0.4 <= gap < 2.5
+
+
+def test_stale_restarting_frame_is_forgotten(conns, monkeypatch):
+    """A Restarting frame early in a link's life says nothing about its death much later,
+    nor about the next link's: only the backoff applies then."""
+    monkeypatch.setattr("derpnet.relaylink.RESTART_HINT_TTL", 0.3)
+
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)
+        if n == 0:
+            sock.sendall(F.encode_restarting(3.0, 5.0))
+            relay.stop.wait(1.0)  # ... then the link dies for another reason, later
+            return
+        if n == 1:
+            return  # the next link dies at once, with no Restarting of its own
+        drain_until_stop(sock, relay)
+
+    first, second = _reconnect_gaps(conns, handler, 2)
+    assert first < 1.5 and second < 1.5  # the backoff's first steps, not the stale 3 s
 
 
 def test_health_frames_are_observable(conns):

@@ -13,8 +13,8 @@ import time
 import pytest
 
 import derpnet
-from derpnet.direct import StunSchedule
 from derpnet.paths import PathChanged
+from derpnet.stunprobe import StunProbe
 from tests.relays import OurRelay
 
 
@@ -114,6 +114,20 @@ def test_udp_data_from_an_unknown_address_is_dropped(relay):
         assert drops["unknown_source"] == 1 and drops["unknown_packet"] == 1
 
 
+def test_udp_disco_from_an_unknown_key_is_dropped_unopened(relay):
+    from derpnet.disco import DiscoBox, Ping, new_tx_id
+
+    stranger = derpnet.PrivateKey.generate()
+    with derpnet.listen_packet(relay.url) as a, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.5)
+        port = a.stats()["direct"]["port"]
+        ping = DiscoBox(stranger).seal(a.local_addr(), Ping(new_tx_id(), stranger.public_key))
+        s.sendto(ping, ("127.0.0.1", port))
+        with pytest.raises(TimeoutError):
+            s.recvfrom(2048)  # no Pong, no Ping back: nothing is sent to an unknown key
+        assert a.stats()["direct"]["drops"]["unknown_peer"] == 1 and a.paths() == {}
+
+
 def test_no_direct_means_no_udp_socket(relay):
     with derpnet.listen_packet(relay.url, direct=False) as a:
         assert "direct" not in a.stats() and a.paths() == {}
@@ -148,11 +162,21 @@ def test_stun_answers_from_our_relay_add_the_mapped_endpoint():
             assert ("127.0.0.1", port) in a.stats()["direct"]["local_endpoints"]
 
 
-def test_stun_schedule_retries_then_refreshes():
-    s = StunSchedule(tries=3, interval=0.5, refresh=60.0)
-    s.restart(0.0)
-    assert [s.due(t) for t in (0.0, 0.1, 0.5, 1.0, 1.2)] == [True, False, True, True, False]
-    assert s.next_deadline() == 61.0  # the round is spent: the next one at the refresh
-    assert s.due(61.0)
-    s.answered(61.1)
-    assert not s.due(62.0) and s.next_deadline() == pytest.approx(121.1)
+def test_stun_probe_retries_then_refreshes_and_only_trusts_its_server():
+    from derpnet import stun
+
+    server = ("192.0.2.1", 3478)
+    p = StunProbe(server, tries=3, interval=0.5, refresh=60.0)
+    assert p.poll(0.0) is None  # nothing before the first round
+    p.restart(0.0)
+    sent = {t: p.poll(t) for t in (0.0, 0.1, 0.5, 1.0, 1.2)}
+    assert [r is not None for r in sent.values()] == [True, False, True, True, False]
+    assert p.next_deadline() == 61.0  # the round is spent: the next one at the refresh
+    req = sent[1.0]
+    tx = req[8:20]
+    answer = stun.binding_response(tx, ("203.0.113.7", 4242))
+    assert p.on_response(answer, ("198.51.100.1", 3478), 1.3) is None  # not our server
+    assert p.on_response(stun.binding_response(stun.new_tx_id(), ("203.0.113.7", 1)), server, 1.3) is None
+    assert p.on_response(answer, server, 1.3) == ("203.0.113.7", 4242) and p.mapped == ("203.0.113.7", 4242)
+    assert p.poll(2.0) is None and p.next_deadline() == pytest.approx(61.3)
+    assert StunProbe(None).next_deadline() is None

@@ -281,7 +281,7 @@ def test_the_lower_round_trip_wins_with_hysteresis():
 def test_endpoints_per_peer_are_bounded():
     t = PathTable()
     peer = PrivateKey.generate().public_key
-    many = tuple(("10.9.%d.%d" % (i // 250, i % 250), 1000 + i) for i in range(200))
+    many = tuple((f"10.9.{i // 250}.{i % 250}", 1000 + i) for i in range(200))
     t.on_disco(peer, CallMeMaybe(many), None, 0.0)
     pings = [a for a in t.take_actions() if isinstance(a.msg, Ping)]
     assert len(pings) <= 64
@@ -289,13 +289,15 @@ def test_endpoints_per_peer_are_bounded():
     assert len(info.candidates) <= 32
 
 
-def test_forget_drops_the_path():
-    net = Net()
-    net.enable_both()
-    net.run_until(0.5)
-    net.a.forget(net.b_key, net.now)
-    assert net.a.route(net.b_key) is None
-    assert net.a.take_events()[-1].reason == "gone"
+def test_the_table_forgets_the_least_recently_active_peer_when_full():
+    t = PathTable(max_peers=3)
+    keys = [PrivateKey.generate().public_key for _ in range(4)]
+    for i, k in enumerate(keys[:3]):
+        t.on_disco(k, CallMeMaybe(((f"10.0.0.{i + 1}", 1),)), None, float(i))
+    assert t.peer_for_addr(("10.0.0.1", 1)) == keys[0]
+    t.on_disco(keys[3], CallMeMaybe((("10.0.0.9", 1),)), None, 10.0)
+    assert len(t.snapshot()) == 3 and not t.is_enabled(keys[0])
+    assert t.peer_for_addr(("10.0.0.1", 1)) is None and t.is_enabled(keys[3])
 
 
 def test_trust_must_exceed_heartbeat():

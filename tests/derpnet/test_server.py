@@ -13,8 +13,7 @@ from derpnet import frames as F
 from derpnet.handshake import open_server_info, seal_client_info
 from derpnet.keys import PrivateKey
 from derpnet.server import DerpServer
-from tests.rawderp import (RawDerpClient, dial, fast_start_request, read_exact, wait_closed,
-                           wait_until)
+from tests.rawderp import RawDerpClient, dial, fast_start_request, read_exact, wait_closed, wait_until
 
 DISCO = "TS💬".encode()
 

@@ -14,8 +14,8 @@ import pytest
 from derpnet import frames as F
 from derpnet.keys import PrivateKey
 from derpnet.server.cli import main, parse_listen
-from tests.relays import REPO_ROOT, OurRelay
 from tests.rawderp import RawDerpClient, wait_closed
+from tests.relays import REPO_ROOT, OurRelay
 
 
 def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -79,6 +79,24 @@ def test_key_file_created_0600_and_reused(tmp_path):
     assert PrivateKey.load(path).public_key == first
     with OurRelay(extra_args=["--key-file", str(path)]) as relay:
         assert relay.public_key == first
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_key_file_readable_by_others_is_warned_about(tmp_path):
+    """Issue 9, item 5: the same warning the CLI gives for node keys (used anyway, as derper)."""
+    path = tmp_path / "relay.key"
+    key = PrivateKey.generate()
+    key.save(path)
+    path.chmod(0o644)
+    with OurRelay(extra_args=["--key-file", str(path)]) as relay:
+        assert relay.public_key == key.public_key
+    out = relay.output()
+    assert f"key file {path} is readable by other users (mode 644): chmod 600 it" in out
+    assert key.raw.hex() not in out
+    path.chmod(0o600)
+    with OurRelay(extra_args=["--key-file", str(path)]) as relay:
+        pass
+    assert "readable by other users" not in relay.output()
 
 
 def test_derper_json_key_file(tmp_path):

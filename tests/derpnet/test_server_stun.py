@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-from typing import List, Tuple
 
 import pytest
 
@@ -30,7 +29,7 @@ def udp_socket(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.
     return s
 
 
-def ask(s: socket.socket, server: Tuple[str, int]) -> Tuple[bytes, Tuple[str, int]]:
+def ask(s: socket.socket, server: tuple[str, int]) -> tuple[bytes, tuple[str, int]]:
     """One Binding request from `s`; the (tx id, mapped address) of the first answer, which must match."""
     tx = stun.new_tx_id()
     s.sendto(stun.binding_request(tx), server)
@@ -74,7 +73,7 @@ def test_relay_answers_binding_requests_and_ignores_garbage():
         assert serves_derp(relay.url)  # and the relay is a relay as usual
 
 
-def _udp_socket_inodes(pid: int) -> List[str]:
+def _udp_socket_inodes(pid: int) -> list[str]:
     """Inodes of the UDP sockets that process `pid` holds (from /proc)."""
     inodes = set()
     for name in ("udp", "udp6"):
@@ -187,7 +186,7 @@ def test_ipv6_relay_answers_with_ipv6_address():
 def test_wildcard_host_is_dual_stack():
     """No host (`--listen :PORT`): one socket for every interface; an IPv4 client gets its
     IPv4 address back, not the IPv4-mapped form the dual-stack socket sees."""
-    async def main() -> Tuple[str, int]:
+    async def main() -> tuple[str, int]:
         server = StunServer()
         await server.start(None, 0)
         try:

@@ -7,7 +7,8 @@ import struct
 import zlib
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpnet import stun as S
 from derpnet.stun import StunError

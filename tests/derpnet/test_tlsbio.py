@@ -6,7 +6,8 @@ from __future__ import annotations
 import ssl
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpnet.server.certs import self_signed_cert, server_ssl_context
 from derpnet.tlsbio import READ_CHUNK, TLSSession

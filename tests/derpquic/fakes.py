@@ -10,8 +10,8 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
 
 from derpnet.keys import PrivateKey, PublicKey
 from derpnet.paths import RELAY_PATH_MTU, PathChanged
@@ -31,28 +31,28 @@ class FakeRelay:
     def __init__(self, *, latency: float = 0.0, queue_size: int = 512) -> None:
         self.latency = latency
         self.queue_size = queue_size
-        self.drop: Optional[Callable[[PublicKey, PublicKey, bytes], bool]] = None
-        self.lose: Optional[Callable[[PublicKey, PublicKey, bytes], bool]] = None
-        self.rewrite: Optional[Callable[[PublicKey, PublicKey], Optional[tuple]]] = None
+        self.drop: Callable[[PublicKey, PublicKey, bytes], bool] | None = None
+        self.lose: Callable[[PublicKey, PublicKey, bytes], bool] | None = None
+        self.rewrite: Callable[[PublicKey, PublicKey], tuple | None] | None = None
         self.down = False
         self._lock = threading.Lock()
-        self._conns: dict[PublicKey, "FakePacketConn"] = {}
+        self._conns: dict[PublicKey, FakePacketConn] = {}
         self._sched: list = []
         self._seq = itertools.count()
         self._sched_cond = threading.Condition(self._lock)
         self._closed = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.delivered = 0
         self.dropped = 0
 
-    def listen_packet(self, key=None) -> "FakePacketConn":
+    def listen_packet(self, key=None) -> FakePacketConn:
         priv = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
         pc = FakePacketConn(self, priv)
         with self._lock:
             self._conns[pc.local_addr()] = pc
         return pc
 
-    def _unregister(self, pc: "FakePacketConn") -> None:
+    def _unregister(self, pc: FakePacketConn) -> None:
         with self._lock:
             if self._conns.get(pc.local_addr()) is pc:
                 del self._conns[pc.local_addr()]
@@ -129,7 +129,7 @@ class FakePacketConn:
         self._addr = key.public_key
         self._cond = threading.Condition()
         self._queue: deque = deque()
-        self._deadline: Optional[float] = None
+        self._deadline: float | None = None
         self._closed = False
         self._listeners: list[Callable[[object], None]] = []
         self._mtus: dict[PublicKey, int] = {}
@@ -149,7 +149,7 @@ class FakePacketConn:
     def path_mtu(self, peer: PublicKey) -> int:
         return self._mtus.get(PublicKey.coerce(peer), RELAY_PATH_MTU)
 
-    def set_path(self, peer: PublicKey, mtu: int, addr: Optional[tuple[str, int]] = ("192.0.2.1", 41641)) -> None:
+    def set_path(self, peer: PublicKey, mtu: int, addr: tuple[str, int] | None = ("192.0.2.1", 41641)) -> None:
         """The path to `peer` changed: now carries `mtu`-byte datagrams (emits PathChanged)."""
         peer = PublicKey.coerce(peer)
         self._mtus[peer] = mtu
@@ -197,7 +197,7 @@ class FakePacketConn:
                 else:
                     self._cond.wait()
 
-    def set_read_deadline(self, t: Optional[float]) -> None:
+    def set_read_deadline(self, t: float | None) -> None:
         with self._cond:
             self._deadline = t
             self._cond.notify_all()

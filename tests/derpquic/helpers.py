@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import derpquic
 
@@ -15,7 +15,7 @@ class Background:
 
     def __init__(self, fn: Callable, *args, name: str = "test-bg") -> None:
         self._result = None
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(fn, args), name=name, daemon=True)
         self._thread.start()
 

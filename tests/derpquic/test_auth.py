@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import socket
 import threading
 import time
 
+import nacl.bindings
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 import derpquic
 from derpnet.errors import AuthenticationError
-from derpnet.keys import PrivateKey
+from derpnet.keys import PrivateKey, PublicKey
 from derpquic import auth
 from derpquic.auth import KeyProof
 from derpquic.conn import Conn, ConnState
@@ -18,31 +23,47 @@ from derpquic.driver import Driver
 from tests.derpquic.fakes import AddressRewriter
 from tests.derpquic.helpers import Background, EchoServer, recv_all
 
-
 # ---------------------------------------------------------------- unit level
+
+def _exchange(client_key, server_key, binding):
+    """Both proofs of one session, made with the module functions."""
+    e_c, e_s = PrivateKey.generate(), PrivateKey.generate()
+    p_c = auth.make_proof(client_key, server_key.public_key, is_client=True, binding=binding,
+                          ephemeral=e_c, peer_ephemeral=e_s.public_key)
+    p_s = auth.make_proof(server_key, client_key.public_key, is_client=False, binding=binding,
+                          ephemeral=e_s, peer_ephemeral=e_c.public_key)
+    return e_c, e_s, p_c, p_s
+
 
 def test_proof_roundtrip_and_binding():
     a, b = PrivateKey.generate(), PrivateKey.generate()
     binding = bytes(range(32))
-    p = auth.make_proof(a, b.public_key, is_client=True, binding=binding)
-    auth.verify_proof(b, a.public_key, p, peer_is_client=True, binding=binding)
+    e_a, e_b, p, p_b = _exchange(a, b, binding)
+    auth.verify_proof(b, a.public_key, p, peer_is_client=True, binding=binding, ephemeral=e_b)
+    auth.verify_proof(a, b.public_key, p_b, peer_is_client=False, binding=binding, ephemeral=e_a)
     with pytest.raises(AuthenticationError):  # another session
-        auth.verify_proof(b, a.public_key, p, peer_is_client=True, binding=bytes(32))
+        auth.verify_proof(b, a.public_key, p, peer_is_client=True, binding=bytes(32), ephemeral=e_b)
+    with pytest.raises(AuthenticationError):  # answering another ephemeral of ours (a replay)
+        auth.verify_proof(b, a.public_key, p, peer_is_client=True, binding=binding, ephemeral=PrivateKey.generate())
     with pytest.raises(AuthenticationError):  # reflected back as the other role
-        auth.verify_proof(a, b.public_key, p, peer_is_client=False, binding=binding)
+        auth.verify_proof(a, b.public_key, p, peer_is_client=False, binding=binding, ephemeral=e_a)
     m = PrivateKey.generate()
     with pytest.raises(AuthenticationError):  # made by someone else
-        auth.verify_proof(b, a.public_key, auth.make_proof(m, b.public_key, is_client=True, binding=binding),
-                          peer_is_client=True, binding=binding)
+        auth.verify_proof(b, a.public_key, _exchange(m, b, binding)[2], peer_is_client=True, binding=binding,
+                          ephemeral=e_b)
     with pytest.raises(AuthenticationError):
-        auth.verify_proof(b, a.public_key, p[:-1], peer_is_client=True, binding=binding)
+        auth.verify_proof(b, a.public_key, p[:-1], peer_is_client=True, binding=binding, ephemeral=e_b)
 
 
 def test_low_order_key_refused():
     a = PrivateKey.generate()
-    from derpnet.keys import PublicKey
+    e = PrivateKey.generate()
     with pytest.raises(AuthenticationError):
-        auth.make_proof(a, PublicKey(bytes(32)), is_client=True, binding=bytes(32))
+        auth.make_proof(a, PublicKey(bytes(32)), is_client=True, binding=bytes(32), ephemeral=e,
+                        peer_ephemeral=PrivateKey.generate().public_key)
+    with pytest.raises(AuthenticationError, match="ephemeral"):
+        auth.make_proof(a, PrivateKey.generate().public_key, is_client=True, binding=bytes(32), ephemeral=e,
+                        peer_ephemeral=PublicKey(bytes(32)))
 
 
 def test_secrets_collector_parses_keylog_lines():
@@ -50,8 +71,8 @@ def test_secrets_collector_parses_keylog_lines():
     with pytest.raises(AuthenticationError):
         c.binding()
     c.write("CLIENT_HANDSHAKE_TRAFFIC_SECRET aa bb\n")
-    c.write("CLIENT_TRAFFIC_SECRET_0 %s %s\n" % ("01" * 32, "02" * 32))
-    c.write("SERVER_TRAFFIC_SECRET_0 %s %s\n" % ("01" * 32, "03" * 32))
+    c.write(f"CLIENT_TRAFFIC_SECRET_0 {'01' * 32} {'02' * 32}\n")
+    c.write(f"SERVER_TRAFFIC_SECRET_0 {'01' * 32} {'03' * 32}\n")
     assert c.binding() == auth.session_binding(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32)
 
 
@@ -214,7 +235,7 @@ class ProoflessConn(Conn):
     """A dialler that completes the QUIC handshake (offering derpnet-auth), never sends its
     key proof, and opens a stream with data at once, hoping to be buffered forever."""
 
-    def send_proof(self, message):
+    def send_proof(self, message, end=True):
         sid = self.quic.get_next_available_stream_id()
         self.quic.send_stream_data(sid, b"x" * 4096, end_stream=False)
 
@@ -240,3 +261,99 @@ def test_listener_drops_a_peer_that_never_proves_its_key(fake):
         ln.accept(timeout=0.3)
     with ln._driver.lock:
         assert all(c.state is ConnState.CLOSED for c in ln._driver.conns)
+
+
+# ---------------------------------------------------------------- key-compromise impersonation
+
+
+class KCIProof(KeyProof):
+    """The dialler of a key-compromise impersonation. The attacker stole the listener's
+    private key and runs the relay (which rewrites its address into an allowed client's):
+    it makes the best client proof that key allows. `claimed` is that client's public key,
+    or its private key for the control run (then the proof is genuine)."""
+
+    server_private: PrivateKey
+    claimed: PrivateKey | PublicKey
+
+    def make_proof(self, binding):
+        claimed = KCIProof.claimed
+        if isinstance(claimed, PrivateKey):
+            return auth.make_proof(claimed, self.peer, is_client=True, binding=binding,
+                                   ephemeral=self.ephemeral, peer_ephemeral=self.peer_ephemeral)
+        dh = nacl.bindings.crypto_scalarmult
+        s_s = KCIProof.server_private.raw
+        e_m, e_s = self.ephemeral.public_key, self.peer_ephemeral
+        ss = dh(s_s, claimed.raw)     # = DH(client static, server static)
+        es = dh(s_s, e_m.raw)         # = DH(our ephemeral, server static)
+        se = dh(s_s, e_s.raw)         # a guess: the real one is DH(server ephemeral, client static)
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=auth.LABEL,
+                   info=claimed.raw + self.peer.raw + e_m.raw + e_s.raw).derive(ss + es + se)
+        mac = hmac.new(key, auth.LABEL + b" client" + binding, hashlib.sha256).digest()
+        return auth.hello(self.ephemeral) + mac
+
+    def verify(self, message, binding):
+        pass  # the attacker does not care who answers
+
+
+class KCIDriver(Driver):
+    key_proof_class = KCIProof
+
+
+def _kci_dial(fake, claimed):
+    """An allow-listed listener whose private key the attacker holds; the relay (the attacker)
+    makes the attacker's packets look as if they came from the allowed client."""
+    client = PrivateKey.generate()
+    s_pc, m_pc = fake.pc(), fake.pc()
+    ln = fake.track(derpquic.Listener(AddressRewriter(s_pc, victim=client.public_key, impostor=m_pc.local_addr()),
+                                      s_pc.private_key, allow=[client.public_key]))
+    KCIProof.server_private = s_pc.private_key
+    KCIProof.claimed = client if claimed == "client key" else client.public_key
+    KCIDriver.acquire(m_pc, m_pc.private_key)
+    d = fake.track(derpquic.Dialer(m_pc))
+    d._driver.release()
+    assert isinstance(d._driver, KCIDriver)
+    return ln, d, client
+
+
+def test_stolen_listener_key_cannot_impersonate_an_allowed_client(fake):
+    """Issue 9, item 8: with derpnet-auth/1 the listener's key alone made a valid proof for
+    any client (the MAC key was the static-static secret). Now the proof also needs
+    DH(listener's ephemeral, client's key): refused, and no stream is yielded."""
+    ln, d, client = _kci_dial(fake, "listener key")
+    with pytest.raises(AuthenticationError, match="rejected our key proof"):
+        d.dial(ln.addr, timeout=10)
+    with pytest.raises(TimeoutError):
+        ln.accept(timeout=0.3)
+
+
+def test_kci_harness_control_with_the_clients_key(fake):
+    """The same harness with the client's own key gets through: only the key makes the difference."""
+    ln, d, client = _kci_dial(fake, "client key")
+    with d.dial(ln.addr, timeout=10) as s:
+        s.sendall(b"x")
+        with ln.accept(timeout=10) as r:
+            assert r.authenticated and r.remote_addr() == client.public_key
+
+
+# ---------------------------------------------------------------- peer_key (issue 9, item 9)
+
+
+def test_peer_key_is_the_proven_key_only(net):
+    ln = net.listener()
+    d = net.dialer()
+    acc = Background(lambda: ln.accept(timeout=10))
+    with d.dial(ln.addr, timeout=10) as s, acc.result() as r:
+        assert s.peer_key == ln.addr and r.peer_key == d.addr
+
+
+def test_peer_key_is_none_for_a_peer_that_cannot_prove_its_key():
+    """A Go peer (no derpnet-auth): remote_addr() is only what the relay says; peer_key None."""
+    from derpquic.auth import AuthPolicy
+    from tests.derpquic.test_conn_memory import Pair
+
+    p = Pair(client_policy=AuthPolicy(allow_unauthenticated=True), server_alpn=False).connect()
+    s = p.call(p.client, "open_stream")
+    p.run(lambda: len(p.so.streams) == 1, seconds=1)
+    r = p.so.streams[0]
+    assert s.remote_addr() == p.server.local and s.peer_key is None and not s.authenticated
+    assert r.remote_addr() == p.client.local and r.peer_key is None and not r.authenticated

@@ -8,7 +8,7 @@ import hashlib
 import os
 import socket
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 from aioquic.buffer import Buffer
@@ -43,7 +43,7 @@ class Host:
         self.outbox: list[bytes] = []
         self.sent = 0
         self.routes: dict[bytes, Conn] = {}
-        self.timers: dict[Conn, Optional[float]] = {}
+        self.timers: dict[Conn, float | None] = {}
         self.verified: list[PublicKey] = []
         self.forgotten: list[Conn] = []
 
@@ -53,6 +53,10 @@ class Host:
     def send_datagram(self, data: bytes, peer: PublicKey) -> None:
         self.outbox.append(data)
         self.sent += 1
+
+    def send_datagrams(self, datagrams: list[bytes], peer: PublicKey) -> None:
+        for data in datagrams:
+            self.send_datagram(data, peer)
 
     def add_route(self, conn: Conn, cid: bytes) -> None:
         self.routes[cid] = conn
@@ -64,7 +68,7 @@ class Host:
         self.forgotten.append(conn)
         self.timers.pop(conn, None)
 
-    def schedule(self, conn: Conn, when: Optional[float]) -> None:
+    def schedule(self, conn: Conn, when: float | None) -> None:
         self.timers[conn] = when
 
     def flushed(self, conn: Conn) -> None:
@@ -112,7 +116,7 @@ class Pair:
         with self.ch.lock:  # (what the driver holds around every Conn call)
             self.client.quic.connect(SERVER_KEY.public_key, self.clock.now)
             self.client.process(self.clock.now)
-        self.server: Optional[Conn] = None
+        self.server: Conn | None = None
         self.sizes: list[int] = []  # every datagram that crossed the wire
         self.lost = 0
         self.lose: Callable[[bytes], bool] = lambda data: False
@@ -189,7 +193,7 @@ class Pair:
     def ready(self) -> bool:
         return all(c.state is ConnState.READY for c in self.conns()) and self.server is not None
 
-    def connect(self) -> "Pair":
+    def connect(self) -> Pair:
         self.run(self.ready)
         assert self.ready(), [c.state for c in self.conns()]
         return self
@@ -256,7 +260,7 @@ def test_peer_streams_wait_for_the_key_proof():
     held: list[bytes] = []
 
     class LateProof(Conn):
-        def send_proof(self, message):
+        def send_proof(self, message, end=True):
             held.append(message)
 
     p = Pair(client_class=LateProof)
@@ -393,6 +397,25 @@ def test_listener_requiring_auth_refuses_a_peer_without_derpnet_auth():
     assert isinstance(p.client.error, AuthenticationError) and "requires peers to prove" in str(p.client.error)
 
 
+def test_key_proofs_take_no_extra_round_trip():
+    """derpnet-auth/2's ephemeral keys cost no round trip: the server's hello rides its first
+    flight (0.5-RTT data), the client's proof its Finished, the server's MAC the next flight.
+    Flights in lockstep: the server is ready after the third, the client after the fourth,
+    without any timer."""
+    p = Pair()
+    flights = []
+    while not p.ready() and len(flights) < 8:
+        host, deliver = (p.ch, p._to_server) if len(flights) % 2 == 0 else (p.sh, p._to_client)
+        out, host.outbox = host.outbox, []
+        for data in out:
+            deliver(data)
+        flights.append((len(out), [c.state for c in p.conns()]))
+        if len(flights) == 3:
+            assert p.server.state is ConnState.READY and p.server.authenticated, flights
+    assert p.ready() and len(flights) == 4, flights
+    assert p.client.authenticated and p.server.authenticated
+
+
 # ---------------------------------------------------------------- refusals and ends
 
 
@@ -405,7 +428,7 @@ def test_allow_list_refusal():
 
 def test_listener_drops_a_peer_that_never_proves_its_key():
     class NoProof(Conn):
-        def send_proof(self, message):
+        def send_proof(self, message, end=True):
             pass
 
     p = Pair(client_class=NoProof, opts=Options(dial_timeout=3.0))
@@ -470,6 +493,62 @@ def test_discard_tells_the_peer_without_draining():
     assert p.client.terminated and p.ch.outbox  # the CONNECTION_CLOSE
     p.pump()
     assert p.server.closed
+
+
+def test_every_announced_connection_id_is_routed_before_its_frame_leaves():
+    """quic-go switches to a connection ID from NEW_CONNECTION_ID at once: the route must
+    exist when the packet carrying the frame is sent, not after the next event loop."""
+    p = Pair()
+    unrouted: list[bytes] = []
+    for host, conn in ((p.ch, lambda: p.client), (p.sh, lambda: p.server)):
+        def check(data: bytes, peer: PublicKey, host: Host = host, conn=conn) -> None:
+            c = conn()
+            if c is not None:
+                unrouted.extend(cid.cid for cid in c.quic._host_cids  # (the first: the driver routes it)
+                                if cid.was_sent and cid.sequence_number and host.routes.get(cid.cid) is not c)
+            host.outbox.append(data)
+            host.sent += 1
+        host.send_datagram = check  # type: ignore[method-assign]
+    p.connect()
+    assert len(p.client.quic._host_cids) > 1 and all(c.was_sent for c in p.client.quic._host_cids)
+    assert unrouted == []
+
+
+def test_a_batch_of_bulk_data_is_acknowledged_at_once_a_small_packet_waits():
+    p = Pair(opts=Options(ack_delay=0.025)).connect()
+    s = p.call(p.client, "open_stream")
+    p.pump()
+    server = p.server
+    sent = p.sh.sent
+    # Two full-size packets in one batch: the ACK goes out with the batch's flush.
+    s.sendall(os.urandom(2 * 1400))
+    out, p.ch.outbox = p.ch.outbox, []
+    with p.sh.lock:
+        for data in out:
+            server.receive(data, p.clock.now)
+        server.received_batch(p.clock.now)
+    assert p.sh.sent > sent and not server.quic.ack_pending
+    # One small packet (a request): its ACK waits for ack_delay, for an answer to carry it.
+    sent = p.sh.sent
+    s.sendall(b"ping")
+    out, p.ch.outbox = p.ch.outbox, []
+    with p.sh.lock:
+        for data in out:
+            server.receive(data, p.clock.now)
+        server.received_batch(p.clock.now)
+    assert p.sh.sent == sent and server.quic.ack_pending
+
+
+def test_the_relay_path_goes_unpaced_a_direct_path_is_paced():
+    p = Pair().connect()  # mtu 65535: the relay
+    quic = p.client.quic
+    assert quic._loss._pacer.next_send_time(p.clock.now) is None
+    p.call(p.client, "path_changed", 1400, p.clock.now)  # a direct UDP path
+    pacer = quic._loss._pacer
+    pacer.update_rate(congestion_window=100_000, smoothed_rtt=0.01)
+    assert pacer.packet_time is not None
+    p.call(p.client, "path_changed", 65535, p.clock.now)  # back on the relay
+    assert quic._loss._pacer.next_send_time(p.clock.now) is None
 
 
 # ---------------------------------------------------------------- admission (the driver's routing rule)

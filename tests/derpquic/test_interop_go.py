@@ -1,6 +1,8 @@
-"""derpquic against the Go derpconnect (quic-go v0.46; the real tool or the stand-in
-goderpconnect from interop/), through the Go derper and through our relay, both with TLS
-(the Go tools only speak TLS)."""
+"""derpquic against the original Go derpconnect (quic-go v0.46; built unmodified by
+interop/build.sh), through Tailscale's derper and through our relay, each with TLS on port
+443 of a loopback address of its own (the original only ever dials HOST:443). Transfers
+through a Go process run under `original_race_xfails` (its own reader deadlock is reported
+as its expected failure, never as a pass)."""
 
 from __future__ import annotations
 
@@ -15,57 +17,31 @@ import derpquic
 from derpnet.errors import AuthenticationError
 from derpquic.config import GO_PACKET_SIZE
 from tests.derpquic.helpers import Background, recv_all, recv_exactly
+from tests.interop_peers import GoDerpconnect, Relay443, original_race_xfails
 
 pytestmark = pytest.mark.interop
 
 
-def _need_tools() -> str:
-    """The stand-in goderpconnect (same wire behaviour, relay port configurable); the
-    real derpconnect always dials :443, which these relays on free ports are not on."""
-    from tests.conftest import missing_go_peer
-    from tests.interop_peers import DERPCONNECT_MISSING, DERPER_MISSING, derper_path, find_go_tool
-    if not derper_path():
-        missing_go_peer(DERPER_MISSING)
-    standin = find_go_tool("goderpconnect")
-    if not standin:
-        missing_go_peer(DERPCONNECT_MISSING)
-    return standin
-
-
-class _OurRelayForGo:
-    """tests.relays.OurRelay(tls=True) with the attributes GoDerpconnect wants."""
-
-    def __init__(self, relay) -> None:
-        self.relay = relay
-        self.host = "localhost"
-        self.port = relay.port
-        self.url = f"https://localhost:{relay.port}"
-        self.ca_file = relay.ca_file
-
-    def env_for_clients(self) -> dict:
-        return {"DERPCONNECT_TEST_PORT": str(self.port), "SSL_CERT_FILE": str(self.ca_file)}
-
-    def ssl_context(self):
-        return self.relay.ssl_context()
-
-
 @pytest.fixture(scope="module")
 def go_tool():
-    return _need_tools()
+    from tests.conftest import missing_go_peer
+    from tests.interop_peers import DERPCONNECT_MISSING, DERPER_MISSING, derpconnect_path, derper_path
+    if not derper_path():
+        missing_go_peer(DERPER_MISSING)
+    tool = derpconnect_path()
+    if not tool:
+        missing_go_peer(DERPCONNECT_MISSING)
+    return tool
 
 
-@pytest.fixture(scope="module", params=["go-derper", "our-relay"])
+@pytest.fixture(scope="module", params=["derper", "ours"])
 def tls_relay(request, tmp_path_factory, go_tool):
-    from tests.interop_peers import GoDerper, free_port, make_test_ca
-    if request.param == "go-derper":
-        tmp = tmp_path_factory.mktemp("derper")
-        ca, make_leaf = make_test_ca(tmp / "pki")
-        with GoDerper(tmp, tls=True, port=free_port(), make_leaf=make_leaf, ca_file=ca) as r:
+    from tests.conftest import missing_go_peer
+    try:
+        with Relay443(request.param, tmp_path_factory.mktemp(request.param)) as r:
             yield r
-    else:
-        from tests.relays import OurRelay
-        with OurRelay(tls=True, workdir=str(tmp_path_factory.mktemp("ours"))) as r:
-            yield _OurRelayForGo(r)
+    except PermissionError as e:
+        missing_go_peer(str(e))
 
 
 class TcpService:
@@ -109,7 +85,6 @@ class TcpService:
 
 @pytest.fixture
 def go_serve(tls_relay, tmp_path, go_tool):
-    from tests.interop_peers import GoDerpconnect
     svc = TcpService(banner=b"220 hello from tcp\r\n")
     with GoDerpconnect.serve(tls_relay, svc.port, tmp_path / "serve", binary=go_tool) as p:
         yield p
@@ -130,9 +105,10 @@ def test_dial_go_serve_banner_and_echo(tls_relay, go_serve):
         assert recv_exactly(s, 20) == b"220 hello from tcp\r\n"
         assert s._conn.quic.max_datagram_size == GO_PACKET_SIZE
         data = os.urandom(2 << 20)
-        reader = Background(lambda: recv_exactly(s, len(data)))
-        s.sendall(data)
-        assert hashlib.sha256(reader.result(60)).digest() == hashlib.sha256(data).digest()
+        with original_race_xfails(go_serve):  # the echo flows through the Go process both ways
+            reader = Background(lambda: recv_exactly(s, len(data)))
+            s.sendall(data)
+            assert hashlib.sha256(reader.result(60)).digest() == hashlib.sha256(data).digest()
         s.shutdown(socket.SHUT_WR)  # half-close travels to the TCP service and back
         assert s.recv(10) == b""
         s.close()
@@ -156,10 +132,10 @@ def test_go_serve_refused_without_opt_in(tls_relay, go_serve):
 
 
 def test_go_join_to_our_listener(tls_relay, tmp_path, go_tool):
-    from tests.interop_peers import GoDerpconnect
     ln = derpquic.listen(tls_relay.url, ssl_context=tls_relay.ssl_context())
     try:
-        with GoDerpconnect.join(tls_relay, ln.addr.b64(), 0, tmp_path / "join", binary=go_tool) as j:
+        with GoDerpconnect.join(tls_relay, ln.addr.b64(), 0, tmp_path / "join", binary=go_tool) as j, \
+                original_race_xfails(j):
             payload = os.urandom(1 << 20)
             with socket.create_connection(("127.0.0.1", j.listen_port), timeout=20) as c:
                 c.sendall(payload)
@@ -185,7 +161,6 @@ def test_go_join_to_our_listener(tls_relay, tmp_path, go_tool):
 
 
 def test_go_join_refused_by_require_auth(tls_relay, tmp_path, go_tool):
-    from tests.interop_peers import GoDerpconnect
     ln = derpquic.listen(tls_relay.url, ssl_context=tls_relay.ssl_context(), require_auth=True)
     try:
         with GoDerpconnect.join(tls_relay, ln.addr.b64(), 0, tmp_path / "join", binary=go_tool) as j:

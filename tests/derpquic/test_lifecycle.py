@@ -10,13 +10,12 @@ import threading
 import time
 
 import pytest
-
-import derpquic
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+import derpquic
 from derpquic.config import GO_PACKET_SIZE
-from tests.derpquic.helpers import (Background, EchoServer, dial_pair, recv_all, recv_exactly,
-                                    sha256_stream_sink)
+from tests.derpquic.helpers import Background, EchoServer, dial_pair, recv_all, recv_exactly, sha256_stream_sink
 
 
 def _pair(n, **kw):
@@ -82,8 +81,8 @@ def test_relay_outage_mid_transfer_recovers(fake):
 
 def test_our_relay_restart_keeps_streams(tmp_path):
     """Our relay is killed and restarted mid-stream; PacketConn reconnects, the stream lives."""
-    from tests.relays import OurRelay
     from tests.derpquic.conftest import Net, assert_no_derpquic_threads
+    from tests.relays import OurRelay
     with OurRelay(workdir=str(tmp_path / "relay")) as relay:
         n = Net("ours", url=relay.url)
         try:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import errno
 import threading
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from derpnet.keys import PrivateKey
+from derpnet.keys import PrivateKey, PublicKey
 from derpquic.api import AcceptQueue, DialedConns
 from derpquic.auth import AuthPolicy
 from derpquic.config import Options
@@ -28,6 +30,7 @@ class FakeStream:
     lost: list = field(default_factory=list)
     woken: int = 0
     refused: list = field(default_factory=list)
+    _conn: Any = field(default_factory=lambda: SimpleNamespace(closed=True))  # accept() grants no window
 
     def data_received(self, data: bytes, end: bool) -> None: ...
     def reset_received(self, code: int) -> None: ...
@@ -223,13 +226,53 @@ def test_accept_queue_reports_a_failed_driver_after_the_queue_drains():
         q.get(0)
 
 
+class _FakeConn:
+    """What AcceptQueue reads of a connection (hashable, like Conn)."""
+
+    def __init__(self, peer: PublicKey, windows: list[int]) -> None:
+        self.peer = peer
+        self.quic = SimpleNamespace(set_peer_stream_window=windows.append)
+
+
+def _fake_conn(peer: PublicKey, windows: list[int]) -> Any:
+    return _FakeConn(peer, windows)
+
+
 def test_accept_queue_tracks_connections():
     q, lock = _queue()
-    conn = object()
-    q.conn_accepted(conn)  # type: ignore[arg-type]
-    assert conn in q.conns
-    q.conn_closed(conn)  # type: ignore[arg-type]
-    assert conn not in q.conns
+    windows: list[int] = []
+    conn = _fake_conn(PrivateKey.generate().public_key, windows)
+    q.conn_accepted(conn)
+    assert conn in q.conns and q.half_open_count == 1
+    assert windows == [Options().unaccepted_window]  # small until accept()
+    q.conn_closed(conn)
+    assert conn not in q.conns and q.half_open_count == 0 and q.half_open == {}
+
+
+def test_accept_queue_refuses_keys_outside_allow_before_any_state():
+    """Issue 9, item 6: answered (a stateless CONNECTION_REFUSED), nothing kept."""
+    friend, stranger = PrivateKey.generate().public_key, PrivateKey.generate().public_key
+    q = AcceptQueue(threading.Lock(), Options(), AuthPolicy(allow=frozenset({friend})))
+    assert q.refusal(stranger) == "not allowed" and q.refusal(friend) is None
+    assert q.conns == set() and q.half_open_count == 0
+
+
+def test_accept_queue_bounds_half_open_connections():
+    """Per peer key and in all, like a socket backlog; beyond: dropped (""), not answered,
+    so that an honest dialler's retransmission gets in once there is room."""
+    q = AcceptQueue(threading.Lock(), Options(max_half_open=5, max_half_open_per_peer=2), AuthPolicy())
+    a, b, c = (PrivateKey.generate().public_key for _ in range(3))
+    conns = []
+    for peer in (a, a, b, b):
+        assert q.refusal(peer) is None
+        conns.append(_fake_conn(peer, []))
+        q.conn_accepted(conns[-1])
+    assert q.refusal(a) == "" and q.refusal(b) == ""  # per key
+    assert q.refusal(c) is None
+    q.conn_accepted(_fake_conn(c, []))
+    assert q.refusal(c) == ""  # in all (5)
+    q.conn_ready(conns[0])  # a's first one finished its handshake: room again
+    assert q.refusal(a) is None and q.refused == {"busy": 3}
 
 
 def test_dialed_conns_forget_the_peer_entry_of_a_closed_connection():

@@ -93,6 +93,24 @@ def test_closed_stream_reads_raise_ebadf():
     assert e.value.errno == errno.EBADF
 
 
+def test_an_aborted_stream_never_reads_as_ended():
+    """Our own reset (abort, refusal) wakes a blocked reader with an error, never b"": only
+    the peer's FIN, or shutting reading down ourselves, is an end of stream."""
+    st = StreamState()
+    st.data_received(b"kept", False)
+    st.connection_lost(OSError(errno.EBADF, "stream aborted"))
+    st.aborted = True
+    st.shut_read()
+    st.closed = True
+    with pytest.raises(OSError) as e:
+        st.readable()
+    assert e.value.errno == errno.EBADF
+    fin = StreamState()
+    fin.data_received(b"", True)
+    fin.aborted = True
+    assert fin.readable() is Readable.EOF  # the whole stream had arrived before the abort
+
+
 def test_shut_read_drops_buffer_and_later_data():
     st = StreamState()
     st.data_received(b"12345", False)

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import derpnet
 import derpquic
@@ -69,7 +70,7 @@ def relay_pid(relay) -> int:
     return proc.pid
 
 
-def rss_kib(pid: int) -> Dict[str, int]:
+def rss_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak) of a process, in KiB, from /proc/PID/status."""
     out = {}
     with open(f"/proc/{pid}/status") as f:
@@ -87,8 +88,8 @@ class LinkLog:
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.ups: List[Tuple[float, LinkUp]] = []
-        self.downs: List[Tuple[float, LinkDown]] = []
+        self.ups: list[tuple[float, LinkUp]] = []
+        self.downs: list[tuple[float, LinkDown]] = []
 
     def __call__(self, ev: object) -> None:
         if isinstance(ev, (LinkUp, LinkDown)):
@@ -96,13 +97,13 @@ class LinkLog:
                 (self.ups if isinstance(ev, LinkUp) else self.downs).append((time.monotonic(), ev))
                 self.cond.notify_all()
 
-    def wait_down(self, count: int, timeout: float) -> Tuple[float, LinkDown]:
+    def wait_down(self, count: int, timeout: float) -> tuple[float, LinkDown]:
         with self.cond:
             if not self.cond.wait_for(lambda: len(self.downs) >= count, timeout):
                 raise AssertionError(f"no LinkDown #{count} within {timeout:g}s (downs: {self.downs})")
             return self.downs[count - 1]
 
-    def wait_up(self, generation: int, timeout: float) -> Tuple[float, LinkUp]:
+    def wait_up(self, generation: int, timeout: float) -> tuple[float, LinkUp]:
         with self.cond:
             if not self.cond.wait_for(lambda: any(e.generation >= generation for _, e in self.ups), timeout):
                 raise AssertionError(f"no LinkUp of generation {generation} within {timeout:g}s "
@@ -120,12 +121,12 @@ class Sink:
         self.delay = delay  # a slow reader: seconds of "work" per recv
         self.cond = threading.Condition()
         self.received = 0
-        self.timeline: List[Tuple[float, int]] = []
+        self.timeline: list[tuple[float, int]] = []
         self.max_buffered = 0  # bytes received on the stream but not yet read by us (incl. out of order)
         self.max_queued = 0  # datagrams waiting in the receiver's PacketConn
         self._bg = Background(self._run, name=name)
 
-    def _run(self) -> Tuple[int, bytes]:
+    def _run(self) -> tuple[int, bytes]:
         h = hashlib.sha256()
         s = self.stream
         pc = s._driver.pc
@@ -153,7 +154,7 @@ class Sink:
             if not self.cond.wait_for(lambda: self.received >= n or self._bg.done, timeout):
                 raise AssertionError(f"receiver stuck at {self.received} bytes (waiting for {n}) after {timeout:g}s")
 
-    def first_progress_after(self, t: float) -> Optional[float]:
+    def first_progress_after(self, t: float) -> float | None:
         with self.cond:
             return next((ts for ts, _ in self.timeline if ts > t), None)
 
@@ -161,9 +162,9 @@ class Sink:
         """The longest time without progress from `t` to the end of the stream."""
         with self.cond:
             times = [t] + [ts for ts, _ in self.timeline if ts > t]
-        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
-    def result(self, timeout: float) -> Tuple[int, bytes]:
+    def result(self, timeout: float) -> tuple[int, bytes]:
         return self._bg.result(timeout)
 
 
@@ -176,13 +177,13 @@ class Pair:
     for that side. `pc_opts` go to derpnet.listen_packet, `quic_opts` to both derpquic
     endpoints (`listener_opts`/`dialer_opts` for one side only)."""
 
-    def __init__(self, relay_url: str, *, proxy_a: Optional[FaultProxy] = None, proxy_b: Optional[FaultProxy] = None,
-                 pc_opts: Optional[dict] = None, quic_opts: Optional[dict] = None,
-                 listener_opts: Optional[dict] = None, dialer_opts: Optional[dict] = None) -> None:
+    def __init__(self, relay_url: str, *, proxy_a: FaultProxy | None = None, proxy_b: FaultProxy | None = None,
+                 pc_opts: dict | None = None, quic_opts: dict | None = None,
+                 listener_opts: dict | None = None, dialer_opts: dict | None = None) -> None:
         pc_opts = {"direct": False, **(pc_opts or {})}  # faults are injected on the relay path
         self.proxy_a, self.proxy_b = proxy_a, proxy_b
         self.log_a, self.log_b = LinkLog(), LinkLog()
-        self._closers: List[Callable[[], None]] = []
+        self._closers: list[Callable[[], None]] = []
         try:
             self.pc_a = derpnet.listen_packet(proxy_a.url if proxy_a else relay_url, on_event=self.log_a, **pc_opts)
             self._closers.append(self.pc_a.close)
@@ -219,7 +220,7 @@ class Pair:
                 pass
         self._closers.clear()
 
-    def __enter__(self) -> "Pair":
+    def __enter__(self) -> Pair:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -234,12 +235,12 @@ class Outcome:
     received: int
     intact: bool
     seconds: float
-    fault: Optional[str] = None
-    detect: Optional[float] = None  # fault -> LinkDown of the faulted link
-    relink: Optional[float] = None  # fault -> LinkUp of the new link(s)
-    outage: Optional[float] = None  # fault -> data flowing again (see module docstring)
-    stall: Optional[float] = None  # longest time without progress at the receiver after the fault
-    sink: Optional[Sink] = None
+    fault: str | None = None
+    detect: float | None = None  # fault -> LinkDown of the faulted link
+    relink: float | None = None  # fault -> LinkUp of the new link(s)
+    outage: float | None = None  # fault -> data flowing again (see module docstring)
+    stall: float | None = None  # longest time without progress at the receiver after the fault
+    sink: Sink | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -268,8 +269,8 @@ class Fault:
     """What to do mid-transfer and which links must come back afterwards."""
 
     name: str
-    apply: Callable[[], Optional[dict]]  # may return figures for Outcome.extra
-    sides: Tuple[str, ...]  # links that go down and must come back ("a", "b")
+    apply: Callable[[], dict | None]  # may return figures for Outcome.extra
+    sides: tuple[str, ...]  # links that go down and must come back ("a", "b")
     detect_timeout: float = 30.0
 
 
@@ -325,14 +326,14 @@ class CrossTraffic:
         self._stop.set()
         self._thread.join(10)
 
-    def __enter__(self) -> "CrossTraffic":
+    def __enter__(self) -> CrossTraffic:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def run_transfer(pair: Pair, data: bytes, *, fault: Optional[Fault] = None, fault_at: float = 0.4,
+def run_transfer(pair: Pair, data: bytes, *, fault: Fault | None = None, fault_at: float = 0.4,
                  timeout: float = 300.0, sink_delay: float = 0.0, sink_chunk: int = 1 << 16) -> Outcome:
     """Stream `data` from A to B (FIN at the end); optionally apply `fault` once B has
     `fault_at` of it. Returns the Outcome (SHA-256 compared, outage measured)."""

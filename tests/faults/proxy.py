@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 from derpnet import frames as F
 from derpnet.errors import RemoteProtocolError
@@ -46,7 +46,7 @@ __all__ = ["FaultProxy", "encode_client_frame"]
 _RECV = 256 << 10
 
 # Frames a client sends, re-encoded by the frames module's own encoders.
-_ENCODERS: Dict[type, Callable[[object], bytes]] = {
+_ENCODERS: dict[type, Callable[[object], bytes]] = {
     F.ClientInfo: lambda f: F.encode_client_info(f.key, f.sealed),
     F.SendPacket: lambda f: F.encode_send_packet(f.dst, f.data),
     F.Ping: lambda f: F.encode_ping(f.data),
@@ -76,7 +76,7 @@ def _shut(sock: socket.socket) -> None:
 class _Link:
     """One proxied connection: the client socket, the relay socket, two pump threads."""
 
-    def __init__(self, proxy: "FaultProxy", n: int, client: socket.socket, upstream: socket.socket) -> None:
+    def __init__(self, proxy: FaultProxy, n: int, client: socket.socket, upstream: socket.socket) -> None:
         self.proxy = proxy
         self.n = n
         self.client = client
@@ -130,7 +130,7 @@ class _Link:
         """client -> relay: the HTTP upgrade head verbatim, then frame by frame."""
         proxy = self.proxy
         head = bytearray()
-        decoder: Optional[F.FrameDecoder] = None
+        decoder: F.FrameDecoder | None = None
         raw = False  # not a DERP upgrade: forward untouched
         fed = consumed = 0
         try:
@@ -163,7 +163,7 @@ class _Link:
                         continue
                 decoder.feed(data)
                 fed += len(data)
-                out: List[bytes] = []
+                out: list[bytes] = []
                 dropped = 0
                 for frame in decoder.events():
                     if type(frame) is F.UnknownFrame:
@@ -223,8 +223,8 @@ class _Link:
 class FaultProxy:
     """Forwards 127.0.0.1:`port` to `target_host`:`target_port` and injects faults (see module doc)."""
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1", *, seed: Optional[int] = None,
-                 sock_buffer: Optional[int] = None, relay_mss: Optional[int] = None) -> None:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", *, seed: int | None = None,
+                 sock_buffer: int | None = None, relay_mss: int | None = None) -> None:
         self.target = (target_host, target_port)
         self.relay_mss = relay_mss
         self.sock_buffer = sock_buffer  # SO_RCVBUF/SO_SNDBUF of our sockets (None: the kernel's autotuning)
@@ -235,17 +235,17 @@ class FaultProxy:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._links: List[_Link] = []
+        self._links: list[_Link] = []
         self._closed = False
         self._loss = 0.0
         self._burst_left = 0
-        self._down_rate: Optional[float] = None
+        self._down_rate: float | None = None
         self.connections = 0
         self.packets_seen = 0
         self.packets_dropped = 0
         self.dropped_to: Counter = Counter()  # destination key -> SendPackets dropped
         self.bytes_up = self.bytes_down = 0
-        self.errors: List[str] = []
+        self.errors: list[str] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"faultproxy-accept-{self.port}",
@@ -277,7 +277,7 @@ class FaultProxy:
             ln.blackhole()
         return len(links)
 
-    def set_loss(self, probability: float, seed: Optional[int] = None) -> None:
+    def set_loss(self, probability: float, seed: int | None = None) -> None:
         """Drop each client SendPacket frame with this probability (0 = none); `seed`
         restarts the random sequence (reproducible drops)."""
         if not 0.0 <= probability <= 1.0:
@@ -297,7 +297,7 @@ class FaultProxy:
         with self._cond:
             return self._cond.wait_for(lambda: self._burst_left == 0, timeout)
 
-    def throttle_down(self, bytes_per_second: Optional[float]) -> None:
+    def throttle_down(self, bytes_per_second: float | None) -> None:
         """Limit relay -> client bytes to this rate (None: unlimited)."""
         self._down_rate = float(bytes_per_second) if bytes_per_second else None
 
@@ -388,11 +388,11 @@ class FaultProxy:
             ln.join(10)
             ln.close_sockets()
 
-    def threads_alive(self) -> List[threading.Thread]:
+    def threads_alive(self) -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name.startswith("faultproxy-") and
                 t.name.split("-")[2] == str(self.port)]
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:

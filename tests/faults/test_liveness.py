@@ -55,7 +55,7 @@ def test_idle_link_is_never_pinged(relay):
         a.settimeout(1.5)
         with pytest.raises(TimeoutError):  # 1.5 s of idleness (3 x ping_after)
             a.read_from()
-        assert a.relay_link.client.pings_sent == 0 and a.generation == 1
+        assert a.relay_link.client.liveness.pings_sent == 0 and a.generation == 1
 
 
 def test_relay_that_answers_pings_keeps_the_link(relay, figures):
@@ -70,7 +70,7 @@ def test_relay_that_answers_pings_keeps_the_link(relay, figures):
             with log.cond:  # paces the writes; wakes early only if the link drops
                 if log.cond.wait_for(lambda: log.downs, 0.05):
                     break
-        pings = a.relay_link.client.pings_sent
+        pings = a.relay_link.client.liveness.pings_sent
         assert pings >= 2, pings  # ~ every 0.5 s of silence while sending
         assert log.downs == [] and a.generation == 1
     figures(f"{relay.kind}: {pings} liveness pings in 2 s of sending into silence, all answered", pings=pings)

@@ -25,7 +25,7 @@ import pytest
 
 import derpnet
 from tests.derpquic.helpers import Background
-from tests.faults.harness import MiB, CrossTraffic, Pair, Sink, burst, random_bytes, run_transfer
+from tests.faults.harness import CrossTraffic, MiB, Pair, Sink, burst, random_bytes, run_transfer
 
 MIN_MBPS = 2.0  # a collapse floor, far below what is measured (~15-50 MB/s)
 

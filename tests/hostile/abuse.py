@@ -15,11 +15,10 @@ import struct
 import threading
 import time
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
 
 import derpnet
 from derpnet import frames as F
-from derpnet.handshake import seal_client_info
+from derpnet.handshake import seal, seal_client_info
 from derpnet.keys import PrivateKey, PublicKey
 from tests.rawderp import RawDerpClient, read_exact, split_url
 
@@ -65,7 +64,7 @@ def connect_plain(url: str, timeout: float = 10.0) -> socket.socket:
     return s
 
 
-def upgraded_socket(url: str) -> Tuple[socket.socket, PublicKey]:
+def upgraded_socket(url: str) -> tuple[socket.socket, PublicKey]:
     """A socket past the 101 (ServerKey read), before its ClientInfo; and the server key."""
     s = connect_plain(url)
     s.sendall(UPGRADE)
@@ -101,11 +100,11 @@ def wait_reset_or_eof(s: socket.socket, timeout: float = 10.0) -> None:
                 return
         except (ConnectionResetError, BrokenPipeError):
             return
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError("peer did not close the connection") from None
 
 
-def server_side_state(server_port: int, client_port: int) -> Optional[str]:
+def server_side_state(server_port: int, client_port: int) -> str | None:
     """The TCP state (hex, as in /proc/net/tcp: "01" = ESTABLISHED, "04" = FIN-WAIT-1...) of
     the relay's end of the loopback connection from `client_port`, or None if the kernel
     holds no such socket: seen from outside the relay, whatever it does with its socket."""
@@ -156,16 +155,16 @@ class HonestPair:
         self.b = derpnet.listen_packet(url, **opts)
         self.rate = rate
         self.delivered = 0
-        self.errors: List[str] = []
-        self.foreign: Dict[PublicKey, List[bytes]] = {}
+        self.errors: list[str] = []
+        self.foreign: dict[PublicKey, list[bytes]] = {}
         self.last_delivery = time.monotonic()
         self.max_gap = 0.0
         self._gap_from = time.monotonic()
         self._lock = threading.Condition()
         self._stop = threading.Event()
-        self._threads: List[threading.Thread] = []
+        self._threads: list[threading.Thread] = []
 
-    def start(self) -> "HonestPair":
+    def start(self) -> HonestPair:
         for me, peer, tag in ((self.a, self.b, b"A"), (self.b, self.a, b"B")):
             self._threads.append(threading.Thread(target=self._send, args=(me, peer.local_addr(), tag),
                                                   name=f"honest-send-{tag.decode()}", daemon=True))
@@ -254,7 +253,7 @@ class HonestPair:
         self.a.close()
         self.b.close()
 
-    def __enter__(self) -> "HonestPair":
+    def __enter__(self) -> HonestPair:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -270,14 +269,14 @@ class Slowloris:
 
     def __init__(self, url: str, n: int, interval: float = 0.05, payload: bytes = TRICKLE_HEAD) -> None:
         self.url, self.n, self.interval, self.payload = url, n, interval, payload
-        self.socks: List[socket.socket] = []
-        self.opened: List[float] = []
-        self.closed_at: Dict[int, float] = {}
+        self.socks: list[socket.socket] = []
+        self.opened: list[float] = []
+        self.closed_at: dict[int, float] = {}
         self.bytes_sent = Counter()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> "Slowloris":
+    def start(self) -> Slowloris:
         for _ in range(self.n):
             s = connect_plain(self.url)
             s.setblocking(False)
@@ -314,7 +313,7 @@ class Slowloris:
                     poller.unregister(s)
             self._stop.wait(self.interval)  # the trickle rate
 
-    def wait_all_closed(self, timeout: float) -> List[float]:
+    def wait_all_closed(self, timeout: float) -> list[float]:
         """Seconds from connect to close for every connection; AssertionError if some stay open."""
         assert self._thread is not None
         self._thread.join(timeout)
@@ -339,11 +338,11 @@ class Flood:
         self.victim = RawDerpClient(url, rcvbuf=4096)  # never reads again
         self.flooder = RawDerpClient(url)
         self.sent = 0
-        self.flooder_error: Optional[BaseException] = None
+        self.flooder_error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flood", daemon=True)
 
-    def start(self) -> "Flood":
+    def start(self) -> Flood:
         self._thread.start()
         return self
 
@@ -363,7 +362,7 @@ class Flood:
         self.flooder.close()
 
 
-def open_abandoned(url: str, n: int) -> List[socket.socket]:
+def open_abandoned(url: str, n: int) -> list[socket.socket]:
     """`n` connections that go quiet: a third send nothing, a third half a request line, a
     third a whole upgrade request (so they wait in the ClientInfo stage)."""
     socks = []
@@ -377,7 +376,7 @@ def open_abandoned(url: str, n: int) -> List[socket.socket]:
     return socks
 
 
-def wait_all_closed_by_peer(socks: List[socket.socket], timeout: float) -> float:
+def wait_all_closed_by_peer(socks: list[socket.socket], timeout: float) -> float:
     """Block until the peer has closed (FIN or RST) every socket; returns the seconds taken."""
     t0 = time.monotonic()
     ep = select.epoll(sizehint=len(socks))
@@ -486,3 +485,63 @@ def still_serves(url: str) -> None:
         x.send(y.public_key, b"fresh")
         got = y.recv_packet(timeout=10)
         assert (got.src, got.data) == (x.public_key, b"fresh")
+
+
+# ---------------------------------------------------------------- handshake-phase abuse (issue 9)
+
+def scalar_bomb(size: int = 249 << 10) -> bytes:
+    """A ClientInfo JSON of about `size` bytes made only of scalar keys (no containers):
+    valid, parses, and would be ~15,000 dict entries if the relay kept the JSON."""
+    parts, n, i = [b'{"version":2'], 12, 0
+    while n < size - 20:
+        item = b',"k%d":%d' % (i, i)
+        parts.append(item)
+        n += len(item)
+        i += 1
+    return b"".join(parts) + b"}"
+
+
+def container_bomb(n: int = 85_000) -> bytes:
+    """The report's bomb: a ClientInfo holding `n` empty objects (~250 KiB for 85,000)."""
+    return b'{"version":2,"x":[' + b"{}," * (n - 1) + b"{}]}"
+
+
+def deep_nesting(depth: int = 100_000) -> bytes:
+    """Nesting that made json.loads raise RecursionError (a traceback per connection)."""
+    return b"[" * depth + b"]" * depth
+
+
+def client_info_with(url: str, info_json: bytes, key: PrivateKey | None = None) -> tuple[socket.socket, bool]:
+    """Connect, upgrade and send a ClientInfo sealed (properly, with `key`) around
+    `info_json`. Returns the socket and whether the relay accepted it (answered with
+    ServerInfo) or closed. The socket is left open either way: the caller holds it."""
+    key = key or PrivateKey.generate()
+    s, server_key = upgraded_socket(url)
+    sealed = seal(key, server_key, info_json)
+    s.sendall(F.encode_client_info(key.public_key, sealed))
+    s.settimeout(10)
+    try:
+        head = read_exact(s, 5, timeout=10)
+    except (ConnectionError, OSError, EOFError):
+        return s, False
+    return s, head[0] == F.FrameType.SERVER_INFO
+
+
+def preauth_frame(url: str, ftype: int, length: int, sent: int | None = None) -> socket.socket:
+    """After the upgrade (ServerKey read), a frame of type `ftype` announcing `length` bytes
+    instead of the ClientInfo, and `sent` of them (all by default). Returns the socket."""
+    s, _ = upgraded_socket(url)
+    s.setblocking(False)
+    body = bytes([ftype]) + struct.pack(">I", length) + bytes(length if sent is None else sent)
+    view = memoryview(body)
+    deadline = time.monotonic() + 10
+    while view and time.monotonic() < deadline:
+        try:
+            n = s.send(view)
+            view = view[n:]
+        except BlockingIOError:
+            select.select([], [s], [], 0.1)
+        except OSError:
+            break  # refused on the header: closed under us
+    s.setblocking(True)
+    return s

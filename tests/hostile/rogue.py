@@ -14,8 +14,6 @@ end-to-end key proofs can tell.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 from derpnet.keys import PublicKey, PublicKeyLike
 from derpnet.server import DerpServer
 
@@ -25,7 +23,7 @@ class _Restamp:
 
     __slots__ = ("inner", "rogue")
 
-    def __init__(self, inner, rogue: "RogueRelay") -> None:
+    def __init__(self, inner, rogue: RogueRelay) -> None:
         self.inner = inner
         self.rogue = rogue
 
@@ -44,17 +42,17 @@ class RogueRelay(DerpServer):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(keepalive_interval=0, **kwargs)
-        self.impostor: Optional[PublicKey] = None
-        self.victim: Optional[PublicKey] = None
+        self.impostor: PublicKey | None = None
+        self.victim: PublicKey | None = None
         self.forged = 0       # packets restamped with the victim's key
         self.redirected = 0   # packets for the victim handed to the impostor
 
-    def start(self) -> "RogueRelay":
+    def start(self) -> RogueRelay:
         super().start()
         relay = self._core.relay  # type: ignore[union-attr]
         honest_lookup = relay.lookup
 
-        def lookup(dst: PublicKey) -> Tuple[object, int]:  # runs on the relay's loop thread
+        def lookup(dst: PublicKey) -> tuple[object, int]:  # runs on the relay's loop thread
             if self.victim is not None and dst == self.victim:
                 dst = self.impostor
                 self.redirected += 1

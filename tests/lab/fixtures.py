@@ -12,7 +12,7 @@ DERPNET_REQUIRE_LAB=1) and closes its labs in a finalizer, whatever the test did
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

@@ -50,9 +50,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
 
 from tests.interop_peers import LoggedProcess
 
@@ -80,7 +80,7 @@ _MASQUERADE = {"eim": "masquerade", "symmetric": "masquerade random"}
 # Commands
 
 
-def _cmd(argv: Sequence[str], *, input: Optional[str] = None, timeout: float = 10.0, check: bool = True
+def _cmd(argv: Sequence[str], *, input: str | None = None, timeout: float = 10.0, check: bool = True
          ) -> subprocess.CompletedProcess:
     """Run a short command; on failure raise RuntimeError naming it and its stderr."""
     p = subprocess.run([str(a) for a in argv], input=input, capture_output=True, text=True, timeout=timeout)
@@ -94,12 +94,12 @@ def _ip_batch(ns: str, lines: Sequence[str]) -> None:
     _cmd(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n")
 
 
-def exec_argv(ns: str, argv: Sequence) -> List[str]:
+def exec_argv(ns: str, argv: Sequence) -> list[str]:
     """`argv` run inside namespace `ns` (`ip netns exec` execs it: the pid stays the same)."""
     return ["ip", "netns", "exec", ns, *[str(a) for a in argv]]
 
 
-def list_namespaces() -> List[str]:
+def list_namespaces() -> list[str]:
     """Names from `ip netns list` (all of them, not only the lab's)."""
     out = _cmd(["ip", "netns", "list"]).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
@@ -128,7 +128,7 @@ def _delete_namespace(ns: str) -> None:
     _cmd(["ip", "netns", "del", ns], check=False)
 
 
-def remove_stale_namespaces() -> List[str]:
+def remove_stale_namespaces() -> list[str]:
     """Delete `dn<pid>-*` namespaces whose pid is gone (a crashed earlier run); returns them."""
     stale = []
     for name in list_namespaces():
@@ -212,10 +212,10 @@ def _write_sysctls(ns: str, values: dict) -> None:
 
 
 _probe_lock = threading.Lock()
-_probe_result: List[Optional[str]] = []
+_probe_result: list[str | None] = []
 
 
-def lab_unavailable_reason() -> Optional[str]:
+def lab_unavailable_reason() -> str | None:
     """None if namespaces, veth pairs and nftables can be used here, else why not (cached)."""
     with _probe_lock:
         if not _probe_result:
@@ -223,7 +223,7 @@ def lab_unavailable_reason() -> Optional[str]:
         return _probe_result[0]
 
 
-def _probe() -> Optional[str]:
+def _probe() -> str | None:
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "the network lab needs root (network namespaces, veth pairs, nftables)"
     for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
@@ -270,9 +270,9 @@ class Side:
     peer_ns: str
     peer_ip: str
     nat_kind: str
-    nat_ns: Optional[str]
+    nat_ns: str | None
     public_ip: str
-    lan_ip: Optional[str]
+    lan_ip: str | None
 
 
 _LIVE: set = set()  # open labs (strong: a forgotten lab is still closed at exit)
@@ -294,14 +294,14 @@ class Lab:
     def __init__(self) -> None:
         self.stale_removed = remove_stale_namespaces()
         self.prefix = f"dn{os.getpid()}-{next(_counter)}"
-        self.namespaces: List[str] = []
+        self.namespaces: list[str] = []
         self.topology = ""
         self.inet_ns = ""
-        self.a: Optional[Side] = None
-        self.b: Optional[Side] = None
+        self.a: Side | None = None
+        self.b: Side | None = None
         self._procs: list = []          # Popen or LoggedProcess, in start order
-        self._cleanups: List[Callable[[], object]] = []
-        self._sockets: List[socket.socket] = []  # from socket(): closed at teardown
+        self._cleanups: list[Callable[[], object]] = []
+        self._sockets: list[socket.socket] = []  # from socket(): closed at teardown
         self._frozen: set = set()
         self._blocked: set = set()
         self._lock = threading.Lock()
@@ -326,7 +326,7 @@ class Lab:
     # -- building --------------------------------------------------------------------------
 
     @classmethod
-    def two_nats(cls, nat_a: str = "eim", nat_b: str = "eim", *, lan_a: str = LAN_A, lan_b: str = LAN_B) -> "Lab":
+    def two_nats(cls, nat_a: str = "eim", nat_b: str = "eim", *, lan_a: str = LAN_A, lan_b: str = LAN_B) -> Lab:
         """inet (relay_ip) + peer A behind NAT A + peer B behind NAT B. Kinds: NAT_KINDS.
         `lan_b=lan_a` gives both homes the same private subnet (and the same peer address)."""
         for kind in (nat_a, nat_b):
@@ -344,7 +344,7 @@ class Lab:
         return lab
 
     @classmethod
-    def one_lan(cls, nat: str = "eim", *, lan: str = LAN_A) -> "Lab":
+    def one_lan(cls, nat: str = "eim", *, lan: str = LAN_A) -> Lab:
         """inet + ONE NAT (ns `nat`, public 198.18.0.10) whose LAN bridge holds peers A (.2) and
         B (.3) of one private subnet: they reach each other directly on their local addresses.
         nat_a_ns == nat_b_ns and nat_a_public_ip == nat_b_public_ip."""
@@ -447,7 +447,7 @@ table inet dnlab_filter {{
         if self._closed:
             raise RuntimeError("lab is closed")
 
-    def exec_argv(self, ns: str, argv: Sequence) -> List[str]:
+    def exec_argv(self, ns: str, argv: Sequence) -> list[str]:
         """The command line that runs `argv` inside `ns` (a prefix for other process helpers)."""
         return exec_argv(ns, argv)
 
@@ -460,7 +460,7 @@ table inet dnlab_filter {{
             self._procs.append(proc)
         return proc
 
-    def run_logged(self, ns: str, argv: Sequence, *, log_path=None, env: Optional[dict] = None,
+    def run_logged(self, ns: str, argv: Sequence, *, log_path=None, env: dict | None = None,
                    cwd=None) -> LoggedProcess:
         """Start `argv` inside `ns` as a LoggedProcess (`wait_for_line`, `output`); stopped at teardown."""
         self._check_open()
@@ -608,7 +608,7 @@ table inet dnlab_filter {{
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from tests.interop_peers import GoDerper, derper_path, skip_reason
 from tests.lab.netns import Lab
@@ -28,7 +28,7 @@ __all__ = ["start_our_relay", "start_go_derper", "require_go_derper", "go_client
 STUN_PORT = 3478
 
 
-def start_our_relay(lab: Lab, *, tls: bool = False, port: Optional[int] = None, host: Optional[str] = None,
+def start_our_relay(lab: Lab, *, tls: bool = False, port: int | None = None, host: str | None = None,
                     extra_args: Sequence[str] = (), workdir=None, ready_timeout: float = 20.0,
                     **relay_kwargs) -> OurRelay:
     """`python -m derpnet.server` in lab.inet_ns on HOST:PORT (default lab.relay_ip, port 3340, or
@@ -54,8 +54,8 @@ def require_go_derper() -> None:
         missing_go_peer(skip_reason("derper"))
 
 
-def start_go_derper(lab: Lab, *, tls: bool = False, port: Optional[int] = None, host: Optional[str] = None,
-                    stun_port: Optional[int] = STUN_PORT, extra_args: Sequence[str] = (), workdir=None,
+def start_go_derper(lab: Lab, *, tls: bool = False, port: int | None = None, host: str | None = None,
+                    stun_port: int | None = STUN_PORT, extra_args: Sequence[str] = (), workdir=None,
                     ready_timeout: float = 20.0) -> GoDerper:
     """Tailscale's `derper` in lab.inet_ns on HOST:PORT (default lab.relay_ip:3340, plain HTTP as
     with -dev; `tls`: port 443, `-certmode=manual` with a test-CA certificate for HOST) with its

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.lab.relays import go_client_env, start_our_relay
-from tests.lab.tunnel import DIRECT_RX, FALLBACK_RX, Tunnel
+from tests.lab.tunnel import FALLBACK_RX, Tunnel
 
 pytestmark = pytest.mark.lab
 
@@ -47,6 +47,23 @@ def test_eim_nats_go_direct_and_a_frozen_relay_does_not_stall_the_transfer(eim_l
         finally:
             lab.thaw(relay)
         assert "falling back" not in t.log_text()
+
+
+@pytest.mark.interop
+def test_eim_nats_go_direct_through_tailscales_derper_and_its_stun(eim_lab, tmp_path):
+    """The real reference: Tailscale's derper relays the disco packets (its disco queue) and
+    its STUN server tells each peer its NAT's public address."""
+    from tests.lab.relays import require_go_derper, start_go_derper
+
+    require_go_derper()
+    lab = eim_lab
+    derper = start_go_derper(lab, stun_port=3478, workdir=tmp_path / "derper")
+    with Tunnel(lab, f"http://{lab.relay_ip}:{derper.port}", tmp_path) as t:
+        assert t.download(1 * MiB).ok
+        serve_sees, join_sees = t.wait_direct(timeout=15)
+        assert serve_sees.startswith(lab.nat_b_public_ip + ":"), serve_sees
+        assert join_sees.startswith(lab.nat_a_public_ip + ":"), join_sees
+        assert t.download(32 * MiB).ok
 
 
 def test_symmetric_nats_stay_on_the_relay_and_work(lab_factory, relay_in, tmp_path):

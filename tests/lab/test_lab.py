@@ -54,7 +54,7 @@ def assert_silent(sock: socket.socket, what: str) -> None:
     sock.settimeout(SILENCE)
     try:
         data, src = sock.recvfrom(100)
-    except socket.timeout:
+    except TimeoutError:
         return
     finally:
         sock.settimeout(2.0)
@@ -178,7 +178,7 @@ def punch(a: socket.socket, b: socket.socket, map_a: tuple, map_b: tuple, rounds
                     data, src = sock.recvfrom(100)
                     assert data == expect
                     got.add(src)
-            except socket.timeout:
+            except TimeoutError:
                 pass
         if got_a and got_b:
             break
@@ -314,7 +314,8 @@ def test_netns_entered_moves_only_this_thread_and_back(eim_lab):
         assert observed_from(inside, echo)[0] == lab.nat_a_public_ip
 
 
-ECHO_LINES = "import sys\nprint('ready', flush=True)\nfor line in sys.stdin:\n    print('echo', line.strip(), flush=True)\n"
+ECHO_LINES = ("import sys\nprint('ready', flush=True)\n"
+              "for line in sys.stdin:\n    print('echo', line.strip(), flush=True)\n")
 
 
 def test_freeze_and_thaw(eim_lab):

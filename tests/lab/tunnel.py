@@ -19,8 +19,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from tests.cmd.procs import JOIN_LINE_RX, LISTEN_LINE_RX, cli_argv, cli_env
 from tests.lab.netns import Lab
@@ -122,7 +122,7 @@ class Tunnel:
         addr = self.join.wait_for_line(LISTEN_LINE_RX, timeout=30).group(1)
         self.port = int(addr.rsplit(":", 1)[1])
 
-    def __enter__(self) -> "Tunnel":
+    def __enter__(self) -> Tunnel:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -149,10 +149,10 @@ class Tunnel:
     def log_text(self) -> str:
         return "\n".join(self.serve.lines() + self.join.lines())
 
-    def open_download(self, total: int, rate: int = 0) -> "Download":
+    def open_download(self, total: int, rate: int = 0) -> Download:
         return Download(self, total, rate)
 
-    def download(self, total: int, rate: int = 0, timeout: float = 120.0) -> "Download":
+    def download(self, total: int, rate: int = 0, timeout: float = 120.0) -> Download:
         d = Download(self, total, rate, timeout=timeout)
         d.finish()
         return d
@@ -166,8 +166,8 @@ class Download:
         self.total = total
         self.received = 0
         self.started = time.monotonic()
-        self.finished: Optional[float] = None
-        self.error: Optional[BaseException] = None
+        self.finished: float | None = None
+        self.error: BaseException | None = None
         self._h = hashlib.sha256()
         self._progress = threading.Condition()
         self.sock = tunnel.connect(timeout=timeout)

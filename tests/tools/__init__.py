@@ -1,0 +1,1 @@
+"""Tools for developers, not tests (see each module)."""
