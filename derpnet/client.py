@@ -313,7 +313,10 @@ class DerpClient:
         """Carry out what the liveness rules ask for after a silent period."""
         if isinstance(action, SendPing):
             log.debug("relay %s silent while we send: pinging it", self.url)
-            self._write(self._conn.send(F.Ping(action.data)), None)
+            # Written aside: a writer stuck in a full socket buffer would block the reader,
+            # the only one who can call the link dead (silence past ping_timeout).
+            threading.Thread(target=_ping_aside, args=(self, self._conn.send(F.Ping(action.data))), daemon=True,
+                             name=f"derpnet-ping-{self.public_key.b64()[:8]}").start()
         elif isinstance(action, Dead):
             raise _dead_link_error(self.url, action)
 
@@ -384,3 +387,11 @@ def _dead_link_error(url: str, dead: Dead) -> TimeoutError:
         return TimeoutError(errno.ETIMEDOUT, f"no frames from relay {url} for {dead.limit:g}s")
     return TimeoutError(errno.ETIMEDOUT, f"relay {url} did not answer a ping within {dead.limit:g}s "
                         f"(silent for {dead.silent_for:.1f}s while we were sending)")
+
+
+def _ping_aside(client: DerpClient, frame: bytes) -> None:
+    """Write a liveness ping from a short-lived thread (ends with the write or the link)."""
+    try:
+        client._write(frame, None)
+    except (ConnectionError, TimeoutError) as e:
+        log.debug("relay %s: liveness ping not sent: %s", client.url, e)

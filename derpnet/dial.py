@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import select
+import selectors
 import socket
 import ssl
 import struct
@@ -224,16 +224,17 @@ class Dialer:
 
     def _wait(self, sock: socket.socket, write: bool, deadline: float | None) -> None:
         """Wait until `sock` is ready, the deadline passes or abort() is called."""
-        while True:
-            self._check_abort()
-            left = self._remaining(deadline)
-            if write:
-                r, w, _ = select.select([self._wake_r], [sock], [], left)
-            else:
-                r, w, _ = select.select([sock, self._wake_r], [], [], left)
-            self._check_abort()
-            if w or (r and self._wake_r not in r):
-                return
+        # A selector (epoll/poll), not select(): select() fails on descriptors above 1023,
+        # which a busy process (a relay client among many sockets) easily has.
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            sel.register(sock, selectors.EVENT_WRITE if write else selectors.EVENT_READ)
+            while True:
+                self._check_abort()
+                ready = sel.select(self._remaining(deadline))
+                self._check_abort()
+                if any(key.fileobj is sock for key, _ in ready):
+                    return
 
     def _resolve(self) -> list[AddrInfo]:
         host, port = self.relay.host, self.relay.port

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import select
+import selectors
 import socket
 import struct
 import threading
@@ -368,10 +369,13 @@ def open_abandoned(url: str, n: int) -> list[socket.socket]:
     socks = []
     for i in range(n):
         s = connect_plain(url, timeout=20)
-        if i % 3 == 1:
-            s.sendall(b"GET /de")
-        elif i % 3 == 2:
-            s.sendall(UPGRADE)
+        try:
+            if i % 3 == 1:
+                s.sendall(b"GET /de")
+            elif i % 3 == 2:
+                s.sendall(UPGRADE)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # a relay at its connection cap closes newcomers at once: still counted below
         socks.append(s)
     return socks
 
@@ -540,7 +544,9 @@ def preauth_frame(url: str, ftype: int, length: int, sent: int | None = None) ->
             n = s.send(view)
             view = view[n:]
         except BlockingIOError:
-            select.select([], [s], [], 0.1)
+            with selectors.DefaultSelector() as sel:  # not select(): descriptors may be > 1023 here
+                sel.register(s, selectors.EVENT_WRITE)
+                sel.select(0.1)
         except OSError:
             break  # refused on the header: closed under us
     s.setblocking(True)
