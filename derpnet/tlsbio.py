@@ -44,7 +44,7 @@ class TLSSession:
             self.handshake_done = True
         return True
 
-    def receive(self, data: bytes) -> bytes:
+    def receive(self, data: bytes | memoryview) -> bytes:
         """Feed ciphertext from the peer; return the application data it completes (maybe b"").
 
         Raises ssl.SSLError for anything that is not valid TLS. Afterwards, send `pending()`;

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -309,14 +309,7 @@ class Driver:
                     touched[conn] = None
             except Exception:  # never let one bad packet kill the thread
                 log.exception("derpquic: error handling a datagram from %s", addr)
-        for conn in touched:
-            if conn.terminated:
-                continue
-            try:
-                conn.received_batch(now)
-            except Exception:
-                log.exception("derpquic: error processing datagrams of %s", conn)
-                conn.discard(ConnectionAbortedError("internal error processing datagrams"), now, tell_peer=False)
+        self._each(touched, lambda conn: conn.received_batch(now), "processing datagrams", now)
 
     def _stop(self, error: BaseException) -> None:
         """The receive thread ends for good: fail everything (lock held)."""
@@ -364,14 +357,20 @@ class Driver:
     # ------------------------------------------------------------------ timers
 
     def _run_timers(self, now: float) -> None:
-        for conn in self.timers.pop_due(now):
+        self._each(self.timers.pop_due(now), lambda conn: conn.timer_fired(now), "the QUIC timer", now)
+
+    @staticmethod
+    def _each(conns: Iterable[Conn], call: Callable[[Conn], None], what: str, now: float) -> None:
+        """call(conn) for every live one of `conns` (lock held); a bug fails that connection
+        only, never the receive thread."""
+        for conn in conns:
             if conn.terminated:
                 continue
             try:
-                conn.timer_fired(now)
+                call(conn)
             except Exception:
-                log.exception("derpquic: timer of %s failed", conn)
-                conn.discard(ConnectionAbortedError("internal error in the QUIC timer"), now, tell_peer=False)
+                log.exception("derpquic: %s of %s failed", what, conn)
+                conn.discard(ConnectionAbortedError(f"internal error in {what}"), now, tell_peer=False)
 
     def _arm(self) -> None:
         """Set the PacketConn's read deadline to the earliest timer (lock held)."""

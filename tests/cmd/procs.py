@@ -207,9 +207,11 @@ class HttpFileServer(Proc):
 
 class CountingServer:
     """A TCP server in this process on 127.0.0.1: echoes every connection (half-close
-    aware: answers with what it got, then closes), and counts accepted connections."""
+    aware: answers with what it got, then closes), and counts accepted connections.
+    `banner`: sent first, before anything is read (a server-speaks-first protocol)."""
 
-    def __init__(self, *, echo: bool = True) -> None:
+    def __init__(self, *, echo: bool = True, banner: bytes = b"") -> None:
+        self.banner = banner
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -235,6 +237,8 @@ class CountingServer:
     def _handle(self, conn: socket.socket) -> None:
         with conn:
             try:
+                if self.banner:
+                    conn.sendall(self.banner)
                 while True:
                     data = conn.recv(65536)
                     if not data:

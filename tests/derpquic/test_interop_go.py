@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import threading
 
 import pytest
 
 import derpquic
 from derpnet.errors import AuthenticationError
 from derpquic.config import GO_PACKET_SIZE
+from tests.cmd.procs import CountingServer
 from tests.derpquic.helpers import Background, recv_all, recv_exactly
 from tests.interop_peers import GoDerpconnect, Relay443, original_race_xfails
 
@@ -44,48 +44,9 @@ def tls_relay(request, tmp_path_factory, go_tool):
         missing_go_peer(str(e))
 
 
-class TcpService:
-    """A loopback TCP server for `derpconnect serve`: greets first, then echoes."""
-
-    def __init__(self, banner: bytes = b"") -> None:
-        self.banner = banner
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-        t = threading.Thread(target=self._loop, name="test-tcp-service", daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            t = threading.Thread(target=self._handle, args=(c,), name="test-tcp-conn", daemon=True)
-            t.start()
-
-    def _handle(self, c: socket.socket) -> None:
-        with c:
-            if self.banner:
-                c.sendall(self.banner)
-            while True:
-                b = c.recv(65536)
-                if not b:
-                    break
-                c.sendall(b)
-            c.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def go_serve(tls_relay, tmp_path, go_tool):
-    svc = TcpService(banner=b"220 hello from tcp\r\n")
+    svc = CountingServer(banner=b"220 hello from tcp\r\n")
     with GoDerpconnect.serve(tls_relay, svc.port, tmp_path / "serve", binary=go_tool) as p:
         yield p
     svc.close()
