@@ -47,6 +47,8 @@ import asyncio
 import json
 import os
 import resource
+import ssl
+import statistics
 import struct
 import subprocess
 import sys
@@ -167,12 +169,15 @@ class Worker:
     async def run(self) -> dict:
         a = self.args
         loop = asyncio.get_running_loop()
-        clients = [LoadClient(self, f"127.0.0.1:{a.port}") for _ in range(a.clients)]
+        clients = [LoadClient(self, "localhost" if a.ca_file else f"127.0.0.1:{a.port}") for _ in range(a.clients)]
         sem = asyncio.Semaphore(64)
+
+        ctx = ssl.create_default_context(cafile=a.ca_file) if a.ca_file else None
 
         async def connect(c: LoadClient) -> None:
             async with sem:
-                await loop.create_connection(lambda: c, "127.0.0.1", a.port)
+                await loop.create_connection(lambda: c, "127.0.0.1", a.port, ssl=ctx,
+                                             server_hostname="localhost" if ctx else None)
                 await c.connected
 
         await asyncio.gather(*(connect(c) for c in clients))
@@ -266,6 +271,8 @@ def run_load(port: int, relay_pid: int, args: argparse.Namespace) -> dict:
                 "--pairs", str(pairs), "--size", str(args.size), "--window", str(args.window)]
         if gen_cpus:
             argv += ["--pin-cpus", gen_cpus]
+        if args.ca_file:
+            argv += ["--ca-file", args.ca_file]
         workers.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT))
     t0 = time.perf_counter()
     for w in workers:
@@ -309,6 +316,104 @@ def run_load(port: int, relay_pid: int, args: argparse.Namespace) -> dict:
     }
 
 
+# (label, key of a result, format): the summary rows, one per figure, in print order.
+ROWS = [
+    ("many flows: relayed pkt/s", "pps", "{:,.0f}"),
+    ("many flows: pkt per relay CPU-s", "pps_per_cpu", "{:,.0f}"),
+    ("many flows: one-way p50 ms", "ow_p50_ms", "{:.2f}"),
+    ("many flows: one-way p99 ms", "ow_p99_ms", "{:.2f}"),
+    ("single flow: MB/s", "flow_mbps", "{:,.1f}"),
+    ("single flow: relay CPU-ms per MB", "flow_cpu_ms_per_mb", "{:.2f}"),
+    ("peak RSS MiB", "rss_mb", "{:.1f}"),
+]
+
+
+def make_relays(wanted: list[str], args: argparse.Namespace, tmp: Path) -> list:
+    """(name, factory) for each relay to measure; factories start it on enter."""
+    from tests.interop_peers import GoDerper, derper_path, make_test_ca
+    from tests.relays import OurRelay
+
+    relays = []
+    for name in wanted:
+        if name == "ours":
+            relays.append(("ours", lambda: OurRelay(tls=args.tls)))
+        elif name == "baseline":
+            root = str(Path(args.baseline).resolve())
+            # `python -m` puts the working directory first on sys.path: run it there.
+            prefix = ["env", "-C", root, f"PYTHONPATH={root}"]
+            relays.append(("baseline", lambda prefix=prefix: OurRelay(tls=args.tls, argv_prefix=prefix)))
+        elif name == "go":
+            if not derper_path():
+                print("Go derper not built (run interop/build.sh): measuring ours only", file=sys.stderr)
+                continue
+
+            def go(n=[0]) -> GoDerper:  # noqa: B006 - a counter for fresh work directories
+                n[0] += 1
+                if not args.tls:
+                    return GoDerper(tmp / f"derper{n[0]}")
+                from tests.interop_peers import free_port
+                ca, leaf = make_test_ca(tmp / f"derper{n[0]}" / "pki")
+                return GoDerper(tmp / f"derper{n[0]}", tls=True, port=free_port(), make_leaf=leaf, ca_file=ca)
+            relays.append(("go derper", go))
+    return relays
+
+
+def measure(relay, args: argparse.Namespace) -> dict:
+    """Every scenario against one running relay."""
+    pid = relay.proc.pid
+    ca = relay.ca_file if args.tls else None
+    args.ca_file = ca
+    r: dict = {}
+    if "many" in args.scenarios:
+        r.update(run_load(relay.port, pid, args))
+        r["pps_per_cpu"] = r["pps"] / max(r["relay_cpu"], 1e-9)
+    if "flow" in args.scenarios:
+        from bench.relay_flow import run_flow
+        ncpu = os.cpu_count() or 1
+        gen = ",".join(str(c) for c in range(1, ncpu)) if args.pin and ncpu >= 2 else ""
+        if gen:
+            pin_process(pid, {0})
+        r.update(run_flow(relay.port, pid, seconds=args.flow_seconds, size=args.flow_size, window=args.flow_window,
+                          ca_file=ca, gen_cpus=gen, proc_cpu_s=proc_cpu_s))
+    r["rss_mb"] = peak_rss_mb(pid)
+    return r
+
+
+def print_run(name: str, r: dict) -> None:
+    parts = []
+    if "pps" in r:
+        parts.append(f"connect {r['connect_s']:.2f}s | {r['pps']:8,.0f} pkt/s {r['mbps']:6.1f} MB/s "
+                     f"lost {r['lost']} | one-way p50 {r['ow_p50_ms']:6.2f} ms p99 {r['ow_p99_ms']:6.2f} ms | "
+                     f"RTT p50 {r['rtt_p50_ms']:6.2f} p99 {r['rtt_p99_ms']:6.2f} | relay CPU {r['relay_cpu']:.2f} "
+                     f"({r['pps_per_cpu']:,.0f} pkt per CPU-s) | generator CPU {r['gen_cpu']:.2f}")
+    if "flow_mbps" in r:
+        parts.append(f"single flow {r['flow_mbps']:7.1f} MB/s, relay CPU {r['flow_relay_cpu']:.2f} "
+                     f"({r['flow_cpu_ms_per_mb']:.2f} CPU-ms per MB)")
+    parts.append(f"peak RSS {r['rss_mb']:.1f} MiB")
+    print(f"{name:10s} " + " | ".join(parts), flush=True)
+    for e in r.get("errors", []):
+        print(f"  error: {e}")
+
+
+def print_summary(results: dict[str, list[dict]]) -> None:
+    """Medians per relay, and each relay's ratio to the Go derper."""
+    names = list(results)
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+           for n, rs in results.items()}
+    go = med.get("go derper")
+    head = f"{'median of ' + str(len(next(iter(results.values())))) + ' run(s)':36s}" + "".join(
+        f"{n:>14s}" for n in names)
+    ratios = [n for n in names if go is not None and n != "go derper"]
+    head += "".join(f"{n + '/go':>16s}" for n in ratios)
+    print(head)
+    for label, key, fmt in ROWS:
+        if not all(key in med[n] for n in names):
+            continue
+        line = f"{label:36s}" + "".join(f"{fmt.format(med[n][key]):>14s}" for n in names)
+        line += "".join(f"{med[n][key] / go[key]:>16.2f}" for n in ratios if go is not None)
+        print(line)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=1000)
@@ -318,12 +423,20 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1200)
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--procs", type=int, default=2, help="load generator worker processes")
-    ap.add_argument("--relays", default="ours,go", help="comma-separated: ours, go")
+    ap.add_argument("--relays", default="ours,go", help="comma-separated: ours, go, baseline")
+    ap.add_argument("--baseline", help="a checkout of derpnet whose relay is measured as 'baseline'")
+    ap.add_argument("--scenarios", default="many,flow", help="comma-separated: many (pairs), flow (single flow)")
+    ap.add_argument("--flow-seconds", type=float, default=5.0)
+    ap.add_argument("--flow-size", type=int, default=64 << 10, help="single flow: packet size")
+    ap.add_argument("--flow-window", type=int, default=32, help="single flow: packets in flight")
+    ap.add_argument("--tls", action="store_true", help="serve and connect over TLS (test CA)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over all relays (interleaved); medians reported")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin the relay to CPU 0 and the load generator to the other CPUs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pin-cpus", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--ca-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.size < _STAMP.size:
         ap.error(f"--size must be at least {_STAMP.size}")
@@ -331,42 +444,28 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.clients + 256)), hard))
     if args.worker:
         return worker_main(args)
-
-    from tests.interop_peers import GoDerper, derper_path
-    from tests.relays import OurRelay
-
-    results = {}
+    args.scenarios = {s.strip() for s in args.scenarios.split(",")}
     wanted = [r.strip() for r in args.relays.split(",") if r.strip()]
+    if "baseline" in wanted and not args.baseline:
+        ap.error("--relays baseline needs --baseline PATH")
+
+    results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        relays = []
-        if "ours" in wanted:
-            relays.append(("ours", lambda: OurRelay()))
-        if "go" in wanted:
-            if derper_path():
-                relays.append(("go derper", lambda: GoDerper(Path(tmp) / "derper")))
-            else:
-                print("Go derper not built (run interop/build.sh): measuring ours only", file=sys.stderr)
-        print(f"{args.clients} clients, {args.pairs} pairs, window {args.window}, {args.size} B, "
-              f"{args.seconds:g} s measured, load generator in {args.procs} process(es), {os.cpu_count()} CPUs"
+        relays = make_relays(wanted, args, Path(tmp))
+        print(f"{'TLS' if args.tls else 'plain TCP'}; many flows: {args.clients} clients, {args.pairs} pairs, window "
+              f"{args.window}, {args.size} B, {args.seconds:g} s measured, load generator in {args.procs} process(es); "
+              f"single flow: {args.flow_size} B packets, {args.flow_window} in flight, {args.flow_seconds:g} s; "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
               + (", relay pinned to CPU 0, generator to the others" if args.pin and (os.cpu_count() or 1) >= 2 else ""))
-        for name, make in relays:
-            with make() as relay:
-                pid = relay.proc.pid
-                r = run_load(relay.port, pid, args)
-                r["rss_mb"] = peak_rss_mb(pid)
-                results[name] = r
-            print(f"{name:10s} connect {r['connect_s']:.2f}s | {r['pps']:8,.0f} pkt/s {r['mbps']:6.1f} MB/s "
-                  f"lost {r['lost']} | one-way p50 {r['ow_p50_ms']:6.2f} ms p99 {r['ow_p99_ms']:6.2f} ms | "
-                  f"RTT p50 {r['rtt_p50_ms']:6.2f} p99 {r['rtt_p99_ms']:6.2f} | relay CPU {r['relay_cpu']:.2f} "
-                  f"({r['pps'] / max(r['relay_cpu'], 1e-9):,.0f} pkt per CPU-s) | generator CPU {r['gen_cpu']:.2f} "
-                  f"| peak RSS {r['rss_mb']:.1f} MiB", flush=True)
-            if r["errors"]:
-                print(f"  errors: {r['errors']}")
-    if len(results) == 2:
-        o, g = results["ours"], results["go derper"]
-        print(f"ratio ours/go: pkt/s {o['pps'] / g['pps']:.2f}, one-way p50 {o['ow_p50_ms'] / g['ow_p50_ms']:.2f}, "
-              f"p99 {o['ow_p99_ms'] / g['ow_p99_ms']:.2f}, pkt per relay CPU-s "
-              f"{(o['pps'] / o['relay_cpu']) / (g['pps'] / g['relay_cpu']):.2f}, RSS {o['rss_mb'] / g['rss_mb']:.2f}")
+        for rnd in range(args.repeat):
+            for name, make in relays:
+                with make() as relay:
+                    r = measure(relay, args)
+                results.setdefault(name, []).append(r)
+                print_run(name, r)
+            print(f"-- round {rnd + 1} done, load average {os.getloadavg()[0]:.2f}", flush=True)
+    if results:
+        print_summary(results)
     return 0
 
 
