@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the Go tools used by the interop tests:
 #   derper            tailscale.com/cmd/derper (the Tailscale DERP relay)
+#   derpprobe         tailscale.com/cmd/derpprobe (Tailscale's relay monitor; same version)
 #   ntnj-derpconnect  the original Go derpconnect (github.com/ntnj/derpnet, MIT, commit
 #                     450ef13), built from its unmodified source in shared/upstream by
 #                     shared/upstream/build-derpconnect.sh (the module proxy does not serve
@@ -25,20 +26,26 @@ gobin="$(go env GOBIN)"
 mkdir -p "$gobin"
 status=0
 
-# 1. derper. `go install` of a fixed version is a cache hit when already built,
-#    but skip even that when the installed binary is the wanted version.
-if [ "${FORCE:-}" != 1 ] && [ -x "$gobin/derper" ] && go version -m "$gobin/derper" 2>/dev/null \
-        | grep -q "^[[:space:]]*mod[[:space:]]*tailscale.com[[:space:]]*${DERPER_VERSION}\b"; then
-    echo "derper ${DERPER_VERSION}: already built ($gobin/derper)"
-else
-    echo "building derper ${DERPER_VERSION} ..."
-    if go install "tailscale.com/cmd/derper@${DERPER_VERSION}"; then
-        echo "derper: installed to $gobin/derper"
+# 1. derper and derpprobe (Tailscale's relay monitor, tests/derpnet/test_server_derpprobe.py).
+#    `go install` of a fixed version is a cache hit when already built, but skip even that
+#    when the installed binary is the wanted version.
+install_tailscale_cmd() {
+    local name="$1"
+    if [ "${FORCE:-}" != 1 ] && [ -x "$gobin/$name" ] && go version -m "$gobin/$name" 2>/dev/null \
+            | grep -q "^[[:space:]]*mod[[:space:]]*tailscale.com[[:space:]]*${DERPER_VERSION}\b"; then
+        echo "$name ${DERPER_VERSION}: already built ($gobin/$name)"
     else
-        echo "interop/build.sh: building derper failed" >&2
-        status=1
+        echo "building $name ${DERPER_VERSION} ..."
+        if go install "tailscale.com/cmd/$name@${DERPER_VERSION}"; then
+            echo "$name: installed to $gobin/$name"
+        else
+            echo "interop/build.sh: building $name failed" >&2
+            status=1
+        fi
     fi
-fi
+}
+install_tailscale_cmd derper
+install_tailscale_cmd derpprobe
 
 # 2. The original derpconnect, from its unmodified source (about 20 s cold, 1 s warm).
 if [ "${FORCE:-}" != 1 ] && [ -x "$gobin/ntnj-derpconnect" ]; then

@@ -136,8 +136,8 @@ def _is_go_binary(path: str) -> bool:
 # Test PKI
 
 
-def make_test_ca(tmpdir) -> tuple[str, Callable[..., tuple[str, str]]]:
-    """Create a throw-away CA in `tmpdir`.
+def make_test_ca(tmpdir, days: int = 7) -> tuple[str, Callable[..., tuple[str, str]]]:
+    """Create a throw-away CA in `tmpdir`, its certificates valid for `days`.
 
     Returns `(ca_cert_pem_path, make_leaf)`; `make_leaf(names=("localhost", "127.0.0.1"))`
     issues a server certificate whose SANs are the given DNS names and IP
@@ -155,7 +155,7 @@ def make_test_ca(tmpdir) -> tuple[str, Callable[..., tuple[str, str]]]:
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -188,7 +188,7 @@ def make_test_ca(tmpdir) -> tuple[str, Callable[..., tuple[str, str]]]:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=7))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
