@@ -258,8 +258,8 @@ class ServerConnection(_Connection):
                 return F.encode_server_info(seal_server_info(self.key, self.client_key, self.server_info))
         return self._send_frame(event)
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Feed received bytes; return events: HttpRequest/UpgradeRequest, ClientHello, frames."""
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
+        """Feed received bytes (copied); return events: HttpRequest/UpgradeRequest, ClientHello, frames."""
         self._check_open()
         if self.state is State.AWAIT_HTTP:
             return self._receive_head(data)
@@ -288,7 +288,7 @@ class ServerConnection(_Connection):
             name = f"type 0x{ftype:02x}"
         raise HandshakeError(f"first frame from the client is {name} ({length} bytes), not ClientInfo")
 
-    def _receive_head(self, data: bytes) -> list[Event]:
+    def _receive_head(self, data: bytes | memoryview) -> list[Event]:
         self._buf += data
         try:
             parsed = parse_request_head(self._buf)

@@ -57,6 +57,7 @@ class FrameType(enum.IntEnum):
 
 
 _TYPE_NAMES = {t.value: t.name for t in FrameType}
+_RECV_PACKET = int(FrameType.RECV_PACKET)  # a plain int packs faster than the enum
 
 
 class PeerGoneReason(enum.IntEnum):
@@ -223,8 +224,11 @@ def encode_send_packet(dst: PublicKey, *data: bytes) -> bytes:
 
 
 def encode_recv_packet(src: PublicKey, data: bytes) -> bytes:
-    _check_packet(data)
-    return encode_frame(FrameType.RECV_PACKET, _key(src), data)
+    """RecvPacket (the relay's hot path: one join, no generic helpers)."""
+    n = len(data)
+    if n > MAX_PACKET_SIZE:
+        raise LocalProtocolError(f"packet of {n} bytes exceeds the DERP limit of {MAX_PACKET_SIZE}")
+    return b"".join((_HEADER.pack(_RECV_PACKET, KEY_LEN + n), _key(src), data))
 
 
 def encode_forward_packet(src: PublicKey, dst: PublicKey, data: bytes) -> bytes:
@@ -374,25 +378,31 @@ class FrameDecoder:
         self.limits = limits
         self._limits = dict(limits.per_type)  # the hot path: one dict lookup per frame
         self._default_limit = limits.default
+        # The packet frame this role receives, decoded inline (see next_event).
+        self._packet_type = FrameType.SEND_PACKET if self.role is Role.SERVER else FrameType.RECV_PACKET
+        self._packet_cls: type[SendPacket] | type[RecvPacket] = SendPacket if self.role is Role.SERVER else RecvPacket
         self._buf = bytearray()
+        self._pos = 0  # frames before this offset of _buf are decoded (dropped at the next feed)
         self._skip = 0  # bytes of an unknown frame still to discard
         self._error: RemoteProtocolError | None = None
+        self._keys: dict[bytes, PublicKey] = {}  # recent packet keys: one PublicKey per peer, not per packet
         self.frames_skipped = 0
         self.frames_dropped = 0  # known frames too short to use, dropped as Go does
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def next_header(self) -> tuple[int, int] | None:
         """(type, length) of the next frame once its header is buffered, before its payload:
         a relay refuses a frame it does not want on the header (None: no header yet)."""
-        if self._skip or len(self._buf) < FRAME_HEADER_LEN:
+        if self._skip or len(self._buf) - self._pos < FRAME_HEADER_LEN:
             return None
-        ftype, length = _HEADER.unpack_from(self._buf)
+        ftype, length = _HEADER.unpack_from(self._buf, self._pos)
         return ftype, length
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer received bytes (copied: the caller may reuse its buffer right away)."""
         if self._error is not None:
             raise self._error
         if self._skip:
@@ -400,6 +410,9 @@ class FrameDecoder:
             self._skip -= n
             data = data[n:]
         if data:
+            if self._pos:
+                del self._buf[:self._pos]  # one compaction per feed, not one per frame
+                self._pos = 0
             self._buf += data
 
     def events(self) -> Iterator[Frame]:
@@ -416,30 +429,43 @@ class FrameDecoder:
             raise self._error
         buf = self._buf
         while True:
-            if len(buf) < FRAME_HEADER_LEN:
+            pos = self._pos
+            have = len(buf) - pos
+            if have < FRAME_HEADER_LEN:
                 return None
-            ftype, length = _HEADER.unpack_from(buf)
-            known = ftype in self._known
+            ftype, length = _HEADER.unpack_from(buf, pos)
             limit = self._limits.get(ftype, self._default_limit)
             if length > limit:
                 name = _TYPE_NAMES.get(ftype, f"type 0x{ftype:02x}")
                 self._error = RemoteProtocolError(f"{name} frame length {length} exceeds limit {limit}")
                 raise self._error
-            if not known:
+            if ftype not in self._known:
                 # Skip without buffering the payload.
-                have = len(buf) - FRAME_HEADER_LEN
+                have -= FRAME_HEADER_LEN
                 self.frames_skipped += 1
                 if have >= length:
-                    del buf[: FRAME_HEADER_LEN + length]
+                    self._pos = pos + FRAME_HEADER_LEN + length
                 else:
                     self._skip = length - have
                     buf.clear()
+                    self._pos = 0
                 return UnknownFrame(ftype, length)
-            end = FRAME_HEADER_LEN + length
+            start = pos + FRAME_HEADER_LEN
+            end = start + length
             if len(buf) < end:
                 return None
-            payload = bytes(buf[FRAME_HEADER_LEN:end])
-            del buf[:end]
+            self._pos = end
+            view = memoryview(buf)  # payloads are copied once, straight out of the buffer
+            if ftype == self._packet_type and length >= KEY_LEN:
+                # The hot path (a relay forwards these by the thousand): no parser call,
+                # and one PublicKey per peer rather than one per packet.
+                raw = bytes(view[start:start + KEY_LEN])
+                key = self._keys.get(raw)
+                if key is None:
+                    key = self._intern(raw)
+                return _new_packet(self._packet_cls, key, view[start + KEY_LEN:end].tobytes())
+            payload = view[start:end].tobytes()
+            del view
             try:
                 ev = _PARSERS[ftype](payload)
             except RemoteProtocolError as e:
@@ -449,6 +475,33 @@ class FrameDecoder:
                 self.frames_dropped += 1
                 continue
             return ev
+
+    def _intern(self, raw: bytes) -> PublicKey:
+        if len(self._keys) >= _KEY_CACHE:
+            self._keys.clear()  # bounded: a peer sending to ever new keys gets no reuse, nothing more
+        key = self._keys[raw] = PublicKey(raw)
+        return key
+
+
+_KEY_CACHE = 256
+_DST = SendPacket.__dict__["dst"].__set__
+_SRC = RecvPacket.__dict__["src"].__set__
+_SEND_DATA = SendPacket.__dict__["data"].__set__
+_RECV_DATA = RecvPacket.__dict__["data"].__set__
+_new_object = object.__new__
+
+
+def _new_packet(cls: type[SendPacket] | type[RecvPacket], key: PublicKey, data: bytes) -> Frame:
+    """SendPacket(key, data) or RecvPacket(key, data), built through the slots (half the cost
+    of the frozen dataclass's __init__, which sets them the same way)."""
+    ev = _new_object(cls)
+    if cls is SendPacket:
+        _DST(ev, key)
+        _SEND_DATA(ev, data)
+    else:
+        _SRC(ev, key)
+        _RECV_DATA(ev, data)
+    return ev
 
 
 def _p_server_key(p: bytes) -> Frame:

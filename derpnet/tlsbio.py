@@ -10,6 +10,7 @@ DEVELOPERS.md "TLS on memory BIOs".
 from __future__ import annotations
 
 import ssl
+from typing import cast
 
 __all__ = ["TLSSession", "READ_CHUNK"]
 
@@ -68,6 +69,35 @@ class TLSSession:
                 break
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def feed(self, data: bytes | memoryview) -> bool:
+        """Buffer ciphertext from the peer (copied) and advance the handshake; True once it is
+        done. Then `read_into()` the application data, and send `pending()`."""
+        if data:
+            self._in.write(data)
+        return self.start()
+
+    def read_into(self, buf: memoryview) -> int:
+        """Decrypt buffered records into `buf`; the bytes written (0: nothing more for now).
+
+        No allocation per record, and no exception when the input ends on a record
+        boundary (the common case). Raises ssl.SSLError for anything that is not valid TLS;
+        sets `closed_by_peer` on the peer's close_notify."""
+        obj, inb = self._obj, self._in
+        n, size = 0, len(buf)
+        while n < size and (inb.pending or obj.pending()):
+            try:
+                got = cast(int, obj.read(size - n, buf[n:]))  # with a buffer: a count
+            except ssl.SSLWantReadError:  # a partial record: the rest is still on its way
+                break
+            except ssl.SSLZeroReturnError:
+                self.closed_by_peer = True
+                break
+            if not got:
+                self.closed_by_peer = True
+                break
+            n += got
+        return n
 
     def encrypt(self, data: bytes) -> bytes:
         """Application data → the TLS records to send (plus anything else pending)."""

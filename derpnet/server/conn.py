@@ -34,8 +34,13 @@ __all__ = ["ClientProtocol"]
 log = logging.getLogger(__name__)
 
 
-class ClientProtocol(asyncio.Protocol):
-    """Serves one accepted TCP/TLS connection for a RelayServer."""
+class ClientProtocol(asyncio.BufferedProtocol):
+    """Serves one accepted TCP/TLS connection for a RelayServer.
+
+    A BufferedProtocol: every connection reads into the server's one receive buffer
+    (`RelayServer.rx_view`; one loop thread, and each read is consumed before the next),
+    so a read allocates nothing. What must outlive the read is copied out of it: into the
+    TLS input buffer, the frame decoder's buffer, the packets' payloads."""
 
     __slots__ = ("server", "relay", "options", "loop", "conn_id", "transport", "peer", "key", "info", "is_dup",
                  "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "_tls",
@@ -97,30 +102,41 @@ class ClientProtocol(asyncio.Protocol):
             return
         self._admission = Admission(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.rx_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.server.rx_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from the socket (a view of the shared receive buffer, valid during this call)."""
         if self.closed or self.transport is None:
             return
         ctx = self.server.ssl_context
-        if ctx is not None:
-            tls = self._tls
-            if tls is None:
-                tls = self._tls = TLSSession(ctx, server_side=True)
-            try:
-                data = tls.receive(data)
-            except ssl.SSLError as e:
-                self.server.tls_errors += 1
-                self.abort(f"TLS: {e.reason or e}", level=logging.DEBUG)  # scanners, plain HTTP on the TLS port
-                return
-            out = tls.pending()
-            if out:
-                self.transport.write(out)
-            if data:
-                self._on_plaintext(data)
-            if tls.closed_by_peer and not self.closed:
-                log.debug("relay: %s closed TLS (close_notify)", self.name)
-                self.finish()  # answers with our close_notify
+        if ctx is None:
+            self._on_plaintext(data)
             return
-        self._on_plaintext(data)
+        tls = self._tls
+        if tls is None:
+            tls = self._tls = TLSSession(ctx, server_side=True)
+        transport = self.transport
+        try:
+            if tls.feed(data):
+                plain = self.server.plain_view  # decrypted into the server's one plaintext buffer
+                while not self.closed:
+                    n = tls.read_into(plain)
+                    if not n:
+                        break
+                    self._on_plaintext(plain[:n])
+        except ssl.SSLError as e:
+            self.server.tls_errors += 1
+            self.abort(f"TLS: {e.reason or e}", level=logging.DEBUG)  # scanners, plain HTTP on the TLS port
+            return
+        if tls.has_pending and not transport.is_closing():
+            transport.write(tls.pending())  # handshake messages, a KeyUpdate's answer
+        if tls.closed_by_peer and not self.closed:
+            log.debug("relay: %s closed TLS (close_notify)", self.name)
+            self.finish()  # answers with our close_notify
 
     def eof_received(self) -> bool | None:
         return False  # half-close ends the connection, as in derper
@@ -214,7 +230,7 @@ class ClientProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ incoming events
 
-    def _on_plaintext(self, data: bytes) -> None:
+    def _on_plaintext(self, data: bytes | memoryview) -> None:
         proto = self._proto
         if proto is None:
             proto = self._proto = ServerConnection(self.server.private_key)
@@ -236,8 +252,12 @@ class ClientProtocol(asyncio.Protocol):
             self.abort("internal error", level=logging.DEBUG)
 
     def dispatch_all(self, events: list[Event]) -> None:
+        send_packet = F.SendPacket
         for ev in events:
-            self._dispatch(ev)
+            if type(ev) is send_packet and self.registered and not self.is_dup:
+                self._forward(ev.dst, ev.data)  # the hot path; _dispatch does the same, slower
+            else:
+                self._dispatch(ev)
             if self.closed:
                 return
 

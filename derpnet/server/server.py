@@ -38,6 +38,7 @@ ACCEPT_BATCH = 32  # connections accepted per wake-up of the listening socket (s
 #: What one connection may hold before its hello without counting against the shared
 #: budget (RelayOptions.preauth_buffer_limit): an honest ClientInfo is ~100 bytes.
 PREAUTH_FREE = 1 << 10
+RX_BUFFER = 256 << 10  # one read from a socket at most (asyncio's own default), shared by all connections
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,10 @@ class RelayServer:
         self.rejected_unauthenticated = 0  # closed at accept: max_unauthenticated reached
         self._accept_bucket: TokenBucket | None = None  # made in start() (needs the loop's clock)
         self.tls_errors = 0
+        #: Every connection reads into this one buffer, and TLS decrypts into the second
+        #: (one loop thread; each read is consumed before the next: conn.py).
+        self.rx_view = memoryview(bytearray(RX_BUFFER))
+        self.plain_view = memoryview(bytearray(RX_BUFFER))
         #: Lines a client can provoke (failed handshakes, protocol errors): 20 at once, 1/s after.
         self.error_log = RateLimitedLog(log, rate=1.0, burst=20)
 
