@@ -337,6 +337,8 @@ def make_relays(wanted: list[str], args: argparse.Namespace, tmp: Path) -> list:
     for name in wanted:
         if name == "ours":
             relays.append(("ours", lambda: OurRelay(tls=args.tls)))
+        elif name == "ours-asyncio":  # the standard event loop even when uvloop is installed
+            relays.append(("ours-asyncio", lambda: OurRelay(tls=args.tls, extra_args=["--event-loop", "asyncio"])))
         elif name == "baseline":
             root = str(Path(args.baseline).resolve())
             # `python -m` puts the working directory first on sys.path: run it there.
@@ -423,7 +425,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1200)
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--procs", type=int, default=2, help="load generator worker processes")
-    ap.add_argument("--relays", default="ours,go", help="comma-separated: ours, go, baseline")
+    ap.add_argument("--relays", default="ours,go", help="comma-separated: ours, ours-asyncio, go, baseline")
     ap.add_argument("--baseline", help="a checkout of derpnet whose relay is measured as 'baseline'")
     ap.add_argument("--scenarios", default="many,flow", help="comma-separated: many (pairs), flow (single flow)")
     ap.add_argument("--flow-seconds", type=float, default=5.0)

@@ -20,6 +20,7 @@ import sys
 
 from ..keys import PrivateKey
 from ..udpaddr import host_port
+from . import loops
 from .keyfile import load_or_create_key
 from .server import RelayOptions, RelayServer, relay_url, tls_setup
 from .stun import DEFAULT_PORT as DEFAULT_STUN_PORT
@@ -97,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-unauthenticated", type=int, default=RelayOptions.max_unauthenticated, metavar="N",
                         help="at most N connections that have not completed their hello; more are closed at once "
                              "(default %(default)s)")
+    parser.add_argument("--event-loop", choices=loops.CHOICES, default="auto",
+                        help="asyncio event loop: uvloop when installed (auto, the default), or the standard one")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (one line per connection)")
 
 
@@ -133,9 +136,14 @@ def run(args: argparse.Namespace) -> int:
                                max_unauthenticated=args.max_unauthenticated)
     except ValueError as e:
         return _fail(str(e))
+    try:
+        new_loop = loops.loop_factory(getattr(args, "event_loop", "auto"))
+    except ImportError as e:
+        return _fail(str(e))
     server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
     try:
-        return asyncio.run(_serve(server, args, host))
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            return runner.run(_serve(server, args, host))
     except KeyboardInterrupt:  # SIGINT before the handler was installed, or off the main thread
         return 0
 

@@ -90,7 +90,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
     # ------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
         self.transport = transport
         self.peer = _fmt_addr(transport.get_extra_info("peername"))
         _tune_socket(transport.get_extra_info("socket"))

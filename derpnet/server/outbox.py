@@ -83,6 +83,16 @@ class Outbox:
         return len(self.pkts) + len(self.disco) + self._packets
 
     @property
+    def pending(self) -> bool:
+        """Anything to write: queued packets, control frames, a Pong, a KeepAlive, a staged batch."""
+        return bool(self.pkts or self.disco or self._out or self.control_pending)
+
+    @property
+    def control_pending(self) -> bool:
+        """Control frames, a Pong or a KeepAlive wait to be staged."""
+        return bool(self.ctrl) or self.pong is not None or self.keepalive_due
+
+    @property
     def batch_full(self) -> bool:
         return self._size >= self.batch_bytes
 

@@ -1,7 +1,8 @@
 """The outgoing side of one registered relay client: batched writes from its `Outbox`.
 
 Layer: relay server, on the event loop. A flush is scheduled once per loop turn
-(`call_soon`) and writes everything queued as few `transport.write`s of up to 128 KiB;
+(`RelayServer.flush_soon`: one loop callback flushes every sender that has something) and
+writes everything queued as few `transport.write`s of up to 128 KiB;
 while the transport is paused (flow control) nothing is drained and the queues drop
 their oldest packets. Keep-alives are due every `keepalive_interval` (+ up to 1/12
 jitter). The relay's counters are kept here.
@@ -104,19 +105,21 @@ class Sender:
         self._ka_timer = self.loop.call_later(self._ka_period, self._keepalive_tick)
 
     def schedule_flush(self) -> None:
+        """Flush in this loop turn's batch of flushes (one loop callback for every sender)."""
         if not self.flush_pending and not self.conn.closed:
             self.flush_pending = True
-            self.loop.call_soon(self.flush)
+            self.conn.server.flush_soon(self)
 
     def flush(self) -> None:
         """Write everything queued, in batches, until the outbox is empty or the transport is full."""
         self.flush_pending = False
-        conn, relay = self.conn, self.relay
-        while not conn.paused and not conn.closed:
+        conn, relay, outbox = self.conn, self.relay, self.outbox
+        while not conn.paused and not conn.closed and outbox.pending:
             self._stage_packets()
-            pong, keepalive = self.outbox.stage_control()
-            relay.pongs_sent += pong
-            relay.keepalives_sent += keepalive
+            if outbox.control_pending:
+                pong, keepalive = outbox.stage_control()
+                relay.pongs_sent += pong
+                relay.keepalives_sent += keepalive
             if not self._write_batch():
                 return
 

@@ -28,6 +28,7 @@ from .conn import ClientProtocol
 from .outbox import TokenBucket
 from .ratelog import RateLimitedLog
 from .relay import Relay
+from .sender import Sender
 from .stun import StunServer
 
 __all__ = ["RelayOptions", "RelayServer", "DerpServer", "serve", "relay_url"]
@@ -126,6 +127,7 @@ class RelayServer:
         #: Every connection reads into this one buffer, and TLS decrypts into the second
         #: (one loop thread; each read is consumed before the next: conn.py).
         self.rx_view = memoryview(bytearray(RX_BUFFER))
+        self._dirty: list[Sender] = []  # senders to flush in this loop turn (flush_soon)
         self.plain_view = memoryview(bytearray(RX_BUFFER))
         #: Lines a client can provoke (failed handshakes, protocol errors): 20 at once, 1/s after.
         self.error_log = RateLimitedLog(log, rate=1.0, burst=20)
@@ -209,7 +211,24 @@ class RelayServer:
         finally:
             await self.close()
 
-    # called by ClientProtocol
+    # called by ClientProtocol and its Sender
+    def flush_soon(self, sender: Sender) -> None:
+        """Have `sender` flushed in this loop turn's batch: one loop callback for every sender
+        with something to write, rather than one each."""
+        self._dirty.append(sender)
+        if len(self._dirty) == 1:
+            self.loop.call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for sender in dirty:
+            try:
+                sender.flush()
+            except Exception:  # a bug: keep the others flowing, drop this one (rate-limited line)
+                self.error_log.log(logging.WARNING, "relay: internal error writing to %s; closing it",
+                                   sender.conn.name, exc_info=True)
+                sender.conn.abort("internal error", level=logging.DEBUG)
+
     def next_conn_id(self) -> int:
         """A unique id for a new connection."""
         return next(self._ids)

@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import stun
 from ..udpaddr import host_port
+from . import loops
 
 __all__ = ["StunServer", "DEFAULT_PORT", "MAX_REQUEST_SIZE", "DROP_REASONS"]
 
@@ -59,7 +60,10 @@ class StunServer(asyncio.DatagramProtocol):
         """Bind UDP `host:port` (no host: every interface, dual-stack when possible). Raises OSError."""
         loop = asyncio.get_running_loop()
         if host:
-            await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+            try:
+                await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+            except OSError as e:
+                raise loops.bind_error(e) from None
         else:
             await loop.create_datagram_endpoint(lambda: self, sock=_wildcard_socket(port))
         assert self._transport is not None
