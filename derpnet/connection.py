@@ -260,8 +260,11 @@ class ServerConnection(_Connection):
 
     def receive_data(self, data: bytes | memoryview) -> list[Event]:
         """Feed received bytes (copied); return events: HttpRequest/UpgradeRequest, ClientHello, frames."""
+        state = self.state
+        if state is State.CONNECTED:
+            return self._receive_frames(data)
         self._check_open()
-        if self.state is State.AWAIT_HTTP:
+        if state is State.AWAIT_HTTP:
             return self._receive_head(data)
         try:
             self._decoder.feed(data)
@@ -273,6 +276,22 @@ class ServerConnection(_Connection):
         if self.state is State.AWAIT_CLIENT_INFO:
             self._check_first_frame()
         return self._decode(self._step)
+
+    def _receive_frames(self, data: bytes | memoryview) -> list[Event]:
+        """receive_data once connected (the relay's hot path): every frame is an event."""
+        decoder = self._decoder
+        events: list[Event] = []
+        try:
+            decoder.feed(data)
+            next_event = decoder.next_event
+            while (ev := next_event()) is not None:
+                if type(ev) is F.ClientInfo:
+                    raise RemoteProtocolError("a second ClientInfo")
+                events.append(ev)
+        except RemoteProtocolError:
+            self.state = State.CLOSED
+            raise
+        return events
 
     def _check_first_frame(self) -> None:
         """Refuse anything but a ClientInfo on its header, as derper does, before its payload is

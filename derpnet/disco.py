@@ -123,7 +123,7 @@ Message = Ping | Pong | CallMeMaybe
 
 def looks_like_disco(data: bytes) -> bool:
     """True when `data` starts like a disco packet (cheap: length and magic, no crypto)."""
-    return len(data) >= HEADER_LEN and data[:len(MAGIC)] == MAGIC
+    return len(data) >= HEADER_LEN and data.startswith(MAGIC)
 
 
 def packet_sender(packet: bytes) -> PublicKey | None:

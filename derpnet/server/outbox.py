@@ -33,10 +33,11 @@ Batch = tuple[bytes, int, int]  # (frames, packets in it, payload bytes of those
 class Outbox:
     """The outgoing frames of one client of the relay (see the module docstring)."""
 
-    __slots__ = ("pkts", "disco", "ctrl", "pong", "keepalive_due", "seen", "batch_bytes", "control_limit",
+    __slots__ = ("pkts", "disco", "depth", "ctrl", "pong", "keepalive_due", "seen", "batch_bytes", "control_limit",
                  "_out", "_size", "_packets", "_payload")
 
     def __init__(self, depth: int, *, batch_bytes: int = BATCH_BYTES, control_limit: int = CONTROL_LIMIT) -> None:
+        self.depth = depth  # of each packet queue
         self.pkts: deque[tuple[PublicKey, bytes]] = deque(maxlen=depth)
         self.disco: deque[tuple[PublicKey, bytes]] = deque(maxlen=depth)
         self.ctrl: deque[bytes] = deque()
@@ -102,10 +103,11 @@ class Outbox:
         `watch(src)` is asked once per new source (False: the source has left the relay
         meanwhile); returns those departed sources (each wants a PeerGone)."""
         pkts, disco, seen, out, encode = self.pkts, self.disco, self.seen, self._out, F.encode_recv_packet
-        size, n, nbytes = self._size, self._packets, self._payload
+        size, n, nbytes, limit = self._size, self._packets, self._payload, self.batch_bytes
         departed: set[PublicKey] = set()
-        while size < self.batch_bytes and (pkts or disco):
-            for q in (disco, pkts):  # alternate, so neither queue starves the other
+        queues = (disco, pkts) if disco else (pkts,)  # alternate only when both have packets
+        while size < limit and (pkts or disco):
+            for q in queues:  # alternate, so neither queue starves the other
                 if q:
                     src, data = q.popleft()
                     if src not in seen:

@@ -63,6 +63,11 @@ class Sender:
         """Queue a RecvPacket; never blocks, drops the oldest when full."""
         outbox = self.outbox
         disco = looks_like_disco(data)
+        if not disco and len(outbox.pkts) < outbox.depth:  # the hot path: room in the queue
+            outbox.pkts.append((src, data))
+            if not self.flush_pending:
+                self.schedule_flush()
+            return
         if outbox.is_full(disco) and not self.conn.paused:
             # One read from a fast sender can carry thousands of packets for us before the
             # loop gets to our flush. derper's send goroutine would be draining the queue
@@ -124,9 +129,12 @@ class Sender:
                 return
 
     def _stage_packets(self) -> None:
-        for src in self.outbox.stage_packets(lambda src: self.relay.watch(src, self.conn.endpoint)):
+        for src in self.outbox.stage_packets(self._watch):
             # The sender left while its packet waited here: written behind the packets.
             self.peer_gone(src, F.PeerGoneReason.DISCONNECTED)
+
+    def _watch(self, src: PublicKey) -> bool:
+        return self.relay.watch(src, self.conn.endpoint)
 
     def _write_batch(self) -> bool:
         """Hand the staged batch to the transport as one write (which may pause us); False if empty."""
