@@ -20,7 +20,7 @@ import sys
 
 from ..keys import PrivateKey
 from ..udpaddr import host_port
-from . import loops
+from . import loops, tuning
 from .keyfile import load_or_create_key
 from .server import RelayOptions, RelayServer, relay_url, tls_setup
 from .stun import DEFAULT_PORT as DEFAULT_STUN_PORT
@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         new_loop = loops.loop_factory(getattr(args, "event_loop", "auto"))
     except ImportError as e:
         return _fail(str(e))
+    tuning.tune_malloc()
     server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:

@@ -1,18 +1,22 @@
-"""The relay on both event loops (`--event-loop asyncio` and `uvloop`), over TLS: the hot path
-(shared receive buffer, TLS records split across reads, frames split across records,
-many frames per read) must forward every byte, in order, on either."""
+"""The relay process: its malloc tuning, and the relay on both event loops (`--event-loop
+asyncio` and `uvloop`) over TLS, where the hot path (shared receive buffer, TLS records split
+across reads, frames split across records, many frames per read) must forward every byte,
+in order."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
 from derpnet import frames as F
 from derpnet.server import loops
 from tests.rawderp import RawDerpClient
-from tests.relays import OurRelay
+from tests.relays import REPO_ROOT, OurRelay
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 KINDS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
@@ -47,3 +51,11 @@ def test_event_loop_choice():
     if not HAVE_UVLOOP:
         with pytest.raises(ImportError, match="uvloop is not installed"):
             loops.resolve("uvloop")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is for glibc only")
+def test_malloc_tuning_takes_on_glibc():
+    code = "from derpnet.server.tuning import tune_malloc; print(tune_malloc())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=REPO_ROOT)
+    assert out.stdout.strip() == "True", out.stderr
