@@ -223,6 +223,14 @@ def encode_send_packet(dst: PublicKey, *data: bytes) -> bytes:
     return encode_frame(FrameType.SEND_PACKET, _key(dst), *data)
 
 
+def encode_recv_packet_header(src: PublicKey, n: int) -> bytes:
+    """The first bytes of a RecvPacket of `n` payload bytes, for a writer that sends the payload
+    behind it as a separate piece (a relay forwarding large packets without joining them)."""
+    if n > MAX_PACKET_SIZE:
+        raise LocalProtocolError(f"packet of {n} bytes exceeds the DERP limit of {MAX_PACKET_SIZE}")
+    return _HEADER.pack(_RECV_PACKET, KEY_LEN + n) + _key(src)
+
+
 def encode_recv_packet(src: PublicKey, data: bytes) -> bytes:
     """RecvPacket (the relay's hot path: one join, no generic helpers)."""
     n = len(data)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import ssl
 from typing import cast
 
-__all__ = ["TLSSession", "READ_CHUNK"]
+__all__ = ["TLSSession", "READ_CHUNK", "RECORD_BYTES"]
 
 READ_CHUNK = 64 << 10
+RECORD_BYTES = 16 << 10  # a full TLS record of plaintext
 
 
 class TLSSession:
@@ -101,11 +102,31 @@ class TLSSession:
 
     def encrypt(self, data: bytes) -> bytes:
         """Application data → the TLS records to send (plus anything else pending)."""
-        view = memoryview(data)
-        while view:
-            n = self._obj.write(view)
-            view = view[n:]
+        self._write(data)
         return self._out.read()
+
+    def encrypt_parts(self, parts: list[bytes]) -> bytes:
+        """Like encrypt(b"".join(parts)), without copying large parts: runs of small parts are
+        joined (few records), a part of RECORD_BYTES or more is encrypted as it is."""
+        small: list[bytes] = []
+        for part in parts:
+            if len(part) < RECORD_BYTES:
+                small.append(part)
+                continue
+            if small:
+                self._write(small[0] if len(small) == 1 else b"".join(small))
+                small.clear()
+            self._write(part)
+        if small:
+            self._write(small[0] if len(small) == 1 else b"".join(small))
+        return self._out.read()
+
+    def _write(self, data: bytes) -> None:
+        n = self._obj.write(data)
+        if n < len(data):  # a memory BIO takes everything; never seen, but SSL_write may stop short
+            view = memoryview(data)[n:]
+            while view:
+                view = view[self._obj.write(view):]
 
     @property
     def has_pending(self) -> bool:

@@ -35,12 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class ClientProtocol(asyncio.BufferedProtocol):
-    """Serves one accepted TCP/TLS connection for a RelayServer.
-
-    A BufferedProtocol: every connection reads into the server's one receive buffer
-    (`RelayServer.rx_view`; one loop thread, and each read is consumed before the next),
-    so a read allocates nothing. What must outlive the read is copied out of it: into the
-    TLS input buffer, the frame decoder's buffer, the packets' payloads."""
+    """Serves one accepted TCP/TLS connection for a RelayServer. Reads go into the server's
+    shared buffer (`rx_view`) and are consumed before the next (DEVELOPERS.md, "The relay server")."""
 
     __slots__ = ("server", "relay", "options", "loop", "conn_id", "transport", "peer", "key", "info", "is_dup",
                  "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "_tls",
@@ -189,8 +185,12 @@ class ClientProtocol(asyncio.BufferedProtocol):
 
     def send(self, data: bytes) -> None:
         """Write protocol bytes (encrypted when serving TLS)."""
+        self.send_parts([data])
+
+    def send_parts(self, parts: list[bytes]) -> None:
+        """Write bytes given as pieces, in order (encrypted when serving TLS; uvloop: one writev)."""
         assert self.transport is not None
-        self.transport.write(data if self._tls is None else self._tls.encrypt(data))
+        self.transport.writelines(parts if self._tls is None else [self._tls.encrypt_parts(parts)])
 
     def finish(self) -> None:
         """Close after the pending bytes (an HTTP response) are written; abort if they never are."""

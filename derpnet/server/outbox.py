@@ -20,14 +20,16 @@ from collections import deque
 from collections.abc import Callable
 
 from .. import frames as F
-from ..keys import PublicKey
+from ..keys import KEY_LEN, PublicKey
 
-__all__ = ["Outbox", "Batch", "TokenBucket", "BATCH_BYTES", "CONTROL_LIMIT"]
+__all__ = ["Outbox", "Batch", "Parts", "TokenBucket", "BATCH_BYTES", "CONTROL_LIMIT", "SPLIT_BYTES"]
 
 BATCH_BYTES = 128 << 10  # frames joined into one transport.write
 CONTROL_LIMIT = 1024  # pending control frames per client (bounded like everything else)
 
 Batch = tuple[bytes, int, int]  # (frames, packets in it, payload bytes of those packets)
+Parts = tuple[list[bytes], int, int]  # the same with the frames as pieces (Outbox.take_parts)
+SPLIT_BYTES = 16 << 10  # payloads this large are written as they are, behind their header
 
 
 class Outbox:
@@ -103,6 +105,7 @@ class Outbox:
         `watch(src)` is asked once per new source (False: the source has left the relay
         meanwhile); returns those departed sources (each wants a PeerGone)."""
         pkts, disco, seen, out, encode = self.pkts, self.disco, self.seen, self._out, F.encode_recv_packet
+        header = F.encode_recv_packet_header
         size, n, nbytes, limit = self._size, self._packets, self._payload, self.batch_bytes
         departed: set[PublicKey] = set()
         queues = (disco, pkts) if disco else (pkts,)  # alternate only when both have packets
@@ -115,9 +118,14 @@ class Outbox:
                             seen.add(src)
                         else:
                             departed.add(src)
-                    frame = encode(src, data)
-                    out.append(frame)
-                    size += len(frame)
+                    if len(data) < SPLIT_BYTES:
+                        frame = encode(src, data)
+                        out.append(frame)
+                        size += len(frame)
+                    else:  # forwarded as it is, behind its header: no copy into a joined frame
+                        out.append(header(src, len(data)))
+                        out.append(data)
+                        size += F.FRAME_HEADER_LEN + KEY_LEN + len(data)
                     n += 1
                     nbytes += len(data)
         self._size, self._packets, self._payload = size, n, nbytes
@@ -141,13 +149,21 @@ class Outbox:
 
     def take_batch(self) -> Batch | None:
         """The staged frames as one write, with its packet and payload counts (None if empty)."""
+        parts = self.take_parts()
+        if parts is None:
+            return None
+        pieces, packets, payload = parts
+        return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), packets, payload
+
+    def take_parts(self) -> Parts | None:
+        """The staged frames as pieces to write in order (large payloads are pieces of their
+        own, never copied into a joined frame), with the batch's packet and payload counts."""
         if not self._out:
             return None
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        batch = (data, self._packets, self._payload)
-        self._out.clear()
+        parts = (self._out, self._packets, self._payload)
+        self._out = []
         self._size = self._packets = self._payload = 0
-        return batch
+        return parts
 
     def clear(self) -> int:
         """Forget everything (the client left); returns how many packets were dropped."""

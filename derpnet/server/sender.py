@@ -138,15 +138,15 @@ class Sender:
 
     def _write_batch(self) -> bool:
         """Hand the staged batch to the transport as one write (which may pause us); False if empty."""
-        batch = self.outbox.take_batch()
+        batch = self.outbox.take_parts()
         if batch is None:
             return False
-        data, packets, payload = batch
+        parts, packets, payload = batch
         relay, transport = self.relay, self.conn.transport
         if transport is None or transport.is_closing():  # lost; connection_lost() is on its way
             relay.drop("gone_disconnected", packets)
         else:
             relay.packets_forwarded += packets
             relay.bytes_forwarded += payload
-            self.conn.send(data)  # may call pause_writing() right here
+            self.conn.send_parts(parts)  # may call pause_writing() right here
         return True
