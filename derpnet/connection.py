@@ -279,15 +279,12 @@ class ServerConnection(_Connection):
 
     def _receive_frames(self, data: bytes | memoryview) -> list[Event]:
         """receive_data once connected (the relay's hot path): every frame is an event."""
-        decoder = self._decoder
-        events: list[Event] = []
+        client_info = F.ClientInfo
         try:
-            decoder.feed(data)
-            next_event = decoder.next_event
-            while (ev := next_event()) is not None:
-                if type(ev) is F.ClientInfo:
+            events: list[Event] = list(self._decoder.decode(data))
+            for ev in events:
+                if type(ev) is client_info:
                     raise RemoteProtocolError("a second ClientInfo")
-                events.append(ev)
         except RemoteProtocolError:
             self.state = State.CLOSED
             raise

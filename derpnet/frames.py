@@ -390,7 +390,8 @@ class FrameDecoder:
         self._packet_type = FrameType.SEND_PACKET if self.role is Role.SERVER else FrameType.RECV_PACKET
         self._packet_cls: type[SendPacket] | type[RecvPacket] = SendPacket if self.role is Role.SERVER else RecvPacket
         self._buf = bytearray()
-        self._pos = 0  # frames before this offset of _buf are decoded (dropped at the next feed)
+        self._src: bytearray | memoryview = self._buf  # what next_event reads: _buf, or the caller's view
+        self._pos = 0  # frames before this offset of _src are decoded (dropped at the next feed)
         self._skip = 0  # bytes of an unknown frame still to discard
         self._error: RemoteProtocolError | None = None
         self._keys: dict[bytes, PublicKey] = {}  # recent packet keys: one PublicKey per peer, not per packet
@@ -423,6 +424,28 @@ class FrameDecoder:
                 self._pos = 0
             self._buf += data
 
+    def decode(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """feed(data), then every complete frame. When nothing is buffered, frames are decoded
+        straight out of `data` and only an incomplete last frame is copied (a relay's reads
+        are mostly whole frames). `data` need not outlive the call."""
+        if self._error is not None:
+            raise self._error
+        if self._skip or self._pos < len(self._buf):
+            self.feed(data)
+            return list(self.events())
+        self._buf.clear()
+        self._src, self._pos = memoryview(data), 0
+        out: list[Frame] = []
+        try:
+            while (ev := self.next_event()) is not None:
+                out.append(ev)
+        finally:
+            tail = self._src[self._pos:]
+            self._src, self._pos = self._buf, 0
+            if not self._skip:
+                self._buf += tail
+        return out
+
     def events(self) -> Iterator[Frame]:
         """Yield every complete frame now buffered."""
         while True:
@@ -435,7 +458,7 @@ class FrameDecoder:
         """The next complete frame, or None until more bytes are fed."""
         if self._error is not None:
             raise self._error
-        buf = self._buf
+        buf = self._src
         while True:
             pos = self._pos
             have = len(buf) - pos
@@ -455,8 +478,7 @@ class FrameDecoder:
                     self._pos = pos + FRAME_HEADER_LEN + length
                 else:
                     self._skip = length - have
-                    buf.clear()
-                    self._pos = 0
+                    self._pos = len(buf)  # all consumed (the next feed compacts it away)
                 return UnknownFrame(ftype, length)
             start = pos + FRAME_HEADER_LEN
             end = start + length

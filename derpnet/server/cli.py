@@ -166,6 +166,7 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None
     if stun_port is None:
         await _start_stun(server, None, host)
     url = relay_url(host, server.port, server.ssl_context is not None, args.hostname)
+    tuning.freeze_startup_objects()
     print(f"{READY_PREFIX}{url} (server key {server.public_key})", flush=True)
     if server.stun is not None:
         log.info("STUN on udp %s", server.stun.address)

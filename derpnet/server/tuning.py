@@ -7,16 +7,18 @@ batches of 128 KiB all the time, so with the defaults the heap shrinks and grows
 fresh pages are faulted in and zeroed for packet after packet: measured, a quarter of the
 relay's CPU time in a 64 KiB single flow over TLS went to copying into fresh pages. Fixed
 thresholds (16 MiB trim, 1 MiB mmap) keep that memory in the process; peak RSS does not
-change. README, "Relay performance".
+change. And the objects of the startup are frozen out of the garbage collector's scans.
+README, "Relay performance".
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import sys
 
-__all__ = ["tune_malloc", "TRIM_THRESHOLD", "MMAP_THRESHOLD"]
+__all__ = ["tune_malloc", "freeze_startup_objects", "TRIM_THRESHOLD", "MMAP_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +42,11 @@ def tune_malloc() -> bool:
     log.debug("relay: malloc thresholds %s (trim %d, mmap %d)", "set" if ok else "NOT set",
               TRIM_THRESHOLD, MMAP_THRESHOLD)
     return ok
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (modules, classes, the server) out of the garbage
+    collector's way: its full collections then only scan what the connections created
+    (profiled: up to 6 % of a busy relay's time was the collector)."""
+    gc.collect()
+    gc.freeze()

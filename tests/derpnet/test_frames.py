@@ -179,3 +179,32 @@ def test_arbitrary_bytes_raise_only_protocol_errors(role, data, chunk):
     except ProtocolError:
         pass
     assert d.buffered <= len(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(server_frames, st.binary(max_size=40).map(lambda b: ("unknown", b))), max_size=12),
+       st.lists(st.integers(1, 300), min_size=1, max_size=8))
+def test_decode_from_a_reused_view_equals_feed(items, cuts):
+    """decode() reads whole frames straight out of the caller's buffer and keeps only the tail:
+    the same frames as feed() + events(), however the bytes are cut, with the caller's buffer
+    overwritten between calls (as the relay's shared receive buffer is)."""
+    enc = {
+        F.SendPacket: lambda e: F.encode_send_packet(e.dst, e.data),
+        F.NotePreferred: lambda e: F.encode_note_preferred(e.preferred),
+        F.Ping: lambda e: F.encode_ping(e.data),
+        F.ClientInfo: lambda e: F.encode_client_info(e.key, e.sealed),
+    }
+    wire = b"".join(F.encode_frame(0x7E, e[1]) if isinstance(e, tuple) else enc[type(e)](e) for e in items)
+    expected = decode_all(F.Role.SERVER, wire)
+    d = F.FrameDecoder(F.Role.SERVER)
+    scratch = bytearray(400)
+    got, i, k = [], 0, 0
+    while i < len(wire):
+        n = min(cuts[k % len(cuts)], len(wire) - i)
+        k += 1
+        scratch[:n] = wire[i:i + n]
+        got += d.decode(memoryview(scratch)[:n])
+        scratch[:] = bytes(len(scratch))  # the caller reuses its buffer: nothing may point into it
+        i += n
+    assert got == expected
+    assert d.buffered == 0
