@@ -430,12 +430,30 @@ class FrameDecoder:
         are mostly whole frames). `data` need not outlive the call."""
         if self._error is not None:
             raise self._error
-        if self._skip or self._pos < len(self._buf):
+        if self._skip:  # rare: an unknown frame split across reads
             self.feed(data)
             return list(self.events())
+        # Frames already complete in the buffer (pipelined behind a hello) come first; that
+        # also judges the header of a frame begun there.
+        view, out = memoryview(data), list(self.events())
+        while self._pos < len(self._buf) and view:
+            # Complete the frame begun in an earlier read with just the bytes it lacks.
+            have = len(self._buf) - self._pos
+            if have < FRAME_HEADER_LEN:
+                need = FRAME_HEADER_LEN - have
+            else:  # its header was judged (known type, within limits) by events() above
+                need = FRAME_HEADER_LEN + _HEADER.unpack_from(self._buf, self._pos)[1] - have
+            self.feed(view[:need])
+            view = view[need:]
+            out.extend(self.events())
+        if self._skip:  # that frame was an unknown one, to skip
+            self.feed(view)
+            out.extend(self.events())
+            return out
+        if not view:
+            return out
         self._buf.clear()
-        self._src, self._pos = memoryview(data), 0
-        out: list[Frame] = []
+        self._src, self._pos = view, 0
         try:
             while (ev := self.next_event()) is not None:
                 out.append(ev)

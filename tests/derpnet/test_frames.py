@@ -208,3 +208,16 @@ def test_decode_from_a_reused_view_equals_feed(items, cuts):
         i += n
     assert got == expected
     assert d.buffered == 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(list(F.Role)), st.binary(max_size=3000), st.integers(1, 100))
+def test_arbitrary_bytes_through_decode_raise_only_protocol_errors(role, data, chunk):
+    d = F.FrameDecoder(role)
+    try:
+        for i in range(0, len(data), chunk):
+            for ev in d.decode(memoryview(data)[i:i + chunk]):
+                assert isinstance(ev, F.Frame)
+    except ProtocolError:
+        pass
+    assert d.buffered <= len(data)
