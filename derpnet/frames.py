@@ -387,8 +387,11 @@ class FrameDecoder:
         self._limits = dict(limits.per_type)  # the hot path: one dict lookup per frame
         self._default_limit = limits.default
         # The packet frame this role receives, decoded inline (see next_event).
-        self._packet_type = FrameType.SEND_PACKET if self.role is Role.SERVER else FrameType.RECV_PACKET
-        self._packet_cls: type[SendPacket] | type[RecvPacket] = SendPacket if self.role is Role.SERVER else RecvPacket
+        server = self.role is Role.SERVER
+        self._packet_type = int(FrameType.SEND_PACKET if server else FrameType.RECV_PACKET)
+        self._packet_limit = self._limits.get(self._packet_type, self._default_limit)
+        self._packet_cls: type[SendPacket] | type[RecvPacket] = SendPacket if server else RecvPacket
+        self._set_key, self._set_data = (_DST, _SEND_DATA) if server else (_SRC, _RECV_DATA)
         self._buf = bytearray()
         self._src: bytearray | memoryview = self._buf  # what next_event reads: _buf, or the caller's view
         self._pos = 0  # frames before this offset of _src are decoded (dropped at the next feed)
@@ -483,6 +486,23 @@ class FrameDecoder:
             if have < FRAME_HEADER_LEN:
                 return None
             ftype, length = _HEADER.unpack_from(buf, pos)
+            if ftype == self._packet_type and KEY_LEN <= length <= self._packet_limit:
+                # The hot path (a relay forwards these by the thousand): no parser call, one
+                # PublicKey per peer rather than one per packet, the event built through its slots.
+                start = pos + FRAME_HEADER_LEN
+                end = start + length
+                if len(buf) < end:
+                    return None
+                self._pos = end
+                view = memoryview(buf)  # the payload is copied once, straight out of the buffer
+                raw = bytes(view[start:start + KEY_LEN])
+                key = self._keys.get(raw)
+                if key is None:
+                    key = self._intern(raw)
+                packet = _new_object(self._packet_cls)
+                self._set_key(packet, key)
+                self._set_data(packet, view[start + KEY_LEN:end].tobytes())
+                return packet
             limit = self._limits.get(ftype, self._default_limit)
             if length > limit:
                 name = _TYPE_NAMES.get(ftype, f"type 0x{ftype:02x}")
@@ -504,14 +524,6 @@ class FrameDecoder:
                 return None
             self._pos = end
             view = memoryview(buf)  # payloads are copied once, straight out of the buffer
-            if ftype == self._packet_type and length >= KEY_LEN:
-                # The hot path (a relay forwards these by the thousand): no parser call,
-                # and one PublicKey per peer rather than one per packet.
-                raw = bytes(view[start:start + KEY_LEN])
-                key = self._keys.get(raw)
-                if key is None:
-                    key = self._intern(raw)
-                return _new_packet(self._packet_cls, key, view[start + KEY_LEN:end].tobytes())
             payload = view[start:end].tobytes()
             del view
             try:
@@ -536,20 +548,7 @@ _DST = SendPacket.__dict__["dst"].__set__
 _SRC = RecvPacket.__dict__["src"].__set__
 _SEND_DATA = SendPacket.__dict__["data"].__set__
 _RECV_DATA = RecvPacket.__dict__["data"].__set__
-_new_object = object.__new__
-
-
-def _new_packet(cls: type[SendPacket] | type[RecvPacket], key: PublicKey, data: bytes) -> Frame:
-    """SendPacket(key, data) or RecvPacket(key, data), built through the slots (half the cost
-    of the frozen dataclass's __init__, which sets them the same way)."""
-    ev = _new_object(cls)
-    if cls is SendPacket:
-        _DST(ev, key)
-        _SEND_DATA(ev, data)
-    else:
-        _SRC(ev, key)
-        _RECV_DATA(ev, data)
-    return ev
+_new_object = object.__new__  # with the slot setters above: half the cost of the frozen dataclass's __init__
 
 
 def _p_server_key(p: bytes) -> Frame:
