@@ -438,7 +438,7 @@ class FrameDecoder:
             return list(self.events())
         # Frames already complete in the buffer (pipelined behind a hello) come first; that
         # also judges the header of a frame begun there.
-        view, out = memoryview(data), list(self.events())
+        view, out = memoryview(data), (list(self.events()) if self._pos < len(self._buf) else [])
         while self._pos < len(self._buf) and view:
             # Complete the frame begun in an earlier read with just the bytes it lacks.
             have = len(self._buf) - self._pos

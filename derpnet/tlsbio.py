@@ -76,7 +76,7 @@ class TLSSession:
         done. Then `read_into()` the application data, and send `pending()`."""
         if data:
             self._in.write(data)
-        return self.start()
+        return self.handshake_done or self.start()
 
     def read_into(self, buf: memoryview) -> int:
         """Decrypt buffered records into `buf`; the bytes written (0: nothing more for now).
@@ -86,7 +86,9 @@ class TLSSession:
         sets `closed_by_peer` on the peer's close_notify."""
         obj, inb = self._obj, self._in
         n, size = 0, len(buf)
-        while n < size and (inb.pending or obj.pending()):
+        # OpenSSL holds decrypted bytes only when a read stopped short of a record's end:
+        # that is, after a read that filled `buf`, so only a fresh call asks for them.
+        while n < size and (inb.pending or (not n and obj.pending())):
             try:
                 got = cast(int, obj.read(size - n, buf[n:]))  # with a buffer: a count
             except ssl.SSLWantReadError:  # a partial record: the rest is still on its way

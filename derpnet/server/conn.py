@@ -121,9 +121,10 @@ class ClientProtocol(asyncio.BufferedProtocol):
                 plain = self.server.plain_view  # decrypted into the server's one plaintext buffer
                 while not self.closed:
                     n = tls.read_into(plain)
-                    if not n:
+                    if n:
+                        self._on_plaintext(plain[:n])
+                    if n < len(plain):  # all there was (read_into fills the buffer otherwise)
                         break
-                    self._on_plaintext(plain[:n])
         except ssl.SSLError as e:
             self.server.tls_errors += 1
             self.abort(f"TLS: {e.reason or e}", level=logging.DEBUG)  # scanners, plain HTTP on the TLS port
