@@ -494,14 +494,16 @@ class FrameDecoder:
                 if len(buf) < end:
                     return None
                 self._pos = end
-                view = memoryview(buf)  # the payload is copied once, straight out of the buffer
-                raw = bytes(view[start:start + KEY_LEN])
+                raw = bytes(buf[start:start + KEY_LEN])
                 key = self._keys.get(raw)
                 if key is None:
                     key = self._intern(raw)
                 packet = _new_object(self._packet_cls)
                 self._set_key(packet, key)
-                self._set_data(packet, view[start + KEY_LEN:end].tobytes())
+                # The payload's one copy: out of the caller's memoryview (decode()), or through
+                # a view of our own buffer (a bytearray slice would be a second copy).
+                piece = buf[start + KEY_LEN:end] if type(buf) is memoryview else memoryview(buf)[start + KEY_LEN:end]
+                self._set_data(packet, piece.tobytes())
                 return packet
             limit = self._limits.get(ftype, self._default_limit)
             if length > limit:
