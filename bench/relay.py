@@ -1,43 +1,31 @@
-"""Relay load: many connected clients, many pairs exchanging packets; ours vs the Go derper.
+"""Relay throughput: many flows and a single flow, ours vs the Go derper, in one run with ratios.
 
-    python bench/relay.py [--clients 1000] [--pairs 200] [--seconds 10] [--size 1200]
-                          [--window 4] [--procs 2] [--relays ours,go]
+    python bench/relay.py [--tls] [--repeat 3] [--relays ours,go] [--scenarios many,flow]
+                          [--clients 1000] [--pairs 200] [--seconds 10] [--size 1200] [--window 4]
+                          [--flow-seconds 5] [--flow-size 65536] [--flow-window 32] [--procs 2]
+                          [--relays baseline,ours,go --baseline DIR]  # DIR: another checkout of ours
 
 For each relay (our `python -m derpnet.server` and, when built, Tailscale's Go `derper`,
-both plain HTTP on loopback, each in its own process, measured one after the other in
-the same run) it connects `--clients` DERP clients (all stay connected and keep
-reading), then lets the first `2*--pairs` of them play ping-pong in pairs: each sender
-keeps `--window` packets in flight, its partner echoes each one back, and a packet not
-echoed within a second counts as lost and is replaced.
+plain HTTP or, with `--tls`, HTTPS with a test CA, each in its own process, measured one
+after the other; `--repeat N` interleaves N rounds and prints medians; `ours-asyncio` is
+ours on the standard event loop, `baseline` ours from another checkout):
 
-The load generator is split over `--procs` worker processes (asyncio Protocols on the
-sans-IO ClientConnection; a worker's clients and pairs stay in that worker), because
-one Python process cannot keep a Go relay busy. Reported per relay:
-
-- relayed packets/s (both directions of every pair), MB/s, lost packets;
-- relay latency, one way (sender → relay → echoer, CLOCK_MONOTONIC is shared by the
-  processes), p50/p99, and the round trip p50/p99. In this closed loop the latency is
-  mostly queueing: in-flight packets / throughput (Little's law);
-- the relay's CPU use over the measured interval (1.00 = one core busy) and packets
-  per relay CPU-second: the figure that does not depend on the load generator;
-- the load generator's CPU use (all workers): near `--procs` cores means the
-  generator, not the relay, is the bottleneck;
+- many flows: `--clients` DERP clients connect (all stay connected and keep reading), the
+  first `2*--pairs` play ping-pong in pairs, each sender keeping `--window` packets in
+  flight, echoed back by its partner (a packet not echoed within a second counts as lost).
+  The load generator is split over `--procs` worker processes (asyncio Protocols on the
+  sans-IO ClientConnection), because one Python process cannot keep a Go relay busy.
+  Reported: relayed packets/s, MB/s, lost packets, one-way latency (sender → relay →
+  echoer; CLOCK_MONOTONIC is shared by the processes) and round trip p50/p99 (mostly
+  queueing in this closed loop), the relay's CPU use and packets per relay CPU-second (the
+  figure that does not depend on the load generator), the generator's CPU use;
+- single flow (bench/relay_flow.py): one sender, one receiver, 64 KiB packets, 32 in
+  flight; MB/s and relay CPU-ms per MB;
 - the relay's peak RSS (VmHWM).
 
 By default (2+ CPUs) the relay is pinned to CPU 0 and the generator to the others, so
-each relay gets one core and the generator never takes it (`--no-pin` to share).
-
-Measured (2-vCPU VM shared with other jobs, defaults: 1,000 clients, 200 pairs, window
-4, 1200 B, pinned; several runs): ours 25-28k relayed pkt/s, one-way p50 25-31 ms, p99
-68-90 ms, 33-35k pkt per relay CPU-second, peak RSS 41 MiB; Go derper 24-30k pkt/s,
-p50 27-30 ms, p99 38-98 ms, 39-41k pkt per CPU-second, peak RSS 76-77 MiB. The Go runs
-are generator-bound (its generator core ~100% busy, the relay's at 63-74%): on two
-cores a Python load generator cannot saturate derper, so compare packets per relay
-CPU-second (ours ~0.85x derper's) rather than packets/s. Unpinned, with two generator
-processes, derper reached 44-46k pkt/s at 51-52k per CPU-second (then ours ~0.55x).
-The earlier single-process generator (an asyncio.wait_for per packet; also a window
-that grew by one whenever an echo came later than its 1 s timeout) measured 3.8k vs
-6.6k pkt/s: it mostly measured itself.
+each relay gets one core and the generator never takes it (`--no-pin` to share). Figures,
+before/after and the profile behind them: README, "Relay performance".
 """
 
 from __future__ import annotations
