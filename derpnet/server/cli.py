@@ -139,8 +139,11 @@ def run(args: argparse.Namespace) -> int:
     server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
     try:
         metrics_addr = parse_listen(args.metrics_listen) if getattr(args, "metrics_listen", None) else None
+    except ValueError as e:
+        return _fail(f"--metrics-listen: {e}")
+    try:
         ops = operator.configure(server, args)
-    except ValueError as e:  # a bad --metrics-listen, or a ConfigError naming the file and line
+    except ValueError as e:  # a ConfigError, naming the file and line
         return _fail(str(e))
     try:
         return asyncio.run(_serve(server, args, host, ops, metrics_addr))
