@@ -84,7 +84,7 @@ class RateConfig:
 
     def describe(self) -> str:
         d = self.default
-        text = f"{d.rate:g} bytes/s, burst {d.burst:g}" if d.rate else "no default limit"
+        text = f"{d.rate:.0f} bytes/s, burst {d.burst:.0f}" if d.rate else "no default limit"
         return f"{text}; {len(self.per_key)} per-key override(s)"
 
 

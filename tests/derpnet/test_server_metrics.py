@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 import urllib.error
@@ -183,3 +184,30 @@ def test_a_limited_client_is_held_to_its_rate_and_an_unlimited_one_is_not(tmp_pa
             quick.close()
             m_slow.client.close()
             m_fast.client.close()
+
+
+def test_rate_config_reload_applies_good_files_and_keeps_the_old_one_on_errors(tmp_path):
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps({"PerClientRateLimitBytesPerSec": 1_000_000}))
+    with OurRelay(extra_args=["--rate-config", str(rates), "--metrics-listen", "127.0.0.1:0"]) as relay:
+        url = relay.logged.wait_for_line(METRICS_RX).group("url")
+        assert scrape(url)["derp_rate_limit_per_client_bytes_per_second"] == 1_000_000
+        with RawDerpClient(relay.url) as a:
+            rates.write_text('{\n  "PerClientRateLimitBytesPerSec": 5000000,\n  "PerKey": {"nodekey:00": {}}\n}')
+            start = len(relay.logged.lines())
+            relay.proc.send_signal(signal.SIGHUP)
+            relay.logged.wait_for_line(r"reload failed, keeping the previous configuration: .*rates.json, line 3: ",
+                                       start=start)
+            assert scrape(url)["derp_rate_limit_per_client_bytes_per_second"] == 1_000_000
+            rates.write_text(json.dumps({"PerClientRateLimitBytesPerSec": 5_000_000,
+                                         "PerKey": {str(a.public_key): {"PerClientRateLimitBytesPerSec": 0}}}))
+            start = len(relay.logged.lines())
+            relay.proc.send_signal(signal.SIGHUP)
+            relay.logged.wait_for_line(r"configuration applied: allowed everyone; rate limits: 5000000 bytes/s, "
+                                       r"burst 65568; 1 per-key override\(s\); 0 client\(s\) disconnected",
+                                       start=start)
+            m = scrape(url)
+            assert m["derp_rate_limit_per_client_bytes_per_second"] == 5_000_000
+            assert m["derp_rate_limit_overrides"] == 1
+            a.send(a.public_key, b"still connected")
+            assert a.recv_packet().data == b"still connected"
