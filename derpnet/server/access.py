@@ -21,6 +21,7 @@ import concurrent.futures
 import json
 import logging
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -103,6 +104,13 @@ class AccessControl:
         self.failed_open = 0     # clients admitted because the controller was unreachable
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
+    @staticmethod
+    def check_url(url: str) -> None:
+        """Refuse a --verify-client-url that could never be asked (it would fail open for everyone)."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--verify-client-url: expected an http:// or https:// URL, not {url!r}")
+
     @property
     def active(self) -> bool:
         return self.allowed is not None or self.verify_url is not None
@@ -122,7 +130,8 @@ class AccessControl:
         transport = conn.transport
         assert transport is not None
         peer = transport.get_extra_info("peername")
-        source = peer[0] if isinstance(peer, tuple) and peer else ""
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        source = source.removeprefix("::ffff:") if "." in source else source  # as Go reports a v4 client
         transport.pause_reading()  # frames pipelined behind the ClientInfo wait for the verdict
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="derpnet-verify")

@@ -114,7 +114,10 @@ class Operator:
 
 
 def configure(server: RelayServer, args: argparse.Namespace) -> Operator:
-    """Load and check the operator's files and install them in `server` (raises ConfigError)."""
+    """Load and check the operator's files and install them in `server` (raises ConfigError, or
+    ValueError for a --verify-client-url that is not an HTTP URL)."""
+    if args.verify_client_url:
+        AccessControl.check_url(args.verify_client_url)
     policy = Policy(allow_file=args.allow_clients, rate_file=args.rate_config)
     loaded = policy.load()
     server.access = AccessControl(loaded.allowed, args.verify_client_url, args.verify_client_url_fail_open)

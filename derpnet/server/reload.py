@@ -88,5 +88,7 @@ def apply(server: RelayServer, loaded: Loaded) -> None:
             continue
         c.limiter = loaded.rates.limit_for(c.key).limiter(now)
     allowed = "everyone" if loaded.allowed is None else f"{len(loaded.allowed)} key(s)"
+    if loaded.allowed is not None and not loaded.allowed:
+        log.warning("relay: the allow list is empty: no client can connect")
     log.info("relay: configuration applied: allowed %s; rate limits: %s; %d client(s) disconnected",
              allowed, loaded.rates.describe(), removed)

@@ -187,3 +187,10 @@ def test_a_slow_controller_never_stalls_the_relay(controller):
             with result["c"] as c:
                 a.send(late.public_key, b"welcome")
                 assert c.recv_packet().data == b"welcome"
+
+
+def test_a_verify_url_that_is_not_http_is_refused_at_start():
+    r = run_cli("--listen", "127.0.0.1:0", "--stun-port", "0", "--verify-client-url", "admission.example.com")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == ("derpnet relay: --verify-client-url: expected an http:// or https:// URL, "
+                                "not 'admission.example.com'")
