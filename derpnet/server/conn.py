@@ -25,7 +25,7 @@ from ..tlsbio import TLSSession
 from .admission import Admission
 from .connhooks import pace
 from .ratelimit import ReadLimiter
-from .relay import Endpoint, looks_like_disco
+from .relay import Endpoint
 from .sender import Sender
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,7 +301,7 @@ class ClientProtocol(asyncio.Protocol):
             relay.drop("dup_client")
         else:
             relay.drop("unknown_dest")
-            if looks_like_disco(data) and self._sender is not None:
+            if self._sender is not None:  # derper answers disco packets only; we answer every one
                 self._sender.maybe_not_here(dst_key)
 
     # ------------------------------------------------------------ outgoing (Endpoint interface)

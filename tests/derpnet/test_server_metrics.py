@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from derpnet import frames as F
 from derpnet.client import DerpClient
 from derpnet.errors import HandshakeError
 from derpnet.keys import PrivateKey
@@ -51,7 +52,10 @@ def test_counters_match_the_traffic_sent(tmp_path):
                 a.send(b_key.public_key, bytes([i]) * 100)
             for _ in range(7):
                 a.send(stranger.public_key, b"x" * 30)  # nobody there: dropped, unknown_dest
-            assert a.sync() == []  # the relay has handled all of it (one Ping, one Pong)
+            hints = a.sync()  # the relay has handled all of it (one Ping, one Pong)
+            # Packets to a key nobody holds are answered with PeerGone(NotHere), at most 3 at once.
+            assert hints and all(isinstance(f, F.PeerGone) and f.key == stranger.public_key
+                                 and f.reason == F.PeerGoneReason.NOT_HERE for f in hints), hints
             assert [b.recv_packet().data for _ in range(50)] == [bytes([i]) * 100 for i in range(50)]
             with pytest.raises(HandshakeError):
                 DerpClient(relay.url, stranger).connect()
@@ -71,6 +75,7 @@ def test_counters_match_the_traffic_sent(tmp_path):
             assert m["derp_accepts_total"] == 4  # a, b, the stranger, the probe
             assert m["derp_http_requests_total"] == 1
             assert m["derp_got_ping_total"] == 1 and m["derp_sent_pong_total"] == 1
+            assert m['derp_peer_gone_frames_total{reason="not_here"}'] == len(hints)
             assert m["derp_allowed_keys"] == 2
             assert m["derp_queued_packets"] == 0 and m["derp_queue_depth_max"] == 0
             assert m["derp_rate_limit_per_client_bytes_per_second"] == 0
