@@ -356,7 +356,7 @@ def main() -> int:
 
     results = {}
     wanted = [r.strip() for r in args.relays.split(",") if r.strip()]
-    with tempfile.TemporaryDirectory() as tmp, admission_controller() as (admit_url, _):
+    with tempfile.TemporaryDirectory() as tmp, admission_controller() as (admit_url, answered):
         relays = []
         if "ours" in wanted:
             relays.append(("ours", lambda: OurRelay()))
@@ -386,6 +386,8 @@ def main() -> int:
                   f"| peak RSS {r['rss_mb']:.1f} MiB", flush=True)
             if r["errors"]:
                 print(f"  errors: {r['errors']}")
+        if args.policies:
+            print(f"admission controller: {answered[0]} requests answered (one per client connection)")
     policy_ratios(results)
     if "ours" in results and "go derper" in results:
         o, g = results["ours"], results["go derper"]

@@ -40,8 +40,14 @@ def admission_controller() -> Iterator[tuple[str, list[int]]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            failed[0] += 1  # e.g. a relay that gave up waiting (5 s) and hung up: it then fails open
+
+    failed = [0]
+    server = Server(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, name="bench-admission", daemon=True)
     thread.start()
     try:
