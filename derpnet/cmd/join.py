@@ -24,6 +24,7 @@ from .common import (
     describe_error,
     load_or_create_identity,
     local_endpoint,
+    lock_identity,
     max_conns,
     parse_public_key,
     positive_float,
@@ -94,11 +95,14 @@ def run(args: argparse.Namespace) -> int:
     host, port = local_endpoint(args.listen, default_host="127.0.0.1", what="listen address")
     target = relay_target(args)
     ssl_for = relay_ssl_for(args, target)
-    key, _ = load_or_create_identity(args)
+    key, key_path = load_or_create_identity(args)
     if peer.raw == key.raw:  # bare hex parses as a public key: never print it back
         raise UsageError("PUBKEY is this node's private key (not shown): give its public key (derpconnect pubkey)")
     if peer == key.public_key:
-        log.warning("PUBKEY is this node's own key: connections will go to this node's own serve, if any")
+        raise UsageError(f"PUBKEY is this node's own public key (key file {key_path}): a node cannot join "
+                         f"itself; to join a serve on this machine, give this side its own identity "
+                         f"with --key NAME (e.g. --key laptop)")
+    lock_identity(key_path, exclusive=False)  # held until the process ends; refused next to a serve
 
     import derpquic
 

@@ -133,10 +133,10 @@ def test_malformed_key_file(env):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["join", "AAAA", "0"], ["malformed peer public key", "AAAA"]),
+    (["join", "AAAA", "0"], ["malformed peer public key", "4 hexadecimal characters", "expected"]),
     (["join", "nodekey:1234", "0"], ["malformed peer public key"]),
     (["join", "x" * 42 + "!", "0"], ["malformed peer public key"]),
-    (["serve", "8080", "--allow", "garbage"], ["malformed --allow key", "garbage"]),
+    (["serve", "8080", "--allow", "garbage"], ["malformed --allow key", "7 base64 characters"]),
     (["serve", "notaport"], ["serve target", "notaport"]),
     (["serve", "0"], ["port 0"]),
     (["join", PrivateKey.generate().public_key.b64(), "99999"], ["listen address", "99999"]),

@@ -359,9 +359,11 @@ def test_relay_command_with_self_signed_tls_and_region_code(tmp_path, envs):
         with CountingServer() as target, \
                 CliProcess(["--derp=lab", *common, "serve", str(target.port)], srv_env,
                            log_path=tmp_path / "serve.log") as srv:
-            j = srv.wait_for_line(r'Join with "derpconnect --derp=(\S+) join (\S+)"', timeout=30)
+            # the join line carries the --derp-ca the other side needs (issue 11, item 11)
+            j = srv.wait_for_line(r'Join with "derpconnect --derp=(\S+) --derp-ca (\S+) join (\S+)"', timeout=30)
             assert j.group(1) == f"https://localhost:{port}" == m.group(1)
-            with CliProcess.join("900", j.group(2), cli_env_, extra=common, log_path=tmp_path / "join.log") as cli:
+            assert j.group(2) == str(Path(ca).resolve())
+            with CliProcess.join("900", j.group(3), cli_env_, extra=common, log_path=tmp_path / "join.log") as cli:
                 assert _exchange(cli.listen_port, b"via region") == b"via region"
 
 
