@@ -251,33 +251,6 @@ def test_relay_refuses_connection(envs):
     _one_error(r, 1, "refused")
 
 
-@pytest.fixture
-def blackhole():
-    """A TCP port that accepts connections and never says a word."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)
-    held = []
-    stop = threading.Event()
-
-    def loop():
-        s.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(s.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    yield s.getsockname()[1]
-    stop.set()
-    t.join(2)
-    for c in held:
-        c.close()
-    s.close()
-
-
 def test_relay_silent_exits_within_connect_timeout(envs, blackhole):
     srv_env, _ = envs
     t0 = time.monotonic()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import socket
-import threading
 import time
 
 import pytest
@@ -24,33 +23,6 @@ def relay():
 @pytest.fixture
 def env(tmp_path):
     return cli_env(tmp_path / "home")
-
-
-@pytest.fixture
-def silent_port():
-    """A TCP port that accepts connections and never says a word (a relay that hangs)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        s.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(s.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=loop, name="silent-port", daemon=True)
-    t.start()
-    yield s.getsockname()[1]
-    stop.set()
-    t.join(2)
-    for c in held:
-        c.close()
-    s.close()
 
 
 def _error(r, code: int, *needles: str) -> str:
@@ -103,11 +75,11 @@ def test_second_serve_on_one_key_refuses_to_start(relay, tmp_path):
 # ---------------------------------------------------------------- 7: --connect-timeout
 
 
-def test_connect_timeout_is_honoured_above_the_library_default(env, silent_port):
+def test_connect_timeout_is_honoured_above_the_library_default(env, blackhole):
     """--connect-timeout 13 against a relay that never answers gives up after about 13 s
     (it gave up at the library's 10 s)."""
     t0 = time.monotonic()
-    r = run_cli([f"--derp=http://127.0.0.1:{silent_port}", "--connect-timeout", "13", "serve", "8080"], env,
+    r = run_cli([f"--derp=http://127.0.0.1:{blackhole}", "--connect-timeout", "13", "serve", "8080"], env,
                 timeout=60)
     took = time.monotonic() - t0
     _error(r, 1, "cannot connect")
