@@ -176,3 +176,44 @@ def test_key_parse_errors_say_the_forms_and_length_never_the_key(env, text):
     assert str(len(body)) in line or str(n) in line, line
     for i in range(len(body) - 5):
         assert body[i:i + 6] not in line, line  # not even a piece of it
+
+
+# ---------------------------------------------------------------- 9: a relay outage
+
+
+def test_relay_outage_says_one_line_each_way_and_blames_the_relay(tmp_path):
+    """The relay is killed for 12 s under a running serve/join pair (relay only: no direct
+    path): join says once that the relay went and once that it is back (it said so on every
+    retry, 23 lines in 35 s); a connection made meanwhile is told the relay is unreachable,
+    not the peer."""
+    with OurRelay() as rel, CountingServer() as target, \
+            CliProcess.serve(rel.url, target.port, cli_env(tmp_path / "srv"), extra=["--no-direct"],
+                             log_path=tmp_path / "serve.log") as srv, \
+            CliProcess.join(rel.url, srv.pubkey, cli_env(tmp_path / "cli"), extra=["--dial-timeout", "3", "--no-direct"],
+                            log_path=tmp_path / "join.log") as cli:
+        with socket.create_connection(("127.0.0.1", cli.listen_port), timeout=30) as c:
+            c.sendall(b"before")
+            assert c.recv(100) == b"before"
+        mark = len(cli.lines())
+        rel.kill()
+        cli.wait_for_line(r"relay link to \S+ lost", timeout=15, start=mark)
+        t_down = time.monotonic()
+        with socket.create_connection(("127.0.0.1", cli.listen_port), timeout=30) as c:
+            c.settimeout(30)
+            try:
+                assert c.recv(100) == b""  # closed (reset) once the dial gives up
+            except ConnectionResetError:
+                pass
+        blamed = cli.wait_for_line(r"error: connection from \S+: (.*)", timeout=15, start=mark).group(1)
+        assert "relay" in blamed and "unreachable" in blamed, blamed
+        # the outage itself (not a wait for something): 12 s of retries at the backoff's pace
+        time.sleep(max(0.0, 12 - (time.monotonic() - t_down)))
+        rel.start()  # the same port and key
+        cli.wait_for_line(r"reconnected to relay \S+ after", timeout=30, start=mark)
+        with socket.create_connection(("127.0.0.1", cli.listen_port), timeout=30) as c:
+            c.sendall(b"after")
+            assert c.recv(100) == b"after"
+        during = [x for x in cli.lines()[mark:] if "relay" in x]
+    assert len([x for x in during if "lost" in x]) == 1, during
+    assert len([x for x in during if "reconnected" in x]) == 1, during
+    assert not [x for x in during if "failed" in x or "still unreachable" in x or "next try" in x], during
