@@ -189,8 +189,8 @@ def test_relay_outage_says_one_line_each_way_and_blames_the_relay(tmp_path):
     with OurRelay() as rel, CountingServer() as target, \
             CliProcess.serve(rel.url, target.port, cli_env(tmp_path / "srv"), extra=["--no-direct"],
                              log_path=tmp_path / "serve.log") as srv, \
-            CliProcess.join(rel.url, srv.pubkey, cli_env(tmp_path / "cli"), extra=["--dial-timeout", "3", "--no-direct"],
-                            log_path=tmp_path / "join.log") as cli:
+            CliProcess.join(rel.url, srv.pubkey, cli_env(tmp_path / "cli"),
+                            extra=["--dial-timeout", "3", "--no-direct"], log_path=tmp_path / "join.log") as cli:
         with socket.create_connection(("127.0.0.1", cli.listen_port), timeout=30) as c:
             c.sendall(b"before")
             assert c.recv(100) == b"before"
