@@ -324,6 +324,7 @@ def relay_ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 _RELAY_PREFIX = re.compile(r"^(?:relay \S+?: )+")
+_RESOLVE_PREFIX = re.compile(r"^cannot resolve \S+: ")
 
 
 def _detail(e: BaseException) -> str:
@@ -344,7 +345,7 @@ def describe_error(e: BaseException, relay: str = "") -> str:
     if isinstance(e, ssl.SSLError) or (isinstance(e, ConnectionResetError) and "TLS handshake" in detail):
         return f"TLS with {where} failed: {getattr(e, 'reason', None) or detail}{_plain_http_hint(relay)}"
     if isinstance(e, socket.gaierror):
-        return f"cannot resolve {where}: {detail}"
+        return f"cannot resolve {where}: {_RESOLVE_PREFIX.sub('', detail)}"
     if isinstance(e, ConnectionRefusedError):
         return f"{where} refused the connection (nothing listening there?)"
     if isinstance(e, (TimeoutError, socket.timeout)):

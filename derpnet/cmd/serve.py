@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         except Interrupted:
             return EXIT_OK
         shown = relay_host if target.region is not None else args.derp
-        log.info('Listening through DERP. Join with "derpconnect --derp=%s%s join %s"', shown, _ca_option(args),
+        ca = _ca_option(args) if not relay_host.startswith("http://") else ""  # plain HTTP: no CA
+        log.info('Listening through DERP. Join with "derpconnect --derp=%s%s join %s"', shown, ca,
                  key.public_key.b64())
         log.info("public key %s (%s), key file %s; forwarding to %s:%d%s", key.public_key.b64(), key.public_key,
                  key_path, host, port, f"; allowing only {', '.join(k.b64() for k in allow)}" if allow else "")
