@@ -210,6 +210,7 @@ def test_relay_outage_says_one_line_each_way_and_blames_the_relay(tmp_path):
         time.sleep(max(0.0, 12 - (time.monotonic() - t_down)))
         rel.start()  # the same port and key
         cli.wait_for_line(r"reconnected to relay \S+ after", timeout=30, start=mark)
+        srv.wait_for_line(r"reconnected to relay \S+ after", timeout=30)  # the peer too, at its own pace
         with socket.create_connection(("127.0.0.1", cli.listen_port), timeout=30) as c:
             c.sendall(b"after")
             assert c.recv(100) == b"after"
