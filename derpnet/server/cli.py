@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"address to listen on; port 0 picks a free one (default {DEFAULT_LISTEN}; "
                              "':PORT' = all interfaces)")
     parser.add_argument("--tls", action="store_true",
-                        help="serve HTTPS (a self-signed certificate unless --cert/--key are given)")
+                        help="serve HTTPS (a self-signed certificate unless --cert/--tls-key are given)")
     parser.add_argument("--cert", metavar="PEM", help="TLS certificate chain file (implies --tls)")
     parser.add_argument("--tls-key", dest="tls_key", metavar="PEM", help="TLS private key file (default: in --cert)")
     parser.add_argument("--key", dest="tls_key", metavar="PEM", action=_DeprecatedKey,
