@@ -5,8 +5,9 @@ accepting (so a new process can bind the port at once), queues a Restarting fram
 (reconnect in `reconnect_in`, keep trying for `try_for`; shared/derp-protocol.md §4.7)
 behind what every client still has to receive, stops forwarding what clients send from
 then on (counted as drops, reason "restarting": the senders retransmit through the next
-relay), waits until every client has been written everything, then closes each
-connection (FIN, TLS close_notify) and waits for them to go, all within `timeout`.
+relay), tells nobody that a peer left (no PeerGone: they are all coming back), waits
+until every client has been written everything, then closes each connection (FIN, TLS
+close_notify) and waits for them to go, all within `timeout`.
 What is left after it is dropped by `RelayServer.close()`.
 """
 
