@@ -194,3 +194,15 @@ def test_a_verify_url_that_is_not_http_is_refused_at_start():
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip() == ("derpnet relay: --verify-client-url: expected an http:// or https:// URL, "
                                 "not 'admission.example.com'")
+
+
+def test_refusal_reason_arrives_over_tls_too(tmp_path):
+    allowed, other = PrivateKey.generate(), PrivateKey.generate()
+    allow = tmp_path / "allow.txt"
+    allow.write_text(f"{allowed.public_key}\n")
+    with OurRelay(tls=True, extra_args=["--allow-clients", str(allow)]) as relay:
+        ctx = relay.ssl_context()
+        with DerpClient(relay.url, allowed, ssl_context=ctx).connect() as a:
+            assert a.connected
+        with pytest.raises(HandshakeError, match="access denied: this relay does not admit key"):
+            DerpClient(relay.url, other, ssl_context=ctx, connect_timeout=10).connect()
