@@ -6,8 +6,11 @@ Layer: relay server (pure: no sockets, no loop; time is an argument). derper's
 one full SendPacket, 65,568 bytes) and waits on it before reading each frame, so a client
 over its rate is slowed by TCP back-pressure. Here the connection charges each read's
 bytes (`ReadLimiter.charge`) and, when the bucket is in debt, stops reading from the
-socket for the returned time (conn.py). `RateConfig` is derper's JSON file plus per-key
-overrides (`parse_rate_config`), reloaded on SIGHUP (reload.py).
+socket for the returned time (conn.py). derper waits before each frame; we settle after
+each read, so a client may get ahead by one read (asyncio reads up to 256 KiB) at most,
+and the long-run rate is the same (tested side by side with derper). `RateConfig` is
+derper's JSON file plus per-key overrides (`parse_rate_config`), reloaded on SIGHUP
+(reload.py). Mesh peers are to be exempt, as in derper (the mesh sets no limiter).
 """
 
 from __future__ import annotations
