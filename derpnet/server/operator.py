@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
 
@@ -88,7 +89,8 @@ class Operator:
             try:
                 await metrics.start(*metrics_addr)
             except OSError as e:
-                return f"cannot serve metrics on {self.args.metrics_listen}: {e.strerror or e}"
+                why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+                return f"cannot serve metrics on {self.args.metrics_listen}: {why}"
             self.metrics = metrics
         if self.policy.reloadable:
             loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -216,3 +217,14 @@ def test_rate_config_reload_applies_good_files_and_keeps_the_old_one_on_errors(t
             assert m["derp_rate_limit_overrides"] == 1
             a.send(a.public_key, b"still connected")
             assert a.recv_packet().data == b"still connected"
+
+
+def test_a_busy_metrics_port_is_one_error_line():
+    from tests.derpnet.test_server_cli import run_cli
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli("--listen", "127.0.0.1:0", "--stun-port", "0", "--metrics-listen", f"127.0.0.1:{port}")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == f"derpnet relay: cannot serve metrics on 127.0.0.1:{port}: address already in use\n"
