@@ -65,8 +65,14 @@ class Admission:
                 conn.send(proto.send(AcceptUpgrade()))
                 self._arm("ClientInfo", conn.options.client_info_timeout)
                 conn.dispatch_all(proto.receive_data(b""))
-            case ClientHello():
+            case ClientHello(key=key, info=info):
                 self.stop()
+                mesh = conn.server.mesh_check.judge(key, info, conn.peer)
+                if mesh is False:  # logged once per key by judge()
+                    conn.server.handshake_failures += 1
+                    conn.abort("wrong mesh key", level=logging.DEBUG)
+                    return
+                conn.can_mesh = bool(mesh)
                 conn.send(proto.send(AcceptClient()))  # ServerInfo: the first frame after ServerKey
                 conn.admit(ev)
                 conn.dispatch_all(proto.receive_data(b""))  # frames pipelined behind the ClientInfo

@@ -21,6 +21,8 @@ import sys
 from ..keys import PrivateKey
 from ..udpaddr import host_port
 from .keyfile import load_or_create_key
+from .mesh import MeshTarget, load_mesh_key, parse_mesh_with
+from .meshclient import RETRY_INTERVAL, use_derp_http
 from .server import RelayOptions, RelayServer, relay_url, tls_setup
 from .stun import DEFAULT_PORT as DEFAULT_STUN_PORT
 
@@ -97,6 +99,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-unauthenticated", type=int, default=RelayOptions.max_unauthenticated, metavar="N",
                         help="at most N connections that have not completed their hello; more are closed at once "
                              "(default %(default)s)")
+    parser.add_argument("--mesh-psk-file", metavar="PATH",
+                        help="the mesh's pre-shared key (64 lowercase hex characters), as derper's flag: clients "
+                             "presenting it may watch connections and forward packets; others presenting a "
+                             "different key are refused")
+    parser.add_argument("--mesh-with", metavar="HOST[,HOST...]",
+                        help="join a mesh with these relays (derper's flag: HOST[:PORT] dialled as "
+                             "https://HOST/derp, HOST/DIALHOST to dial another address, http://HOST:PORT for plain "
+                             "HTTP, or all plain with TS_DEBUG_USE_DERP_HTTP=1); this relay may be in the list")
+    parser.add_argument("--mesh-retry", type=float, default=RETRY_INTERVAL, metavar="SECONDS",
+                        help="wait between attempts to reach a mesh member (default %(default)s, as derper); a "
+                             "member refusing our key is retried with a doubling wait, up to 5 minutes")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (one line per connection)")
 
 
@@ -133,7 +146,12 @@ def run(args: argparse.Namespace) -> int:
                                max_unauthenticated=args.max_unauthenticated)
     except ValueError as e:
         return _fail(str(e))
-    server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
+    try:
+        mesh_key, mesh_targets = _mesh_config(args)
+    except (OSError, ValueError) as e:
+        return _fail(str(e))
+    server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options, mesh_key=mesh_key)
+    args.mesh_targets = mesh_targets
     try:
         return asyncio.run(_serve(server, args, host))
     except KeyboardInterrupt:  # SIGINT before the handler was installed, or off the main thread
@@ -156,6 +174,8 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None
         return _fail(f"cannot listen on {args.listen}: {e.strerror or e}")
     if stun_port is None:
         await _start_stun(server, None, host)
+    if getattr(args, "mesh_targets", None):
+        server.start_mesh(args.mesh_targets, retry_interval=max(args.mesh_retry, 0.05))
     url = relay_url(host, server.port, server.ssl_context is not None, args.hostname)
     print(f"{READY_PREFIX}{url} (server key {server.public_key})", flush=True)
     if server.stun is not None:
@@ -177,6 +197,22 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None
         log.info("relay: shutting down")
         await server.close()
     return 0
+
+
+def _mesh_config(args: argparse.Namespace) -> tuple[bytes | None, list[MeshTarget]]:
+    """The mesh key and members from --mesh-psk-file/--mesh-with (ValueError/OSError: one line)."""
+    path, members = getattr(args, "mesh_psk_file", None), getattr(args, "mesh_with", None)
+    key = None
+    if path:
+        try:
+            key = load_mesh_key(path)
+        except OSError as e:
+            raise OSError(f"cannot read mesh key file {path}: {e.strerror or e}") from None
+    if not members:
+        return key, []
+    if key is None:
+        raise ValueError("--mesh-with requires --mesh-psk-file")
+    return key, parse_mesh_with(members, use_http=use_derp_http())
 
 
 async def _start_stun(server: RelayServer, requested: int | None, host: str | None) -> str | None:

@@ -23,6 +23,7 @@ from ..events import ClientHello, Event
 from ..keys import PublicKey
 from ..tlsbio import TLSSession
 from .admission import Admission
+from .mesh import MESH_WRITE_TIMEOUT
 from .relay import Endpoint, looks_like_disco
 from .sender import Sender
 
@@ -40,7 +41,7 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = ("server", "relay", "options", "loop", "conn_id", "transport", "peer", "key", "info", "is_dup",
                  "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "_tls",
                  "_admission", "_sender", "_write_timer", "preauth_held", "unauthenticated",
-                 "__weakref__")
+                 "can_mesh", "__weakref__")
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
@@ -67,6 +68,7 @@ class ClientProtocol(asyncio.Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self.preauth_held = 0  # bytes held before the hello, charged to the server's budget
         self.unauthenticated = False  # counted in the server's unauthenticated connections
+        self.can_mesh = False  # presented our mesh key: may watch, forward and close peers
 
     def __repr__(self) -> str:
         who = self.key.short() if self.key else "-"
@@ -136,7 +138,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        t = self.options.write_timeout
+        t = MESH_WRITE_TIMEOUT if self.can_mesh else self.options.write_timeout
         if t and self._write_timer is None and not self.closed:
             self._write_timer = self.loop.call_later(t, self._write_timed_out)
 
@@ -203,6 +205,8 @@ class ClientProtocol(asyncio.Protocol):
         sender, self._sender = self._sender, None
         if self.registered and sender is not None:
             self.registered = False
+            if self.can_mesh and self.server.mesh is not None:
+                self.server.mesh.watcher_gone(self)
             self.relay.unregister(self.endpoint)
             sender.stop()
 
@@ -255,6 +259,9 @@ class ClientProtocol(asyncio.Protocol):
                 case F.NotePreferred(preferred=preferred):
                     self.preferred = preferred
                 case F.ForwardPacket() | F.WatchConns() | F.ClosePeer():
+                    if self.can_mesh and self.server.mesh is not None:
+                        self.server.mesh.handle(self, ev)
+                        return
                     self.abort(f"{type(ev).__name__} frame from a non-mesh client: insufficient permissions",
                                rate_limited=True)
                 # Pong and unknown frames are skipped.
@@ -284,6 +291,8 @@ class ClientProtocol(asyncio.Protocol):
             dst.enqueue_packet(self.key, data)
         elif n > 1:
             relay.drop("dup_client")
+        elif (mesh := self.server.mesh) is not None and self.key is not None and mesh.forward(self.key, dst_key, data):
+            pass  # connected to another member of the mesh
         else:
             relay.drop("unknown_dest")
             if looks_like_disco(data) and self._sender is not None:
@@ -297,6 +306,12 @@ class ClientProtocol(asyncio.Protocol):
             self.relay.drop("gone_disconnected")
         else:
             self._sender.packet(src, data)
+
+    def send_mesh_update(self, frames: bytes) -> None:
+        """Write PeerPresent/PeerGone frames to this mesh watcher now (derper's unbounded mesh
+        update list; the 30 s mesh write timeout bounds a watcher that stops reading)."""
+        if not self.closed and self.transport is not None:
+            self.send(frames)
 
     def enqueue_peer_gone(self, key: PublicKey, reason: int) -> None:
         """Queue PeerGone(key, reason) as a control frame (bounded)."""

@@ -25,6 +25,8 @@ from typing import Any
 from ..keys import PrivateKey, PrivateKeyLike, PublicKey
 from . import certs
 from .conn import ClientProtocol
+from .mesh import MeshHub, MeshKeyCheck, MeshTarget
+from .meshclient import RETRY_INTERVAL, MeshLink, MeshRetry
 from .outbox import TokenBucket
 from .ratelog import RateLimitedLog
 from .relay import Relay
@@ -96,7 +98,8 @@ class RelayServer:
     """The relay's async core: listens, accepts, owns the routing table. Use from one event loop."""
 
     def __init__(self, private_key: PrivateKey, *, host: str | None = "127.0.0.1", port: int = 0,
-                 ssl_context: ssl.SSLContext | None = None, options: RelayOptions | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, options: RelayOptions | None = None,
+                 mesh_key: bytes | None = None) -> None:
         self.private_key = private_key
         self.public_key: PublicKey = private_key.public_key
         self.host = host
@@ -104,6 +107,13 @@ class RelayServer:
         self.ssl_context = ssl_context
         self.options = options or RelayOptions()
         self.relay = Relay()
+        #: The mesh (mesh.py): who presented our key, the watchers, the routes to other members.
+        self.mesh_key = mesh_key
+        self.mesh_check = MeshKeyCheck(mesh_key)
+        self.mesh: MeshHub | None = None
+        if mesh_key is not None:
+            self.mesh = self.relay.mesh = MeshHub(self.relay, self.public_key, self.mesh_check)
+        self._mesh_links: list[MeshLink] = []
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self._server: asyncio.Server | None = None
         self._conns: set[ClientProtocol] = set()
@@ -156,6 +166,22 @@ class RelayServer:
         self.stun = stun
         return stun
 
+    def start_mesh(self, targets: list[MeshTarget], *, ssl_context: ssl.SSLContext | None = None,
+                   retry_interval: float = RETRY_INTERVAL) -> list[MeshLink]:
+        """Join the mesh: a watch link to every member (derper's --mesh-with; needs the mesh key)."""
+        if self.mesh is None:
+            raise ValueError("--mesh-with requires --mesh-psk-file")
+        for t in targets:
+            link = MeshLink(self, t, ssl_context=ssl_context, retry=MeshRetry(retry_interval))
+            self._mesh_links.append(link)
+            link.start()
+        return list(self._mesh_links)
+
+    def mesh_hub(self) -> MeshHub:
+        """The mesh state (only when the relay has a mesh key)."""
+        assert self.mesh is not None
+        return self.mesh
+
     @property
     def port(self) -> int:
         """The bound TCP port."""
@@ -179,6 +205,9 @@ class RelayServer:
         """Stop listening and drop every connection (idempotent)."""
         if self.stun is not None:
             self.stun.close()
+        links, self._mesh_links = self._mesh_links, []
+        for link in links:
+            await link.close()
         if self._server is not None:
             self._server.close()
         for c in list(self._conns):
@@ -283,7 +312,17 @@ class RelayServer:
             queued_packets=queued,
             write_buffer_bytes=buffered,
             stun=self.stun.stats() if self.stun is not None else None,
+            mesh=self._mesh_stats(),
         )
+        return d
+
+
+    def _mesh_stats(self) -> dict[str, Any] | None:
+        if self.mesh is None:
+            return None
+        d: dict[str, Any] = dict(self.mesh.stats())
+        d["links"] = {link.target.host: {"accepted": link.accepted, "attempts": link.attempts,
+                                         "forward_drops": link.forward_drops} for link in self._mesh_links}
         return d
 
 
