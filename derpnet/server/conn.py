@@ -29,6 +29,7 @@ from .sender import Sender
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import RelayOptions, RelayServer
+    from .wsserve import ServerWebSocket
 
 __all__ = ["ClientProtocol"]
 
@@ -41,7 +42,7 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = ("server", "relay", "options", "loop", "conn_id", "transport", "peer", "key", "info", "is_dup",
                  "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "_tls",
                  "_admission", "_sender", "_write_timer", "preauth_held", "unauthenticated",
-                 "can_mesh", "__weakref__")
+                 "can_mesh", "ws", "__weakref__")
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
@@ -69,6 +70,7 @@ class ClientProtocol(asyncio.Protocol):
         self.preauth_held = 0  # bytes held before the hello, charged to the server's budget
         self.unauthenticated = False  # counted in the server's unauthenticated connections
         self.can_mesh = False  # presented our mesh key: may watch, forward and close peers
+        self.ws: ServerWebSocket | None = None  # DERP in WebSocket messages (set by the admission after its 101)
 
     def __repr__(self) -> str:
         who = self.key.short() if self.key else "-"
@@ -117,12 +119,12 @@ class ClientProtocol(asyncio.Protocol):
             if out:
                 self.transport.write(out)
             if data:
-                self._on_plaintext(data)
+                self.on_plaintext(data)
             if tls.closed_by_peer and not self.closed:
                 log.debug("relay: %s closed TLS (close_notify)", self.name)
                 self.finish()  # answers with our close_notify
             return
-        self._on_plaintext(data)
+        self.on_plaintext(data)
 
     def eof_received(self) -> bool | None:
         return False  # half-close ends the connection, as in derper
@@ -174,7 +176,13 @@ class ClientProtocol(asyncio.Protocol):
         return self._tls is not None and self._tls.handshake_done
 
     def send(self, data: bytes) -> None:
-        """Write protocol bytes (encrypted when serving TLS)."""
+        """Write protocol bytes (in WebSocket messages when upgraded so, encrypted when serving TLS)."""
+        if self.ws is not None:
+            data = self.ws.wrap(data)
+        self.send_raw(data)
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes below the WebSocket layer (HTTP heads, WebSocket control frames)."""
         assert self.transport is not None
         self.transport.write(data if self._tls is None else self._tls.encrypt(data))
 
@@ -205,8 +213,6 @@ class ClientProtocol(asyncio.Protocol):
         sender, self._sender = self._sender, None
         if self.registered and sender is not None:
             self.registered = False
-            if self.can_mesh and self.server.mesh is not None:
-                self.server.mesh.watcher_gone(self)
             self.relay.unregister(self.endpoint)
             sender.stop()
 
@@ -218,7 +224,17 @@ class ClientProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ incoming events
 
-    def _on_plaintext(self, data: bytes) -> None:
+    def on_plaintext(self, data: bytes) -> None:
+        """Bytes received (decrypted); unwrapped from WebSocket messages when upgraded so."""
+        end = False
+        if self.ws is not None:
+            data, end = self.ws.unwrap(data)
+        if data:
+            self._on_stream(data)
+        if end and not self.closed:
+            self.finish()
+
+    def _on_stream(self, data: bytes) -> None:
         proto = self._proto
         if proto is None:
             proto = self._proto = ServerConnection(self.server.private_key)
@@ -306,12 +322,6 @@ class ClientProtocol(asyncio.Protocol):
             self.relay.drop("gone_disconnected")
         else:
             self._sender.packet(src, data)
-
-    def send_mesh_update(self, frames: bytes) -> None:
-        """Write PeerPresent/PeerGone frames to this mesh watcher now (derper's unbounded mesh
-        update list; the 30 s mesh write timeout bounds a watcher that stops reading)."""
-        if not self.closed and self.transport is not None:
-            self.send(frames)
 
     def enqueue_peer_gone(self, key: PublicKey, reason: int) -> None:
         """Queue PeerGone(key, reason) as a control frame (bounded)."""

@@ -212,18 +212,20 @@ class MeshHub:
         """A connection registered (every one, duplicates too, as derper): tell the watchers."""
         if self.watchers:
             frame = _present_frame(cast("ClientProtocol", c))
-            for w in list(self.watchers):
-                w.send_mesh_update(frame)
+            self._broadcast(frame)
 
     def client_gone(self, key: PublicKey) -> None:
         """The last connection of `key` left: tell the watchers."""
         if self.watchers:
             frame = F.encode_peer_gone(key, F.PeerGoneReason.DISCONNECTED)
-            for w in list(self.watchers):
-                w.send_mesh_update(frame)
+            self._broadcast(frame)
 
-    def watcher_gone(self, c: ClientProtocol) -> None:
-        self.watchers.discard(c)
+    def _broadcast(self, frame: bytes) -> None:
+        for w in list(self.watchers):
+            if w.closed:
+                self.watchers.discard(w)  # a watcher that left
+            else:
+                _update(w, frame)
 
     # ------------------------------------------------------------ frames from mesh peers
 
@@ -236,7 +238,7 @@ class MeshHub:
                 frames = [_present_frame(cast("ClientProtocol", a)) for a in self.relay.active_connections()]
                 self.watchers.add(c)
                 if frames:
-                    c.send_mesh_update(b"".join(frames))
+                    _update(c, b"".join(frames))
             case F.ForwardPacket(src=src, dst=dst, data=data):
                 self.forwarded_in += 1
                 self.relay.packets_received += 1
@@ -272,9 +274,17 @@ class MeshHub:
             self.relay.peer_gone_from_mesh(key)
 
     def stats(self) -> dict[str, int]:
-        return {"watchers": len(self.watchers), "remote_keys": len(self.routes), "forwarded_in": self.forwarded_in,
+        return {"watchers": sum(not w.closed for w in self.watchers), "remote_keys": len(self.routes),
+                "forwarded_in": self.forwarded_in,
                 "forwarded_out": self.forwarded_out, "forward_drops": self.forward_drops,
                 "closed_peers": self.closed_peers, "wrong_mesh_key": self.check.refused}
+
+
+def _update(w: ClientProtocol, frames: bytes) -> None:
+    """Write PeerPresent/PeerGone frames to a mesh watcher now (derper's unbounded mesh update
+    list; the 30 s mesh write timeout bounds a watcher that stops reading)."""
+    if not w.closed and w.transport is not None:
+        w.send(frames)
 
 
 def _present_frame(c: ClientProtocol) -> bytes:
