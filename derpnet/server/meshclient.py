@@ -93,6 +93,7 @@ class MeshLink:
         self.member_key: PublicKey | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._keys: set[PublicKey] = set()
+        self._pending: list[bytes] = []  # ForwardPacket frames written at the end of this loop turn
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -119,7 +120,18 @@ class MeshLink:
             self.forward_drops += 1
             self.server.relay.drop("mesh_link_down")
             return
-        w.write(F.encode_forward_packet(src, dst, data))
+        if not self._pending:  # one write per loop turn: a read from a client carries many packets
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(F.encode_forward_packet(src, dst, data))
+
+    def _flush(self) -> None:
+        frames, self._pending = self._pending, []
+        w = self._writer
+        if w is None or w.is_closing():
+            self.forward_drops += len(frames)
+            self.server.relay.drop("mesh_link_down", len(frames))
+            return
+        w.write(b"".join(frames))
 
     # ------------------------------------------------------------ the watch loop
 
