@@ -103,8 +103,10 @@ def listen_packet(relay: str | RelayAddress, key: PrivateKeyLike | None = None,
                   **options: Any) -> PacketConn:
     """Connect to `relay` with `key` (None: a fresh key) and return a `PacketConn`.
 
-    `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port`` or
-    ``http://host:port``. Options: see `PacketConn`. Raises if the first connect fails.
+    `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port``,
+    ``http://host:port``, or ``wss://``/``ws://`` for DERP over WebSocket. HTTP proxies
+    come from HTTPS_PROXY/HTTP_PROXY/NO_PROXY. Options: see `PacketConn`. Raises if the
+    first connect fails.
     """
     return PacketConn(relay, key, **options)
 
@@ -118,7 +120,8 @@ class PacketConn:
     ``on_event(event)`` (LinkUp, LinkDown, PathChanged, relay frames; a reader thread: must
     not block), ``on_packet(data, src)`` (instead of the queue; a reader thread), and for
     direct paths ``direct`` (True), ``stun`` ("host:port"; default the relay's host, port
-    3478), ``udp_port`` (0 = any).
+    3478), ``udp_port`` (0 = any); ``websocket`` (None: raw DERP, WebSocket when the relay
+    refuses the plain upgrade; True: WebSocket only; False: never).
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class PacketConn:
         direct: bool = True,
         stun: str | None = None,
         udp_port: int = 0,
+        websocket: bool | None = None,
     ) -> None:
         self._relay = parse_relay(relay)
         self._key = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
@@ -160,7 +164,7 @@ class PacketConn:
                                        port=udp_port)
         client_opts: dict[str, Any] = dict(ssl_context=ssl_context, connect_timeout=connect_timeout,
                                            write_timeout=write_timeout, idle_timeout=idle_timeout,
-                                           ping_after=ping_after, ping_timeout=ping_timeout)
+                                           ping_after=ping_after, ping_timeout=ping_timeout, websocket=websocket)
         try:
             self._link = RelayLink(self._relay, self._key, client_opts=client_opts, on_packet=self._on_packet,
                                    on_event=self._on_frame, reconnect=reconnect)

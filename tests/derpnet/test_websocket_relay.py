@@ -150,3 +150,15 @@ def test_relay_closes_a_broken_websocket_with_its_code(tmp_path, bad, code):
 def test_cli_relay_urls_may_be_websocket():
     assert derpmap.resolve("wss://relay.example:8443").hosts == ("wss://relay.example:8443",)
     assert derpmap.resolve("ws://127.0.0.1:3340/derp").hosts == ("ws://127.0.0.1:3340",)
+
+
+def test_packet_conn_over_websocket(tmp_path):
+    import derpnet
+
+    with OurRelay(workdir=str(tmp_path)) as r:
+        with derpnet.listen_packet(r.url, websocket=True, direct=False) as a, \
+                derpnet.listen_packet(r.url.replace("http://", "ws://"), direct=False) as b:
+            a.write_to(b"over websocket", b.local_addr())
+            b.settimeout(10)
+            data, src = b.read_from()
+            assert (data, src) == (b"over websocket", a.local_addr())
