@@ -187,9 +187,11 @@ class Relay:
         """`receiver` is being written a packet from `src`: tell it when `src` leaves the relay.
 
         Returns False (and watches nothing) if `src` has already left: the packet was
-        queued before it went, and the receiver should be told right away.
+        queued before it went, and the receiver should be told right away. In a mesh an
+        unknown `src` is watched anyway, as derper does: a packet forwarded by another member
+        may arrive before that member's PeerPresent for its sender.
         """
-        if src not in self._clients and (self.mesh is None or src not in self.mesh.routes):
+        if src not in self._clients and self.mesh is None:
             return False
         w = self._watchers.get(src)
         if w is None:
