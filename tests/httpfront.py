@@ -1,6 +1,8 @@
 """Small real HTTP middleboxes on loopback for tests, each a listening socket with named threads.
 
-`ConnectProxy`: an HTTP CONNECT proxy (what HTTPS_PROXY names on a locked-down network).
+`ConnectProxy`: an HTTP CONNECT proxy (what HTTPS_PROXY names on a locked-down network);
+`ProxyProcess` runs it as its own process (`python -m tests.httpfront connect-proxy`), which
+prints one line per connection and per CONNECT.
 It resolves names itself through `names` (so a client behind it never needs to resolve the
 relay's name), can require Proxy-Authorization, and records every CONNECT target.
 `WebSocketOnlyFront`: a reverse proxy that passes WebSocket upgrades to the relay behind it
@@ -9,11 +11,17 @@ and answers anything else with 403 (as fronts that only know WebSockets do).
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
+import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["ConnectProxy", "WebSocketOnlyFront"]
+__all__ = ["ConnectProxy", "WebSocketOnlyFront", "ProxyProcess"]
 
 
 def _read_head(conn: socket.socket) -> tuple[bytes, bytes]:
@@ -44,8 +52,9 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
 class _Server:
     """A threaded TCP server on 127.0.0.1 calling `handle(conn)` per connection."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, log: Callable[[str], None] | None = None) -> None:
         self.name = name
+        self.log = log or (lambda line: None)
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.connections = 0
@@ -77,6 +86,7 @@ class _Server:
                     return
                 self.connections += 1
                 self._socks.append(conn)
+            self.log(f"accepted connection {self.connections}")
             self._spawn(self._serve, f"{self.name}-conn", conn)
 
     def _serve(self, conn: socket.socket) -> None:
@@ -121,11 +131,12 @@ class _Server:
 class ConnectProxy(_Server):
     """An HTTP CONNECT proxy; `url` for HTTPS_PROXY, `targets` lists what was asked for."""
 
-    def __init__(self, names: dict[str, str] | None = None, auth: str | None = None) -> None:
+    def __init__(self, names: dict[str, str] | None = None, auth: str | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         self.names = dict(names or {})
         self.auth = auth  # the required Proxy-Authorization value, if any
         self.targets: list[str] = []
-        super().__init__("connect-proxy")
+        super().__init__("connect-proxy", log)
 
     def handle(self, conn: socket.socket) -> None:
         head, rest = _read_head(conn)
@@ -137,14 +148,17 @@ class ConnectProxy(_Server):
             return
         self.targets.append(target)
         if self.auth is not None and headers.get("proxy-authorization") != self.auth:
+            self.log(f"CONNECT {target} -> 407")
             conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
             return
         host, _, port = target.rpartition(":")
         try:
             upstream = self.track(socket.create_connection((self.names.get(host, host.strip("[]")), int(port)), 5))
         except OSError:
+            self.log(f"CONNECT {target} -> 502")
             conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
             return
+        self.log(f"CONNECT {target} -> 200")
         conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         if rest:
             upstream.sendall(rest)
@@ -170,3 +184,65 @@ class WebSocketOnlyFront(_Server):
         upstream = self.track(socket.create_connection(self.backend, 5))
         upstream.sendall(head + b"\r\n\r\n" + rest)
         self.splice(conn, upstream)
+
+
+class ProxyProcess:
+    """`ConnectProxy` in a process of its own: `url`, and what it did from its output lines."""
+
+    def __init__(self, workdir: Path, names: dict[str, str] | None = None, auth: str | None = None) -> None:
+        from tests.interop_peers import LoggedProcess  # (a test helper, imported where used)
+
+        root = Path(__file__).resolve().parent.parent
+        argv = [sys.executable, "-m", "tests.httpfront", "connect-proxy"]
+        for name, addr in (names or {}).items():
+            argv += ["--name", f"{name}={addr}"]
+        env = dict(os.environ, PYTHONPATH=str(root))
+        if auth is not None:
+            env["PROXY_AUTH"] = auth  # not on the command line
+        self.proc = LoggedProcess(argv, Path(workdir) / "proxy.log", env=env, cwd=root)
+        try:
+            self.url = self.proc.wait_for_line(r"listening on (http://\S+)", timeout=20).group(1)
+            self.port = int(self.url.rsplit(":", 1)[1])
+        except BaseException:
+            self.proc.stop()
+            raise
+
+    def targets(self) -> list[tuple[str, int]]:
+        """(target, status) of every CONNECT so far."""
+        return [(m.group(1), int(m.group(2))) for line in self.proc.lines()
+                if (m := re.search(r"CONNECT (\S+) -> (\d+)", line))]
+
+    @property
+    def connections(self) -> int:
+        return sum("accepted connection" in line for line in self.proc.lines())
+
+    def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        return self.proc.wait_for_line(pattern, timeout=timeout)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.httpfront")
+    ap.add_argument("kind", choices=["connect-proxy"])
+    ap.add_argument("--name", action="append", default=[], metavar="NAME=ADDR", help="resolve NAME to ADDR")
+    args = ap.parse_args(argv)
+    names = dict(n.split("=", 1) for n in args.name)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with ConnectProxy(names, os.environ.get("PROXY_AUTH"), log=lambda line: print(line, flush=True)) as proxy:
+        print(f"listening on {proxy.url}", flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

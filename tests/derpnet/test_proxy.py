@@ -12,7 +12,7 @@ import pytest
 from derpnet.client import DerpClient
 from derpnet.keys import PrivateKey
 from derpnet.proxy import ProxyURL, no_proxy_matches, parse_proxy_url, proxy_for
-from tests.httpfront import ConnectProxy
+from tests.httpfront import ProxyProcess
 from tests.relays import OurRelay
 
 NAME = "relay.test"  # resolvable only by the proxy: a proxied client never resolves it itself
@@ -99,28 +99,30 @@ def _echo_to_self(url: str, **opts) -> DerpClient:
 
 
 @pytest.mark.parametrize("scheme", ["https", "wss"])
-def test_https_proxy_connect(tls_relay, monkeypatch, scheme):
-    with ConnectProxy(names={NAME: "127.0.0.1"}) as proxy:
+def test_https_proxy_connect(tls_relay, monkeypatch, scheme, tmp_path):
+    with ProxyProcess(tmp_path, names={NAME: "127.0.0.1"}) as proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
         _echo_to_self(f"{scheme}://{NAME}:{tls_relay.port}", ssl_context=tls_relay.ssl_context())
-        assert proxy.targets == [f"{NAME}:{tls_relay.port}"]
+        proxy.wait_for(r"CONNECT \S+ -> 200")  # (its output lines come through a pipe)
+        assert proxy.targets() == [(f"{NAME}:{tls_relay.port}", 200)]
 
 
 def test_http_proxy_for_a_plain_relay(tmp_path, monkeypatch):
-    with OurRelay(workdir=str(tmp_path)) as r, ConnectProxy(names={NAME: "127.0.0.1"}) as proxy:
+    with OurRelay(workdir=str(tmp_path)) as r, ProxyProcess(tmp_path, names={NAME: "127.0.0.1"}) as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
         monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # not used for http:// relays
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
         _echo_to_self(f"http://{NAME}:{r.port}")
-        assert proxy.targets == [f"{NAME}:{r.port}"]
+        proxy.wait_for(r"CONNECT \S+ -> 200")
+        assert proxy.targets() == [(f"{NAME}:{r.port}", 200)]
 
 
-def test_proxy_authorization(tls_relay, monkeypatch):
+def test_proxy_authorization(tls_relay, monkeypatch, tmp_path):
     auth = "Basic " + base64.b64encode(b"alice:s3cret").decode()
-    with ConnectProxy(names={NAME: "127.0.0.1"}, auth=auth) as proxy:
+    with ProxyProcess(tmp_path, names={NAME: "127.0.0.1"}, auth=auth) as proxy:
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.setenv("HTTPS_PROXY", f"http://alice:s3cret@127.0.0.1:{proxy.port}")
         _echo_to_self(f"https://{NAME}:{tls_relay.port}", ssl_context=tls_relay.ssl_context())
@@ -129,10 +131,12 @@ def test_proxy_authorization(tls_relay, monkeypatch):
             DerpClient(f"https://{NAME}:{tls_relay.port}", PrivateKey.generate(),
                        ssl_context=tls_relay.ssl_context()).connect()
         assert "wrong" not in str(e.value) and f"relay https://{NAME}" in str(e.value)
+        proxy.wait_for(r"CONNECT \S+ -> 407")
+        assert [status for _, status in proxy.targets()] == [200, 407]
 
 
-def test_no_proxy_bypasses_the_proxy(tls_relay, monkeypatch):
-    with ConnectProxy(names={NAME: "127.0.0.1"}) as proxy:
+def test_no_proxy_bypasses_the_proxy(tls_relay, monkeypatch, tmp_path):
+    with ProxyProcess(tmp_path, names={NAME: "127.0.0.1"}) as proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         monkeypatch.setenv("NO_PROXY", "other.example, .test")
         # direct: the client resolves relay.test itself, which only the proxy could
@@ -142,9 +146,11 @@ def test_no_proxy_bypasses_the_proxy(tls_relay, monkeypatch):
         assert proxy.connections == 0
 
 
-def test_proxy_that_cannot_reach_the_relay(monkeypatch):
-    with ConnectProxy() as proxy:
+def test_proxy_that_cannot_reach_the_relay(monkeypatch, tmp_path):
+    with ProxyProcess(tmp_path) as proxy:
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         with pytest.raises(ConnectionRefusedError, match="502"):
             DerpClient("https://unknown.invalid:1", PrivateKey.generate()).connect()
+        proxy.wait_for(r"CONNECT \S+ -> 502")
+        assert proxy.targets() == [("unknown.invalid:1", 502)]
