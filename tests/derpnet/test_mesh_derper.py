@@ -16,7 +16,7 @@ from derpnet.keys import PrivateKey
 from tests.conftest import missing_go_peer
 from tests.derpnet.meshnet import Mesh, Peer, deliver, write_mesh_key
 from tests.derpquic.helpers import recv_all
-from tests.interop_peers import GoDerper, derper_path, free_port, skip_reason
+from tests.interop_peers import GoDerper, derper_path, free_port, make_test_ca, skip_reason
 from tests.relays import OurRelay
 
 pytestmark = pytest.mark.interop
@@ -99,27 +99,51 @@ def test_killing_a_member_moves_its_clients(mesh):
             p.close()
 
 
-def test_wrong_mesh_key_between_ours_and_derper(tmp_path):
+def test_wrong_mesh_key_between_ours_and_derper(tmp_path, monkeypatch):
     """A derper with another key names ours in --mesh-with: ours refuses it (one WARNING),
     and ours, meshing with that derper, is refused and says so once."""
     if derper_path() is None:
         missing_go_peer(skip_reason("derper"))
     ours_key, derper_key = write_mesh_key(tmp_path / "ours.key"), write_mesh_key(tmp_path / "derper.key")
-    port = free_port()
-    os.environ["TS_DEBUG_USE_DERP_HTTP"] = "1"
-    try:
-        d_port = free_port()
-        with GoDerper(tmp_path / "d", port=d_port, extra_args=[
-                "-mesh-psk-file", str(derper_key), "-mesh-with", f"127.0.0.1:{port}"]) as d:
-            args = ["--mesh-psk-file", str(ours_key), "--mesh-with", f"127.0.0.1:{d_port}", "--mesh-retry", "0.3"]
-            with OurRelay(port=port, workdir=str(tmp_path / "o"), extra_args=args) as ours:
-                ours.logged.wait_for_line(r"WARNING relay: refusing .*wrong mesh key", timeout=30)
-                ours.logged.wait_for_line(r"WARNING mesh\(.*refused our mesh key", timeout=30)
-                # derper retries every 5 s; ours backs off: wait for derper's second try
-                assert d.proc is not None
-                d.proc.wait_for_line(r"mesh\(.*\).*(EOF|closed|reset)", timeout=30)
-                out = ours.output()
-                assert out.count("refused our mesh key") == 1, out
-                assert out.count("WARNING relay: refusing") == 1, out
-    finally:
-        os.environ.pop("TS_DEBUG_USE_DERP_HTTP", None)
+    port, d_port = free_port(), free_port()
+    monkeypatch.setenv("TS_DEBUG_USE_DERP_HTTP", "1")
+    with GoDerper(tmp_path / "d", port=d_port, extra_args=[
+            "-mesh-psk-file", str(derper_key), "-mesh-with", f"127.0.0.1:{port}"]) as d:
+        args = ["--mesh-psk-file", str(ours_key), "--mesh-with", f"127.0.0.1:{d_port}", "--mesh-retry", "0.3"]
+        with OurRelay(port=port, workdir=str(tmp_path / "o"), extra_args=args) as ours:
+            ours.logged.wait_for_line(r"WARNING relay: refusing .*wrong mesh key", timeout=30)
+            ours.logged.wait_for_line(r"WARNING mesh\(.*refused our mesh key", timeout=30)
+            # derper retries every 5 s, ours backs off: wait for derper's report of a failed try
+            assert d.proc is not None
+            d.proc.wait_for_line(r"mesh\(.*\).*(EOF|closed|reset)", timeout=30)
+            out = ours.output()
+            assert out.count("refused our mesh key") == 1, out
+            assert out.count("WARNING relay: refusing") == 1, out
+
+
+def test_tls_mesh_as_deployed(tmp_path, monkeypatch):
+    """derper's default: members dial each other at https://HOST/derp and verify certificates
+    (here from a test CA trusted through SSL_CERT_FILE, by Go and by Python alike)."""
+    if derper_path() is None:
+        missing_go_peer(skip_reason("derper"))
+    ca, make_leaf = make_test_ca(tmp_path / "pki")
+    monkeypatch.setenv("SSL_CERT_FILE", ca)
+    monkeypatch.delenv("TS_DEBUG_USE_DERP_HTTP", raising=False)
+    key_file = write_mesh_key(tmp_path / "mesh.key")
+    p_d, p_o = free_port(), free_port()
+    mesh_with = f"localhost:{p_d},localhost:{p_o}"
+    cert, key = make_leaf(["localhost", "127.0.0.1"])
+    with GoDerper(tmp_path / "d", tls=True, port=p_d, hostname="localhost", make_leaf=make_leaf, ca_file=ca,
+                  extra_args=["-mesh-psk-file", str(key_file), "-mesh-with", mesh_with]) as d, \
+            OurRelay(cert=cert, key=key, hostname="localhost", port=p_o, workdir=str(tmp_path / "o"),
+                     extra_args=["--mesh-psk-file", str(key_file), "--mesh-with", mesh_with,
+                                 "--mesh-retry", "0.5"]) as ours:
+        a, b = Peer(d.url), Peer(ours.url)
+        try:
+            assert a.url.startswith("https://") and b.url.startswith("https://")
+            deliver(a, b, "derper->ours over TLS", timeout=40)
+            deliver(b, a, "ours->derper over TLS", timeout=40)
+        finally:
+            a.close()
+            b.close()
+        assert "refused" not in ours.output()
