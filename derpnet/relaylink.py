@@ -1,7 +1,8 @@
 """`RelayLink`: one DERP relay connection that re-establishes itself, for PacketConn.
 
 Layer: relay link (the job of Tailscale's derphttp.Client plus magicsock's backoff).
-It owns the current `DerpClient`, replaces it when it dies, and reports `LinkUp` /
+It owns the current `DerpClient`, replaces it when it dies (trying the other members of
+the relay's mesh in turn when given `alternates`), and reports `LinkUp` /
 `LinkDown` and the relay's frames to its owner. Sending while the link is down raises
 `ConnectionError`: the owner decides what that means (PacketConn drops, like UDP).
 
@@ -79,8 +80,11 @@ class RelayLink:
 
     def __init__(self, relay: RelayAddress, key: PrivateKey, *, client_opts: dict[str, Any],
                  on_packet: Callable[[PublicKey, bytes], None], on_event: Callable[[object], None],
-                 reconnect: bool = True) -> None:
+                 reconnect: bool = True, alternates: Sequence[RelayAddress] = ()) -> None:
         self.relay = relay
+        #: Where a reconnect may go: `relay` first, then other members of its mesh (region),
+        #: each tried in turn after a failed attempt (derphttp tries a region's nodes in order).
+        self.relays = [relay, *(a for a in alternates if a != relay)]
         self._key = key
         self._client_opts = client_opts
         self._on_packet = on_packet
@@ -244,7 +248,9 @@ class RelayLink:
                         return
                 self._failures += 1
                 delay = backoff_delay(self._failures)
-                log.warning("reconnecting to relay %s failed: %s; next try in %.3fs", self.relay.url, e, delay)
+                failed, self.relay = self.relay, self.relays[(self.relays.index(self.relay) + 1) % len(self.relays)]
+                log.warning("reconnecting to relay %s failed: %s; next try%s in %.3fs", failed.url, e,
+                            f" ({self.relay.url})" if self.relay != failed else "", delay)
                 continue
             with self.cond:
                 self._pending = None

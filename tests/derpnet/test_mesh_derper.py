@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 
 import pytest
 
+import derpnet
 import derpquic
 from derpnet.keys import PrivateKey
 from tests.conftest import missing_go_peer
@@ -147,3 +149,36 @@ def test_tls_mesh_as_deployed(tmp_path, monkeypatch):
             a.close()
             b.close()
         assert "refused" not in ours.output()
+
+
+def test_a_packet_conn_moves_to_another_member_by_itself(mesh):
+    """A PacketConn given the other members as `alternates` reconnects to one of them when its
+    member dies; a peer on a surviving member reaches it again through the mesh."""
+    a = derpnet.listen_packet(mesh.url(0), direct=False)
+    b = derpnet.listen_packet(mesh.url(1), alternates=[mesh.url(OURS), mesh.url(0)], direct=False)
+    try:
+        _pc_exchange(a, b, "before", timeout=40)
+        mesh.members[1].kill()
+        _pc_exchange(a, b, "after", timeout=40)
+        assert b.relay_url == mesh.url(OURS)
+    finally:
+        b.close()
+        a.close()
+
+
+def _pc_exchange(a, b, tag: str, timeout: float) -> None:
+    """a → b until it arrives, then b → a until it arrives (datagrams: resent until one does)."""
+    deadline = time.monotonic() + timeout
+    for src, dst, data in ((a, b, tag.encode()), (b, a, f"{tag} back".encode())):
+        dst.settimeout(0.25)
+        while True:
+            assert time.monotonic() < deadline, f"{data!r} never arrived"
+            try:
+                src.write_to(data, dst.local_addr())
+            except OSError:
+                pass  # the link is between members
+            try:
+                if dst.read_from() == (data, src.local_addr()):
+                    break
+            except TimeoutError:
+                pass
