@@ -25,8 +25,8 @@ from typing import Any
 from ..keys import PrivateKey, PrivateKeyLike, PublicKey
 from . import certs
 from .conn import ClientProtocol
-from .mesh import MeshHub, MeshKeyCheck, MeshTarget
-from .meshclient import RETRY_INTERVAL, MeshLink, MeshRetry
+from .mesh import MeshHub, MeshKeyCheck, MeshTarget, parse_mesh_key, parse_mesh_with
+from .meshclient import RETRY_INTERVAL, MeshLink, MeshRetry, use_derp_http
 from .outbox import TokenBucket
 from .ratelog import RateLimitedLog
 from .relay import Relay
@@ -362,13 +362,16 @@ class DerpServer:
     (a self-signed certificate for `hostname`/localhost/127.0.0.1 unless `certfile`/`keyfile`
     are given), or a ready server `ssl.SSLContext`. With TLS the derper meta certificate is
     served too (`meta_cert=False` to leave it out). `stun_port`: also answer STUN Binding
-    requests on that UDP port of `host` (None or 0: no STUN). Other keyword arguments are
-    `RelayOptions` fields (timeouts, queue depth).
+    requests on that UDP port of `host` (None or 0: no STUN). `mesh_key` (32 bytes or 64 hex
+    characters), `mesh_with` (derper's `--mesh-with` text) and `mesh_retry` (seconds between
+    attempts, derper's 5): join a mesh (see mesh.py).
+    Other keyword arguments are `RelayOptions` fields (timeouts, queue depth).
     """
 
     def __init__(self, key: PrivateKeyLike | None = None, *, host: str = "127.0.0.1", port: int = 0,
                  tls: TLSArg = False, certfile: str | None = None, keyfile: str | None = None,
                  hostname: str | None = None, meta_cert: bool = True, stun_port: int | None = None,
+                 mesh_key: bytes | str | None = None, mesh_with: str = "", mesh_retry: float = RETRY_INTERVAL,
                  **options: Any) -> None:
         self.private_key = PrivateKey.coerce(key) if key is not None else PrivateKey.generate()
         self.host = host
@@ -377,6 +380,11 @@ class DerpServer:
         self._tls = tls_setup(tls, certfile, keyfile, hostname, host, self.private_key.public_key, meta_cert)
         self._requested_port = port
         self._requested_stun_port = stun_port
+        self._mesh_key = parse_mesh_key(mesh_key) if isinstance(mesh_key, str) else mesh_key
+        self._mesh_with = parse_mesh_with(mesh_with, use_http=use_derp_http()) if mesh_with else []
+        if self._mesh_with and self._mesh_key is None:
+            raise ValueError("mesh_with requires mesh_key")
+        self._mesh_retry = mesh_retry
         self._core: RelayServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -419,11 +427,13 @@ class DerpServer:
 
     async def _main(self, ready: threading.Event, result: dict[str, BaseException]) -> None:
         core = RelayServer(self.private_key, host=self.host, port=self._requested_port,
-                           ssl_context=self._tls.context, options=self.options)
+                           ssl_context=self._tls.context, options=self.options, mesh_key=self._mesh_key)
         try:
             await core.start()
             if self._requested_stun_port:
                 await core.start_stun(self._requested_stun_port)
+            if self._mesh_with:
+                core.start_mesh(self._mesh_with, retry_interval=self._mesh_retry)
         except BaseException as e:
             await core.close()
             result["error"] = e

@@ -5,6 +5,7 @@ retried with backoff. Meshes with Tailscale's derper: test_mesh_derper.py."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from datetime import datetime
 import pytest
 
 from derpnet.keys import PrivateKey
+from derpnet.server import DerpServer
 from derpnet.server.mesh import MeshKeyCheck, MeshRoutes, MeshTarget, parse_mesh_key, parse_mesh_with
 from derpnet.server.meshclient import MeshRetry, Outcome
 from tests.derpnet.meshnet import Mesh, Peer, deliver, write_mesh_key
+from tests.interop_peers import free_port
 from tests.relays import REPO_ROOT, OurRelay
 
 # ---------------------------------------------------------------- pure
@@ -147,3 +150,24 @@ def test_bad_mesh_flags_one_line(tmp_path, args, message):
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert "SECRET" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_in_process_relays_mesh():
+    """DerpServer(mesh_key=, mesh_with=): the library's relay joins a mesh too."""
+    key = os.urandom(32)
+    p1, p2 = free_port(), free_port()
+    members = f"http://127.0.0.1:{p1},http://127.0.0.1:{p2}"
+    with DerpServer(port=p1, mesh_key=key, mesh_with=members, mesh_retry=0.2) as s1, \
+            DerpServer(port=p2, mesh_key=key.hex(), mesh_with=members, mesh_retry=0.2) as s2:
+        a, b = Peer(s1.url), Peer(s2.url)
+        try:
+            deliver(a, b, "a->b", timeout=20)
+            deliver(b, a, "b->a", timeout=20)
+            mesh1 = s1.stats()["mesh"]
+            assert mesh1["forwarded_out"] >= 1 and mesh1["forwarded_in"] >= 1
+            assert mesh1["links"][f"127.0.0.1:{p2}"]["accepted"] is True
+        finally:
+            a.close()
+            b.close()
+    with pytest.raises(ValueError, match="mesh_with requires mesh_key"):
+        DerpServer(mesh_with=members)

@@ -7,6 +7,8 @@ import os
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpnet import websocket as W
 from derpnet.errors import UpgradeError
@@ -132,3 +134,20 @@ def test_fragmented_message_counts_against_the_limit():
     with pytest.raises(W.WebSocketError) as e:
         server.receive_data(_frame(0x02, b"12345") + _frame(0x00, b"678") + _frame(0x80, b"abc"))
     assert e.value.code == W.CLOSE_TOO_BIG
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=3000), max_size=8), max_send=st.integers(1, 2048),
+       cuts=st.lists(st.integers(1, 500), max_size=30), from_client=st.booleans())
+def test_any_writes_any_reads_same_stream(chunks, max_send, cuts, from_client):
+    """Whatever the writes, the message size and the read boundaries: the same byte stream."""
+    sender = W.WebSocket(client=from_client, max_send=max_send)
+    receiver = W.WebSocket(client=not from_client)
+    wire = b"".join(sender.send_data(c) for c in chunks)
+    out, pos = bytearray(), 0
+    for n in [*cuts, len(wire)]:
+        got, controls = receiver.receive_data(wire[pos:pos + n])
+        assert controls == []
+        out += got
+        pos += n
+    assert bytes(out) == b"".join(chunks) and receiver.buffered == 0
