@@ -85,6 +85,7 @@ class RelayLink:
         #: Where a reconnect may go: `relay` first, then other members of its mesh (region),
         #: each tried in turn after a failed attempt (derphttp tries a region's nodes in order).
         self.relays = [relay, *(a for a in alternates if a != relay)]
+        self._tries = 0  # connect attempts since the last link was up
         self._key = key
         self._client_opts = client_opts
         self._on_packet = on_packet
@@ -171,6 +172,10 @@ class RelayLink:
     # ------------------------------------------------------------ internals
 
     def _new_client(self) -> DerpClient:
+        if self._tries and len(self.relays) > 1:  # the last attempt failed: the next member
+            self.relay = self.relays[(self.relays.index(self.relay) + 1) % len(self.relays)]
+            log.info("trying relay %s (another member of the mesh)", self.relay.url)
+        self._tries += 1
         return DerpClient(self.relay, self._key, on_packet=self._on_packet, on_event=self._on_frame,
                           on_close=self._on_link_closed, **self._client_opts)
 
@@ -193,6 +198,7 @@ class RelayLink:
             ok = not self.closed
             if ok:
                 self._link = client
+                self._tries = 0
                 self.generation += 1
                 gen = self.generation
                 self.cond.notify_all()
@@ -248,9 +254,7 @@ class RelayLink:
                         return
                 self._failures += 1
                 delay = backoff_delay(self._failures)
-                failed, self.relay = self.relay, self.relays[(self.relays.index(self.relay) + 1) % len(self.relays)]
-                log.warning("reconnecting to relay %s failed: %s; next try%s in %.3fs", failed.url, e,
-                            f" ({self.relay.url})" if self.relay != failed else "", delay)
+                log.warning("reconnecting to relay %s failed: %s; next try in %.3fs", self.relay.url, e, delay)
                 continue
             with self.cond:
                 self._pending = None
