@@ -229,8 +229,8 @@ class ClientProtocol(asyncio.Protocol):
         end = False
         if self.ws is not None:
             data, end = self.ws.unwrap(data)
-        if data:
-            self._on_stream(data)
+        if not self.closed:
+            self._on_stream(data)  # (also when a WebSocket frame is incomplete: its bytes count)
         if end and not self.closed:
             self.finish()
 
@@ -240,8 +240,9 @@ class ClientProtocol(asyncio.Protocol):
             proto = self._proto = ServerConnection(self.server.private_key)
         try:
             self.dispatch_all(proto.receive_data(data))
-            if not self.registered and not self.closed and not self.server.preauth_hold(self, proto.buffered):
-                self.abort(f"holds {proto.buffered} bytes before its hello while the relay's pre-hello buffer "
+            held = proto.buffered + (self.ws.ws.buffered if self.ws is not None else 0)
+            if not self.registered and not self.closed and not self.server.preauth_hold(self, held):
+                self.abort(f"holds {held} bytes before its hello while the relay's pre-hello buffer "
                            f"budget is spent", rate_limited=True)
         except LocalProtocolError:
             pass  # data after we finished (e.g. behind an HTTP request): ignore

@@ -151,3 +151,19 @@ def test_any_writes_any_reads_same_stream(chunks, max_send, cuts, from_client):
         out += got
         pos += n
     assert bytes(out) == b"".join(chunks) and receiver.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=400), cut=st.integers(1, 64), client=st.booleans())
+def test_any_bytes_only_websocket_errors(data, cut, client):
+    """Arbitrary input: data, control events or a WebSocketError, never another exception,
+    and never more held than was given."""
+    ws = W.WebSocket(client=client, max_message=256)
+    try:
+        for i in range(0, len(data), cut):
+            got, controls = ws.receive_data(data[i:i + cut])
+            assert isinstance(got, bytes)
+            assert all(isinstance(c, (W.WsPing, W.WsPong, W.WsClose)) for c in controls)
+            assert ws.buffered <= len(data)
+    except W.WebSocketError as e:
+        assert e.code in (W.CLOSE_PROTOCOL, W.CLOSE_UNSUPPORTED, W.CLOSE_TOO_BIG)

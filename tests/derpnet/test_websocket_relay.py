@@ -19,7 +19,7 @@ from derpnet.keys import PrivateKey
 from tests.conftest import missing_go_peer
 from tests.httpfront import WebSocketOnlyFront
 from tests.interop_peers import GoDerper, derper_path, skip_reason
-from tests.rawderp import read_to_eof
+from tests.rawderp import read_to_eof, wait_closed
 from tests.relays import OurRelay
 
 
@@ -162,3 +162,31 @@ def test_packet_conn_over_websocket(tmp_path):
             b.settimeout(10)
             data, src = b.read_from()
             assert (data, src) == (b"over websocket", a.local_addr())
+
+
+def test_partial_websocket_frames_count_against_the_pre_hello_budget():
+    """Bytes of an unfinished WebSocket frame before the hello are held like a partial ClientInfo:
+    past the relay's shared pre-hello budget such connections are dropped."""
+    from derpnet.server import DerpServer
+
+    with DerpServer(preauth_buffer_limit=64 << 10) as srv:
+        socks = []
+        try:
+            for _ in range(4):
+                s, _ = _ws_connect(srv.port)
+                socks.append(s)
+                # a binary frame announcing 30,000 bytes (masked), of which 20,000 are sent
+                s.sendall(bytes([0x82, 0xFE]) + (30000).to_bytes(2, "big") + b"\0\0\0\0" + bytes(20000))
+            closed = [_closed_within(s, 2) for s in socks]
+            assert any(closed) and not all(closed), closed
+            assert srv.stats()["preauth_drops"] >= 1
+        finally:
+            for s in socks:
+                s.close()
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    try:
+        return wait_closed(s, seconds)
+    except TimeoutError:
+        return False
