@@ -139,17 +139,21 @@ class MeshLink:
         name = self.target.host
         while True:
             self.attempts += 1
-            outcome, why = await self._attempt()
+            try:
+                outcome, why = await self._attempt()
+            except Exception as e:  # a bug here must not end the link for good: log it, retry
+                log.exception("mesh(%s): internal error", name)
+                outcome, why = Outcome.BROKEN, f"internal error: {e}"
             if outcome is None:
                 return  # we are that member
             delay, loud = self.retry.failed(outcome)
             level = logging.WARNING if loud else logging.DEBUG
             if outcome is Outcome.REFUSED:
-                log.log(level, "mesh(%s): the member refused our mesh key (%s); retrying in %.0fs, "
+                log.log(level, "mesh(%s): the member refused our mesh key (%s); retrying in %.3gs, "
                         "logged once until it works", name, why, delay)
             else:
                 log.log(level if outcome is Outcome.UNREACHABLE else logging.INFO,
-                        "mesh(%s): %s: %s; retrying in %.0fs", name, outcome.value, why, delay)
+                        "mesh(%s): %s: %s; retrying in %.3gs", name, outcome.value, why, delay)
             await asyncio.sleep(delay)
 
     async def _attempt(self) -> tuple[Outcome | None, str]:
