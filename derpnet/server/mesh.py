@@ -63,11 +63,14 @@ class MeshTarget:
     host: str       # HOST or HOST:PORT, as in derper's https://HOST/derp
     dial_host: str  # the `HOST/DIALHOST` form's second part, else `host` without its port
     scheme: str     # https (derper's), http (TS_DEBUG_USE_DERP_HTTP=1 or an http:// entry)
+    default_port: int = 0  # without a port in `host`: 0 = the scheme's (derper's debug HTTP keeps 443)
 
     @property
     def port(self) -> int:
         _, port = _split_host_port(self.host)
-        return port if port is not None else (443 if self.scheme == "https" else 80)
+        if port is not None:
+            return port
+        return self.default_port or (443 if self.scheme == "https" else 80)
 
     @property
     def name(self) -> str:
@@ -76,7 +79,9 @@ class MeshTarget:
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://{self.host}/derp"
+        explicit = _split_host_port(self.host)[1] is not None
+        host = self.host if explicit or not self.default_port else f"{self.host}:{self.default_port}"
+        return f"{self.scheme}://{host}/derp"
 
 
 def _split_host_port(text: str) -> tuple[str, int | None]:
@@ -97,10 +102,11 @@ def parse_mesh_with(text: str, *, use_http: bool = False) -> list[MeshTarget]:
         entry = raw.strip()
         if not entry:
             continue
-        scheme = "http" if use_http else "https"
+        scheme, default_port = ("http", 443) if use_http else ("https", 0)  # derper: still port 443
         for prefix in ("http://", "https://"):
             if entry.lower().startswith(prefix):
-                scheme, entry = prefix[:-3], entry[len(prefix):].rstrip("/").removesuffix("/derp")
+                scheme, default_port = prefix[:-3], 0
+                entry = entry[len(prefix):].rstrip("/").removesuffix("/derp")
         parts = entry.split("/")
         if len(parts) > 2 or not parts[0] or (len(parts) == 2 and not parts[1]):
             raise ValueError(f"bad --mesh-with entry {raw.strip()!r}: expected HOST[:PORT][/DIALHOST]")
@@ -110,7 +116,7 @@ def parse_mesh_with(text: str, *, use_http: bool = False) -> list[MeshTarget]:
             raise ValueError(f"bad port in --mesh-with entry {raw.strip()!r}") from None
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"port out of range in --mesh-with entry {raw.strip()!r}")
-        out.append(MeshTarget(parts[0], parts[1] if len(parts) == 2 else name, scheme))
+        out.append(MeshTarget(parts[0], parts[1] if len(parts) == 2 else name, scheme, default_port))
     if not out:
         raise ValueError("--mesh-with names no hosts")
     return out

@@ -39,6 +39,8 @@ def test_mesh_with_entries():
     assert (c.scheme, c.port, c.url) == ("http", 3340, "http://127.0.0.1:3340/derp")
     (d,) = parse_mesh_with("h:3341", use_http=True)
     assert (d.scheme, d.port) == ("http", 3341)
+    (e,) = parse_mesh_with("h", use_http=True)
+    assert (e.scheme, e.port, e.url) == ("http", 443, "http://h:443/derp")  # derper's debug HTTP dials :443
     for bad in ("a/b/c", "h:99999", "h:x", ",", "/x"):
         with pytest.raises(ValueError):
             parse_mesh_with(bad)
