@@ -157,14 +157,14 @@ class DerpClient:
             dialer, framing = _establish(self, dialer)
         except BaseException as e:
             self._dead = True
-            dialer.close_socket()
+            (self._dialer or dialer).close_socket()  # the WebSocket fallback's dialer, if it got that far
             if isinstance(e, (OSError, DerpError)):
                 raise with_relay_url(e, self.url) from e
             raise
         finally:
             with self._state_lock:
-                self._dialer = None
-            dialer.close()
+                current, self._dialer = self._dialer, None
+            (current or dialer).close()
         with self._state_lock:
             if not self._closing:
                 sock, tls = dialer.take()

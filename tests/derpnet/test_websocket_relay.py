@@ -94,10 +94,12 @@ def test_refused_both_ways_reports_the_plain_refusal(tmp_path):
 
         t = threading.Thread(target=refuse_all, name="refuse-all", daemon=True)
         t.start()
+        fds = len(os.listdir("/proc/self/fd"))
         with pytest.raises(UpgradeError, match="HTTP 404") as e:
             DerpClient(f"http://127.0.0.1:{port}", PrivateKey.generate()).connect()
         assert "instead of switching to DERP" in str(e.value)  # the plain attempt's error, not the WebSocket one
         t.join(10)
+        assert len(os.listdir("/proc/self/fd")) == fds  # both attempts' sockets closed
         srv.close()
         assert r.proc.poll() is None
 
