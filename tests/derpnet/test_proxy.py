@@ -78,6 +78,13 @@ def test_proxy_password_stays_out_of_messages():
 # ---------------------------------------------------------------- a real proxy
 
 
+@pytest.fixture(autouse=True)
+def no_proxy_env(monkeypatch):
+    """Each test sets the proxy variables it means; none leak in from the environment."""
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def tls_relay(tmp_path):
     with OurRelay(tls=True, hostname=NAME, workdir=str(tmp_path / "relay")) as r:
@@ -102,8 +109,6 @@ def _echo_to_self(url: str, **opts) -> DerpClient:
 def test_https_proxy_connect(tls_relay, monkeypatch, scheme, tmp_path):
     with ProxyProcess(tmp_path, names={NAME: "127.0.0.1"}) as proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
-        monkeypatch.delenv("NO_PROXY", raising=False)
-        monkeypatch.delenv("no_proxy", raising=False)
         _echo_to_self(f"{scheme}://{NAME}:{tls_relay.port}", ssl_context=tls_relay.ssl_context())
         proxy.wait_for(r"CONNECT \S+ -> 200")  # (its output lines come through a pipe)
         assert proxy.targets() == [(f"{NAME}:{tls_relay.port}", 200)]
@@ -113,8 +118,6 @@ def test_http_proxy_for_a_plain_relay(tmp_path, monkeypatch):
     with OurRelay(workdir=str(tmp_path)) as r, ProxyProcess(tmp_path, names={NAME: "127.0.0.1"}) as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
         monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # not used for http:// relays
-        monkeypatch.delenv("NO_PROXY", raising=False)
-        monkeypatch.delenv("no_proxy", raising=False)
         _echo_to_self(f"http://{NAME}:{r.port}")
         proxy.wait_for(r"CONNECT \S+ -> 200")
         assert proxy.targets() == [(f"{NAME}:{r.port}", 200)]
@@ -123,7 +126,6 @@ def test_http_proxy_for_a_plain_relay(tmp_path, monkeypatch):
 def test_proxy_authorization(tls_relay, monkeypatch, tmp_path):
     auth = "Basic " + base64.b64encode(b"alice:s3cret").decode()
     with ProxyProcess(tmp_path, names={NAME: "127.0.0.1"}, auth=auth) as proxy:
-        monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.setenv("HTTPS_PROXY", f"http://alice:s3cret@127.0.0.1:{proxy.port}")
         _echo_to_self(f"https://{NAME}:{tls_relay.port}", ssl_context=tls_relay.ssl_context())
         monkeypatch.setenv("HTTPS_PROXY", f"http://alice:wrong@127.0.0.1:{proxy.port}")
@@ -148,7 +150,6 @@ def test_no_proxy_bypasses_the_proxy(tls_relay, monkeypatch, tmp_path):
 
 def test_proxy_that_cannot_reach_the_relay(monkeypatch, tmp_path):
     with ProxyProcess(tmp_path) as proxy:
-        monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         with pytest.raises(ConnectionRefusedError, match="502"):
             DerpClient("https://unknown.invalid:1", PrivateKey.generate()).connect()
