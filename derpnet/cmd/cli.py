@@ -70,8 +70,8 @@ def _common_options(p: argparse.ArgumentParser, sub: bool) -> None:
 
     g = p.add_argument_group("common options")
     g.add_argument("-derp", "--derp", metavar="HOST", default=d(os.environ.get("DERPNET_DERP") or None),
-                   help="DERP relay: host name, https://host:port, http://host:port, or region code/id "
-                        "(env DERPNET_DERP)")
+                   help="DERP relay: host name, https://host:port, http://host:port, wss:// or ws:// (DERP over "
+                        "WebSocket), or region code/id (env DERPNET_DERP); HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply")
     g.add_argument("-key", "--key", metavar="NAME", default=d(os.environ.get("DERPNET_KEY") or "derpconnect"),
                    help="name of the private key file under <user config dir>/derpconnect/ "
                         "(raw 32 bytes, created 0600 on first use; same file as the Go tool; "
