@@ -182,3 +182,35 @@ def _pc_exchange(a, b, tag: str, timeout: float) -> None:
                     break
             except TimeoutError:
                 pass
+
+
+def test_mesh_links_skip_our_access_control_and_rate_limit(tmp_path):
+    """As in derper: a member presenting the mesh key is neither judged by --allow-clients
+    nor rate limited, so an operator's allow list (which names clients, not relays) and a
+    tight per-client rate do not cut the mesh; ordinary clients still are judged."""
+    if derper_path() is None:
+        missing_go_peer(skip_reason("derper"))
+    ours_client = PrivateKey.generate()
+    allow = tmp_path / "allowed"
+    allow.write_text(f"# only this client\n{ours_client.public_key}\n")
+    rates = tmp_path / "rates.json"
+    rates.write_text('{"PerClientRateLimitBytesPerSec": 2000, "PerClientRateBurstBytes": 2000}')
+    args = ["--mesh-retry", "0.5", "--allow-clients", str(allow), "--rate-config", str(rates)]
+    with Mesh(tmp_path, ["derper", "ours"], our_args=args) as mesh:
+        a, b = Peer(mesh.url(0)), Peer(mesh.url(1), ours_client)
+        try:
+            deliver(a, b, "derper->ours", timeout=40)
+            deliver(b, a, "ours->derper", timeout=40)
+            # 800 KiB through derper towards our client, one packet at a time: at 2,000 B/s a
+            # rate-limited mesh link would stall after its first read for minutes
+            t0 = time.monotonic()
+            for i in range(100):
+                packet = i.to_bytes(2, "big") * 4096
+                a.client.send_packet(b.public_key, packet)
+                assert b.wait_for(a.public_key, packet, timeout=10), f"packet {i} stalled on the mesh link"
+            assert time.monotonic() - t0 < 20
+        finally:
+            a.close()
+            b.close()
+        with pytest.raises(Exception, match="access denied|refused"):
+            derpnet.listen_packet(mesh.url(1), PrivateKey.generate(), direct=False, reconnect=False).close()
