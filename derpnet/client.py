@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_WRITE_TIMEOUT = 5.0
 DEFAULT_IDLE_TIMEOUT = 120.0  # 2 x the relay's keep-alive period, as the Go client
-DEFAULT_PING_AFTER = 5.0  # relay silent this long while we send: probe it with a Ping
+DEFAULT_PING_AFTER = 5.0  # relay silent this long while the link is in use: probe it with a Ping
 DEFAULT_PING_TIMEOUT = 5.0  # no frame within this long after the Ping: the link is dead
 
 PacketCallback = Callable[[PublicKey, bytes], None]
@@ -201,7 +201,7 @@ class DerpClient:
         if type(dst) is not PublicKey:
             dst = PublicKey.coerce(dst)
         # The hot path encodes with the codec directly: no event object, parts joined once.
-        self._write(F.encode_send_packet(dst, *parts), lock_timeout)
+        self._write(F.encode_send_packet(dst, *parts), lock_timeout, packets=True)
 
     def send_packets(self, packets: Sequence[tuple[PublicKey, Sequence[bytes]]],
                      lock_timeout: float | None = None) -> None:
@@ -209,7 +209,7 @@ class DerpClient:
         encode = F.encode_send_packet
         frames = [encode(dst, *parts) for dst, parts in packets]
         if frames:
-            self._write(frames[0] if len(frames) == 1 else b"".join(frames), lock_timeout)
+            self._write(frames[0] if len(frames) == 1 else b"".join(frames), lock_timeout, packets=True)
 
     def send_ping(self, data: bytes) -> None:
         """Send a Ping (8 bytes); the relay's Pong arrives through `on_event`."""
@@ -241,11 +241,13 @@ class DerpClient:
         why = f": {self.error}" if self.error is not None else " (closed)"
         return ConnectionResetError(errno.ECONNRESET, f"relay link to {self.url} is down{why}")
 
-    def _write(self, data: bytes, lock_timeout: float | None) -> None:
+    def _write(self, data: bytes, lock_timeout: float | None, *, packets: bool = False) -> None:
+        """Write frames; only packets mark the link in use (Liveness): Pings, Pongs never do."""
         wire = self._wire
         if self._dead or wire is None:
             raise self._dead_error()
-        self.liveness.on_send(time.monotonic())
+        if packets:
+            self.liveness.on_send(time.monotonic())
         try:
             wire.write(data, lock_timeout)
         except WireBroken as e:
@@ -312,11 +314,8 @@ class DerpClient:
     def _act(self, action: SendPing | Dead | None) -> None:
         """Carry out what the liveness rules ask for after a silent period."""
         if isinstance(action, SendPing):
-            log.debug("relay %s silent while we send: pinging it", self.url)
-            # Written aside: a writer stuck in a full socket buffer would block the reader,
-            # the only one who can call the link dead (silence past ping_timeout).
-            threading.Thread(target=_ping_aside, args=(self, self._conn.send(F.Ping(action.data))), daemon=True,
-                             name=f"derpnet-ping-{self.public_key.b64()[:8]}").start()
+            log.debug("relay %s silent while the link is in use: pinging it", self.url)
+            _write_aside(self, self._conn.send(F.Ping(action.data)), "ping")
         elif isinstance(action, Dead):
             raise _dead_link_error(self.url, action)
 
@@ -386,12 +385,17 @@ def _dead_link_error(url: str, dead: Dead) -> TimeoutError:
     if dead.reason is DeadReason.IDLE:
         return TimeoutError(errno.ETIMEDOUT, f"no frames from relay {url} for {dead.limit:g}s")
     return TimeoutError(errno.ETIMEDOUT, f"relay {url} did not answer a ping within {dead.limit:g}s "
-                        f"(silent for {dead.silent_for:.1f}s while we were sending)")
+                        f"(silent for {dead.silent_for:.1f}s while the link was in use)")
 
 
-def _ping_aside(client: DerpClient, frame: bytes) -> None:
-    """Write a liveness ping from a short-lived thread (ends with the write or the link)."""
-    try:
-        client._write(frame, None)
-    except (ConnectionError, TimeoutError) as e:
-        log.debug("relay %s: liveness ping not sent: %s", client.url, e)
+def _write_aside(client: DerpClient, frame: bytes, what: str) -> None:
+    """Write a control frame from a short-lived thread (it ends with the write or the link): a
+    writer stuck in a full socket buffer must not block the reader, the only one who can call
+    the link dead (silence past ping_timeout)."""
+    def write() -> None:
+        try:
+            client._write(frame, None)
+        except (ConnectionError, TimeoutError) as e:
+            log.debug("relay %s: %s not sent: %s", client.url, what, e)
+
+    threading.Thread(target=write, name=f"derpnet-{what}-{client.public_key.b64()[:8]}", daemon=True).start()

@@ -343,6 +343,79 @@ def test_relay_that_stops_reading_fails_the_write():
             client.close()
 
 
+def test_silence_right_after_an_answer_is_probed_and_found_dead():
+    """The relay answers our packet, then forwards nothing more while we wait without
+    writing (a QUIC sender waiting for flow-control credit). The link was in use: it is
+    pinged after ping_after and dead ping_timeout later, not at our next write or after the
+    120 s idle timeout (the black-hole fault test found it at 11 s: derpquic's keep-alive)."""
+    pinged = threading.Event()
+
+    def handler(sock, relay, n):
+        conn, client_key = derp_accept(sock, relay.key)
+        packet = read_frames(sock, conn, F.SendPacket)
+        sock.sendall(F.encode_recv_packet(client_key, b"answer to " + packet.data))
+        read_frames(sock, conn, F.Ping, timeout=10)  # then silence: no Pong, nothing
+        pinged.set()
+        drain_until_stop(sock, relay)
+
+    with FakeRelay(handler) as relay:
+        c = Collector()
+        client = DerpClient(relay.url, PrivateKey.generate(), ping_after=1.0, ping_timeout=0.5, **c.kwargs())
+        try:
+            client.connect()
+            client.send_packet(relay.key.public_key, b"request")
+            assert c.got_packet.wait(5)
+            t_answer = time.monotonic()
+            assert c.closed.wait(5), "a link silent right after an answer was never probed"
+            verdict = time.monotonic() - t_answer
+            assert pinged.is_set()
+            assert isinstance(c.close_error, TimeoutError) and "did not answer a ping" in str(c.close_error)
+            # ping_after + ping_timeout + two reader wake-ups (0.125 s each) + slack
+            assert verdict <= 1.5 + 0.25 + 1.0, verdict
+        finally:
+            client.close()
+
+
+def test_writer_stuck_in_a_full_buffer_does_not_delay_the_verdict():
+    """A relay that stops reading and forwarding while we write: our writer blocks in a full
+    socket buffer (for up to the 30 s write timeout). The reader still pings (aside), calls
+    the link dead within ping_after + ping_timeout, and closing the link wakes the writer."""
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)
+        relay.stop.wait(20)  # never read, never write
+
+    with FakeRelay(handler, rcvbuf=4096) as relay:
+        c = Collector()
+        client = DerpClient(relay.url, PrivateKey.generate(), write_timeout=30.0, ping_after=0.5,
+                            ping_timeout=0.5, **c.kwargs())
+        outcome = {}
+
+        def flood():
+            dst, payload = PrivateKey.generate().public_key, bytes(60000)
+            try:
+                while True:  # a few MB fill the socket buffers, then send_packet blocks
+                    client.send_packet(dst, payload)
+            except ConnectionResetError as e:
+                outcome["error"], outcome["at"] = e, time.monotonic()
+
+        writer = threading.Thread(target=flood, name="test-flood", daemon=True)
+        try:
+            client.connect()
+            t0 = time.monotonic()
+            writer.start()
+            assert c.closed.wait(10), "the link was not declared dead"
+            verdict = time.monotonic() - t0
+            writer.join(5)
+            assert not writer.is_alive(), "the stuck writer was not woken by the dead link"
+            assert isinstance(c.close_error, TimeoutError) and "did not answer a ping" in str(c.close_error)
+            # ping_after + ping_timeout + two reader wake-ups (0.125 s each) + slack, far below 30 s
+            assert verdict <= 1.0 + 0.25 + 1.5, verdict
+            assert outcome["at"] - t0 <= verdict + 1.0
+        finally:
+            client.close()
+            writer.join(5)
+
+
 def test_relay_hanging_up_reports_connection_reset():
     def handler(sock, relay, n):
         derp_accept(sock, relay.key)  # then return: the socket closes
