@@ -38,6 +38,7 @@ DEFAULT_WRITE_TIMEOUT = 5.0
 DEFAULT_IDLE_TIMEOUT = 120.0  # 2 x the relay's keep-alive period, as the Go client
 DEFAULT_PING_AFTER = 5.0  # relay silent this long while the link is in use: probe it with a Ping
 DEFAULT_PING_TIMEOUT = 5.0  # no frame within this long after the Ping: the link is dead
+MAX_ASIDE = 8  # control frames waiting for the aside writer (Pongs to a pinging relay)
 
 PacketCallback = Callable[[PublicKey, bytes], None]
 EventCallback = Callable[[Event], None]
@@ -99,6 +100,7 @@ class DerpClient:
         self._closing = False
         self._started = False
         self._early: list[Event] = []  # events that came with the ServerInfo
+        self._aside = _AsideWriter(self)  # our liveness Pings and our Pongs
         self._reader: threading.Thread | None = None
 
     # ------------------------------------------------------------ public
@@ -315,7 +317,7 @@ class DerpClient:
         """Carry out what the liveness rules ask for after a silent period."""
         if isinstance(action, SendPing):
             log.debug("relay %s silent while the link is in use: pinging it", self.url)
-            _write_aside(self, self._conn.send(F.Ping(action.data)), "ping")
+            self._aside.send([self._conn.send(F.Ping(action.data))])
         elif isinstance(action, Dead):
             raise _dead_link_error(self.url, action)
 
@@ -341,7 +343,7 @@ class DerpClient:
                     self.liveness.on_pong(data, time.monotonic())
             _call("on_event", self.on_event, ev)
         if pongs:
-            self._write(b"".join(pongs), None)
+            self._aside.send(pongs)
 
 
 class HandshakeIO(Protocol):
@@ -388,14 +390,39 @@ def _dead_link_error(url: str, dead: Dead) -> TimeoutError:
                         f"(silent for {dead.silent_for:.1f}s while the link was in use)")
 
 
-def _write_aside(client: DerpClient, frame: bytes, what: str) -> None:
-    """Write a control frame from a short-lived thread (it ends with the write or the link): a
-    writer stuck in a full socket buffer must not block the reader, the only one who can call
-    the link dead (silence past ping_timeout)."""
-    def write() -> None:
-        try:
-            client._write(frame, None)
-        except (ConnectionError, TimeoutError) as e:
-            log.debug("relay %s: %s not sent: %s", client.url, what, e)
+class _AsideWriter:
+    """Control frames the reader wants sent (our liveness Ping, Pongs), written from a
+    short-lived thread: the reader must never wait for the send lock, which a writer stuck in
+    a full socket buffer holds for up to write_timeout, as the reader alone can call the
+    link dead. One thread at a time (it ends with the write or the link); at most
+    `MAX_ASIDE` frames wait, the oldest dropped: a relay pinging faster than we can answer
+    gets best-effort Pongs, as from Tailscale's client."""
 
-    threading.Thread(target=write, name=f"derpnet-{what}-{client.public_key.b64()[:8]}", daemon=True).start()
+    def __init__(self, client: DerpClient) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._frames: deque[bytes] = deque(maxlen=MAX_ASIDE)
+        self._busy = False  # a thread is writing
+
+    def send(self, frames: list[bytes]) -> None:
+        """Queue frames and make sure a thread writes them (never blocks)."""
+        with self._lock:
+            self._frames.extend(frames)
+            if self._busy:
+                return
+            self._busy = True
+        threading.Thread(target=self._run, name=f"derpnet-aside-{self._client.public_key.b64()[:8]}",
+                         daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                frames = list(self._frames)
+                self._frames.clear()
+                self._busy = bool(frames)
+            if not frames:
+                return
+            try:
+                self._client._write(b"".join(frames), None)
+            except (ConnectionError, TimeoutError) as e:  # the link is dead: the reader reports it
+                log.debug("relay %s: %d control frame(s) not sent: %s", self._client.url, len(frames), e)
