@@ -103,8 +103,10 @@ def listen_packet(relay: str | RelayAddress, key: PrivateKeyLike | None = None,
                   **options: Any) -> PacketConn:
     """Connect to `relay` with `key` (None: a fresh key) and return a `PacketConn`.
 
-    `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port`` or
-    ``http://host:port``. Options: see `PacketConn`. Raises if the first connect fails.
+    `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port``,
+    ``http://host:port``, or ``wss://``/``ws://`` for DERP over WebSocket. HTTP proxies
+    come from HTTPS_PROXY/HTTP_PROXY/NO_PROXY. Options: see `PacketConn`. Raises if the
+    first connect fails.
     """
     return PacketConn(relay, key, **options)
 
@@ -118,8 +120,9 @@ class PacketConn:
     ``on_event(event)`` (LinkUp, LinkDown, PathChanged, relay frames; a reader thread: must
     not block), ``on_packet(data, src)`` (instead of the queue; a reader thread), and for
     direct paths ``direct`` (True), ``stun`` ("host:port"; default the relay's host, port
-    3478), ``udp_port`` (0 = any).
-    """
+    3478), ``udp_port`` (0 = any); ``websocket`` (None: raw DERP, WebSocket when the relay
+    refuses the plain upgrade; True: WebSocket only; False: never); ``alternates`` (other
+    members of the relay's mesh: a reconnect goes there when the relay stays unreachable)."""
 
     def __init__(
         self,
@@ -139,6 +142,8 @@ class PacketConn:
         direct: bool = True,
         stun: str | None = None,
         udp_port: int = 0,
+        websocket: bool | None = None,
+        alternates: Sequence[str | RelayAddress] = (),
     ) -> None:
         self._relay = parse_relay(relay)
         self._key = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
@@ -160,10 +165,11 @@ class PacketConn:
                                        port=udp_port)
         client_opts: dict[str, Any] = dict(ssl_context=ssl_context, connect_timeout=connect_timeout,
                                            write_timeout=write_timeout, idle_timeout=idle_timeout,
-                                           ping_after=ping_after, ping_timeout=ping_timeout)
+                                           ping_after=ping_after, ping_timeout=ping_timeout, websocket=websocket)
         try:
             self._link = RelayLink(self._relay, self._key, client_opts=client_opts, on_packet=self._on_packet,
-                                   on_event=self._on_frame, reconnect=reconnect)
+                                   on_event=self._on_frame, reconnect=reconnect,
+                                   alternates=[parse_relay(a) for a in alternates])
         except BaseException:
             if self._direct is not None:
                 self._direct.close()
@@ -186,7 +192,7 @@ class PacketConn:
 
     @property
     def relay_url(self) -> str:
-        return self._relay.url
+        return self._link.relay.url  # after a failover, another member of the relay's mesh
 
     def write_to(self, data: bytes, addr: PublicKeyLike) -> int:
         """Send one datagram (≤ 65,535 bytes) to `addr` (PublicKey, 32 bytes or any text form).

@@ -16,8 +16,17 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..keys import PublicKey
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, UserError, host_port, positive_float, setup_logging
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    UserError,
+    host_port,
+    parse_public_key,
+    positive_float,
+    setup_logging,
+)
 
 log = logging.getLogger("derpnet.cmd")
 
@@ -61,8 +70,8 @@ def _common_options(p: argparse.ArgumentParser, sub: bool) -> None:
 
     g = p.add_argument_group("common options")
     g.add_argument("-derp", "--derp", metavar="HOST", default=d(os.environ.get("DERPNET_DERP") or None),
-                   help="DERP relay: host name, https://host:port, http://host:port, or region code/id "
-                        "(env DERPNET_DERP)")
+                   help="DERP relay: host name, https://host:port, http://host:port, wss:// or ws:// (DERP over "
+                        "WebSocket), or region code/id (env DERPNET_DERP); HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply")
     g.add_argument("-key", "--key", metavar="NAME", default=d(os.environ.get("DERPNET_KEY") or "derpconnect"),
                    help="name of the private key file under <user config dir>/derpconnect/ "
                         "(raw 32 bytes, created 0600 on first use; same file as the Go tool; "
@@ -116,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_B64_KEY_WITH_DASH = re.compile(r"-[A-Za-z0-9_-]{42}")
+_B64_KEY_WITH_DASH = re.compile(r"-[A-Za-z0-9_+/=-]{42,43}")
 
 
 def _normalise(argv: Sequence[str]) -> list[str]:
@@ -129,11 +138,8 @@ def _normalise(argv: Sequence[str]) -> list[str]:
             out.extend(argv[i:])
             break
         if _B64_KEY_WITH_DASH.fullmatch(a):
-            try:
-                out.append(str(PublicKey.parse(a)))
-                continue
-            except ValueError:
-                pass
+            out.append(str(parse_public_key(a)))  # a malformed one: its own error, not "unrecognized"
+            continue
         if a.startswith("-") and "=" in a:
             name, _, value = a.lstrip("-").partition("=")
             if name in _BOOL_FLAGS:

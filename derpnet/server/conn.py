@@ -23,11 +23,15 @@ from ..events import ClientHello, Event
 from ..keys import PublicKey
 from ..tlsbio import TLSSession
 from .admission import Admission
-from .relay import Endpoint, looks_like_disco
+from .connhooks import pace
+from .mesh import MESH_WRITE_TIMEOUT
+from .ratelimit import ReadLimiter
+from .relay import Endpoint
 from .sender import Sender
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import RelayOptions, RelayServer
+    from .wsserve import ServerWebSocket
 
 __all__ = ["ClientProtocol"]
 
@@ -40,7 +44,7 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = ("server", "relay", "options", "loop", "conn_id", "transport", "peer", "key", "info", "is_dup",
                  "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "_tls",
                  "_admission", "_sender", "_write_timer", "preauth_held", "unauthenticated",
-                 "__weakref__")
+                 "limiter", "draining", "can_mesh", "ws", "__weakref__")
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
@@ -67,6 +71,10 @@ class ClientProtocol(asyncio.Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self.preauth_held = 0  # bytes held before the hello, charged to the server's budget
         self.unauthenticated = False  # counted in the server's unauthenticated connections
+        self.limiter: ReadLimiter | None = None  # the client's receive rate limit (ratelimit.py), once registered
+        self.draining = False  # the relay is restarting: packets from this client are no longer forwarded
+        self.can_mesh = False  # presented our mesh key: may watch, forward and close peers
+        self.ws: ServerWebSocket | None = None  # DERP in WebSocket messages (set by the admission after its 101)
 
     def __repr__(self) -> str:
         who = self.key.short() if self.key else "-"
@@ -76,6 +84,11 @@ class ClientProtocol(asyncio.Protocol):
     def endpoint(self) -> Endpoint:
         """This connection as the relay sees it (once registered its key is set)."""
         return cast(Endpoint, self)
+
+    @property
+    def sender(self) -> Sender | None:
+        """The outgoing side, once registered."""
+        return self._sender
 
     @property
     def name(self) -> str:
@@ -115,12 +128,12 @@ class ClientProtocol(asyncio.Protocol):
             if out:
                 self.transport.write(out)
             if data:
-                self._on_plaintext(data)
+                self.on_plaintext(data)
             if tls.closed_by_peer and not self.closed:
                 log.debug("relay: %s closed TLS (close_notify)", self.name)
                 self.finish()  # answers with our close_notify
             return
-        self._on_plaintext(data)
+        self.on_plaintext(data)
 
     def eof_received(self) -> bool | None:
         return False  # half-close ends the connection, as in derper
@@ -136,7 +149,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        t = self.options.write_timeout
+        t = MESH_WRITE_TIMEOUT if self.can_mesh else self.options.write_timeout
         if t and self._write_timer is None and not self.closed:
             self._write_timer = self.loop.call_later(t, self._write_timed_out)
 
@@ -172,7 +185,13 @@ class ClientProtocol(asyncio.Protocol):
         return self._tls is not None and self._tls.handshake_done
 
     def send(self, data: bytes) -> None:
-        """Write protocol bytes (encrypted when serving TLS)."""
+        """Write protocol bytes (in WebSocket messages when upgraded so, encrypted when serving TLS)."""
+        if self.ws is not None:
+            data = self.ws.wrap(data)
+        self.send_raw(data)
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes below the WebSocket layer (HTTP heads, WebSocket control frames)."""
         assert self.transport is not None
         self.transport.write(data if self._tls is None else self._tls.encrypt(data))
 
@@ -214,14 +233,27 @@ class ClientProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ incoming events
 
-    def _on_plaintext(self, data: bytes) -> None:
+    def on_plaintext(self, data: bytes) -> None:
+        """Bytes received (decrypted); unwrapped from WebSocket messages when upgraded so."""
+        end = False
+        if self.ws is not None:
+            data, end = self.ws.unwrap(data)
+        if not self.closed:
+            self._on_stream(data)  # (also when a WebSocket frame is incomplete: its bytes count)
+        if end and not self.closed:
+            self.finish()
+
+    def _on_stream(self, data: bytes) -> None:
         proto = self._proto
         if proto is None:
             proto = self._proto = ServerConnection(self.server.private_key)
         try:
             self.dispatch_all(proto.receive_data(data))
-            if not self.registered and not self.closed and not self.server.preauth_hold(self, proto.buffered):
-                self.abort(f"holds {proto.buffered} bytes before its hello while the relay's pre-hello buffer "
+            if self.limiter is not None:
+                pace(self, len(data))
+            held = proto.buffered + (self.ws.ws.buffered if self.ws is not None else 0)
+            if not self.registered and not self.closed and not self.server.preauth_hold(self, held):
+                self.abort(f"holds {held} bytes before its hello while the relay's pre-hello buffer "
                            f"budget is spent", rate_limited=True)
         except LocalProtocolError:
             pass  # data after we finished (e.g. behind an HTTP request): ignore
@@ -255,6 +287,9 @@ class ClientProtocol(asyncio.Protocol):
                 case F.NotePreferred(preferred=preferred):
                     self.preferred = preferred
                 case F.ForwardPacket() | F.WatchConns() | F.ClosePeer():
+                    if self.can_mesh and self.server.mesh is not None:
+                        self.server.mesh.handle(self, ev)
+                        return
                     self.abort(f"{type(ev).__name__} frame from a non-mesh client: insufficient permissions",
                                rate_limited=True)
                 # Pong and unknown frames are skipped.
@@ -268,6 +303,8 @@ class ClientProtocol(asyncio.Protocol):
         self.server.connection_authenticated(self)
         self.key = hello.key
         self.info = hello.info
+        if not self.can_mesh:  # mesh peers are not rate limited, as in derper
+            self.limiter = self.server.rate_config.limit_for(hello.key).limiter(self.loop.time())
         self._sender = Sender(self)
         self.registered = True
         self.relay.register(self.endpoint)
@@ -276,6 +313,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def _forward(self, dst_key: PublicKey, data: bytes) -> None:
         relay = self.relay
+        if self.draining:
+            relay.drop("restarting")
+            return
         relay.packets_received += 1
         relay.bytes_received += len(data)
         dst, n = relay.lookup(dst_key)
@@ -284,9 +324,11 @@ class ClientProtocol(asyncio.Protocol):
             dst.enqueue_packet(self.key, data)
         elif n > 1:
             relay.drop("dup_client")
+        elif (mesh := self.server.mesh) is not None and self.key is not None and mesh.forward(self.key, dst_key, data):
+            pass  # connected to another member of the mesh
         else:
             relay.drop("unknown_dest")
-            if looks_like_disco(data) and self._sender is not None:
+            if self._sender is not None:  # derper answers disco packets only; we answer every one
                 self._sender.maybe_not_here(dst_key)
 
     # ------------------------------------------------------------ outgoing (Endpoint interface)
