@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_WRITE_TIMEOUT = 5.0
 DEFAULT_IDLE_TIMEOUT = 120.0  # 2 x the relay's keep-alive period, as the Go client
-DEFAULT_PING_AFTER = 5.0  # relay silent this long while we send: probe it with a Ping
+DEFAULT_PING_AFTER = 5.0  # relay silent this long while the link is in use: probe it with a Ping
 DEFAULT_PING_TIMEOUT = 5.0  # no frame within this long after the Ping: the link is dead
+MAX_ASIDE = 8  # control frames waiting for the aside writer (Pongs to a pinging relay)
 
 PacketCallback = Callable[[PublicKey, bytes], None]
 EventCallback = Callable[[Event], None]
@@ -106,6 +107,7 @@ class DerpClient:
         self._closing = False
         self._started = False
         self._early: list[Event] = []  # events that came with the ServerInfo
+        self._aside = _AsideWriter(self)  # our liveness Pings and our Pongs
         self._reader: threading.Thread | None = None
 
     # ------------------------------------------------------------ public
@@ -203,7 +205,7 @@ class DerpClient:
         if type(dst) is not PublicKey:
             dst = PublicKey.coerce(dst)
         # The hot path encodes with the codec directly: no event object, parts joined once.
-        self._write(F.encode_send_packet(dst, *parts), lock_timeout)
+        self._write(F.encode_send_packet(dst, *parts), lock_timeout, packets=True)
 
     def send_packets(self, packets: Sequence[tuple[PublicKey, Sequence[bytes]]],
                      lock_timeout: float | None = None) -> None:
@@ -211,7 +213,7 @@ class DerpClient:
         encode = F.encode_send_packet
         frames = [encode(dst, *parts) for dst, parts in packets]
         if frames:
-            self._write(frames[0] if len(frames) == 1 else b"".join(frames), lock_timeout)
+            self._write(frames[0] if len(frames) == 1 else b"".join(frames), lock_timeout, packets=True)
 
     def send_ping(self, data: bytes) -> None:
         """Send a Ping (8 bytes); the relay's Pong arrives through `on_event`."""
@@ -243,11 +245,13 @@ class DerpClient:
         why = f": {self.error}" if self.error is not None else " (closed)"
         return ConnectionResetError(errno.ECONNRESET, f"relay link to {self.url} is down{why}")
 
-    def _write(self, data: bytes, lock_timeout: float | None) -> None:
+    def _write(self, data: bytes, lock_timeout: float | None, *, packets: bool = False) -> None:
+        """Write frames; only packets mark the link in use (Liveness): Pings, Pongs never do."""
         wire = self._wire
         if self._dead or wire is None:
             raise self._dead_error()
-        self.liveness.on_send(time.monotonic())
+        if packets:
+            self.liveness.on_send(time.monotonic())
         try:
             wire.write(data, lock_timeout)
         except WireBroken as e:
@@ -314,11 +318,8 @@ class DerpClient:
     def _act(self, action: SendPing | Dead | None) -> None:
         """Carry out what the liveness rules ask for after a silent period."""
         if isinstance(action, SendPing):
-            log.debug("relay %s silent while we send: pinging it", self.url)
-            # Written aside: a writer stuck in a full socket buffer would block the reader,
-            # the only one who can call the link dead (silence past ping_timeout).
-            threading.Thread(target=_ping_aside, args=(self, self._conn.send(F.Ping(action.data))), daemon=True,
-                             name=f"derpnet-ping-{self.public_key.b64()[:8]}").start()
+            log.debug("relay %s silent while the link is in use: pinging it", self.url)
+            self._aside.send([self._conn.send(F.Ping(action.data))])
         elif isinstance(action, Dead):
             raise _dead_link_error(self.url, action)
 
@@ -344,7 +345,7 @@ class DerpClient:
                     self.liveness.on_pong(data, time.monotonic())
             _call("on_event", self.on_event, ev)
         if pongs:
-            self._write(b"".join(pongs), None)
+            self._aside.send(pongs)
 
 
 class HandshakeIO(Protocol):
@@ -439,12 +440,42 @@ def _dead_link_error(url: str, dead: Dead) -> TimeoutError:
     if dead.reason is DeadReason.IDLE:
         return TimeoutError(errno.ETIMEDOUT, f"no frames from relay {url} for {dead.limit:g}s")
     return TimeoutError(errno.ETIMEDOUT, f"relay {url} did not answer a ping within {dead.limit:g}s "
-                        f"(silent for {dead.silent_for:.1f}s while we were sending)")
+                        f"(silent for {dead.silent_for:.1f}s while the link was in use)")
 
 
-def _ping_aside(client: DerpClient, frame: bytes) -> None:
-    """Write a liveness ping from a short-lived thread (ends with the write or the link)."""
-    try:
-        client._write(frame, None)
-    except (ConnectionError, TimeoutError) as e:
-        log.debug("relay %s: liveness ping not sent: %s", client.url, e)
+class _AsideWriter:
+    """Control frames the reader wants sent (our liveness Ping, Pongs), written from a
+    short-lived thread: the reader must never wait for the send lock, which a writer stuck in
+    a full socket buffer holds for up to write_timeout, as the reader alone can call the
+    link dead. One thread at a time (it ends with the write or the link); at most
+    `MAX_ASIDE` frames wait, the oldest dropped: a relay pinging faster than we can answer
+    gets best-effort Pongs, as from Tailscale's client."""
+
+    def __init__(self, client: DerpClient) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._frames: deque[bytes] = deque(maxlen=MAX_ASIDE)
+        self._busy = False  # a thread is writing
+
+    def send(self, frames: list[bytes]) -> None:
+        """Queue frames and make sure a thread writes them (never blocks)."""
+        with self._lock:
+            self._frames.extend(frames)
+            if self._busy:
+                return
+            self._busy = True
+        threading.Thread(target=self._run, name=f"derpnet-aside-{self._client.public_key.b64()[:8]}",
+                         daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                frames = list(self._frames)
+                self._frames.clear()
+                self._busy = bool(frames)
+            if not frames:
+                return
+            try:
+                self._client._write(b"".join(frames), None)
+            except (ConnectionError, TimeoutError) as e:  # the link is dead: the reader reports it
+                log.debug("relay %s: %d control frame(s) not sent: %s", self._client.url, len(frames), e)
