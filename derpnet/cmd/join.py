@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthenticationError, DerpError, PeerNotConnected
 from ..keys import PublicKey
+from . import stdio
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -46,6 +47,10 @@ Listen on LISTEN (PORT, or HOST:PORT; default 127.0.0.1 and a random port) and f
 every accepted TCP connection to the peer PUBKEY (as printed by its `serve`). Unlike the
 Go tool, only loopback is listened on unless asked: use 0.0.0.0:PORT (or [::]:PORT) to
 accept connections from other machines.
+
+With LISTEN - (or --stdio), one stream is carried over stdin/stdout instead, for ssh:
+  ssh -o ProxyCommand='derpconnect --derp=HOST join PUBKEY -' user@host
+(serve forwards to the sshd port; stdout carries only the stream, logs go to stderr).
 """
 
 DIAL_TIMEOUT = 15.0
@@ -55,7 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pubkey", metavar="PUBKEY",
                    help="the serving peer's public key (43-char base64url as printed by serve, or nodekey:<hex>)")
     p.add_argument("listen", metavar="LISTEN", nargs="?", default="0",
-                   help="local PORT or HOST:PORT to listen on (default: a random port on 127.0.0.1)")
+                   help="local PORT or HOST:PORT to listen on (default: a random port on 127.0.0.1); "
+                        "- carries one stream over stdin/stdout instead (see --stdio)")
+    p.add_argument("--stdio", action="store_true",
+                   help="carry one stream over stdin/stdout (as LISTEN -), e.g. for ssh -o "
+                        "ProxyCommand='derpconnect --derp=HOST join PUBKEY -'; half-close both ways, "
+                        "logs on stderr only")
     p.add_argument("--insecure-allow-unauthenticated", action="store_true",
                    help="accept a serving peer that cannot prove it holds PUBKEY, such as the Go "
                         "derpconnect (its identity is then only vouched for by the relay)")
@@ -90,6 +100,8 @@ def _fmt_addr(host: str, port: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if stdio.wanted(args):
+        return stdio.run(args, _dial_options(args))
     peer = parse_public_key(args.pubkey, "peer public key")
     host, port = local_endpoint(args.listen, default_host="127.0.0.1", what="listen address")
     target = relay_target(args)
@@ -102,9 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     import derpquic
 
-    options = quic_options(args)
-    if args.insecure_allow_unauthenticated:
-        options["allow_unauthenticated"] = True
+    options = _dial_options(args)
 
     stop = Stopper().install()
     lsock = _listen(host, port)
@@ -162,6 +172,13 @@ def run(args: argparse.Namespace) -> int:
         if dialer is not None:
             close_bounded([dialer], 0.3, linger=0.2)
         stop.restore()
+
+
+def _dial_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = quic_options(args)
+    if args.insecure_allow_unauthenticated:
+        options["allow_unauthenticated"] = True
+    return options
 
 
 def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: str, conn: socket.socket,
