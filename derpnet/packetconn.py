@@ -73,13 +73,12 @@ from .client import (
     DEFAULT_PING_AFTER,
     DEFAULT_PING_TIMEOUT,
     DEFAULT_WRITE_TIMEOUT,
-    RelayAddress,
-    parse_relay,
 )
 from .disco import looks_like_disco
 from .keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
 from .paths import RELAY_PATH_MTU, PathChanged
 from .relaylink import LinkDown, LinkUp, RelayLink, backoff_delay
+from .relayset import RelaySet, RelaySpec, first_link, open_link, parse_relays, relay_via
 from .rxqueue import ReceiveQueue, ShortBufferError, closed_error
 
 if TYPE_CHECKING:
@@ -99,12 +98,15 @@ def _size(data: Any) -> int:
     return len(data) if type(data) is bytes else memoryview(data).nbytes
 
 
-def listen_packet(relay: str | RelayAddress, key: PrivateKeyLike | None = None,
+def listen_packet(relay: RelaySpec, key: PrivateKeyLike | None = None,
                   **options: Any) -> PacketConn:
     """Connect to `relay` with `key` (None: a fresh key) and return a `PacketConn`.
 
     `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port`` or
-    ``http://host:port``. Options: see `PacketConn`. Raises if the first connect fails.
+    ``http://host:port``; or several (a list, or one string with commas): the conn is then
+    reachable through all of them and sends to each peer through the relay it was last
+    heard on (derpnet.relayset). Options: see `PacketConn`. Raises if the first connect
+    fails (with several relays: if none answers; the others are retried in the background).
     """
     return PacketConn(relay, key, **options)
 
@@ -123,7 +125,7 @@ class PacketConn:
 
     def __init__(
         self,
-        relay: str | RelayAddress,
+        relay: RelaySpec,
         key: PrivateKeyLike | None = None,
         *,
         ssl_context: ssl.SSLContext | None = None,
@@ -140,7 +142,7 @@ class PacketConn:
         stun: str | None = None,
         udp_port: int = 0,
     ) -> None:
-        self._relay = parse_relay(relay)
+        self._relay, *self._more_relays = parse_relays(relay)
         self._key = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
         self._addr = self._key.public_key
         stun_server = _parse_host_port(stun, "stun") if stun is not None else None
@@ -162,8 +164,8 @@ class PacketConn:
                                            write_timeout=write_timeout, idle_timeout=idle_timeout,
                                            ping_after=ping_after, ping_timeout=ping_timeout)
         try:
-            self._link = RelayLink(self._relay, self._key, client_opts=client_opts, on_packet=self._on_packet,
-                                   on_event=self._on_frame, reconnect=reconnect)
+            self._link = open_link([self._relay, *self._more_relays], self._key, client_opts=client_opts,
+                                   on_packet=self._on_packet, on_event=self._on_frame, reconnect=reconnect)
         except BaseException:
             if self._direct is not None:
                 self._direct.close()
@@ -187,6 +189,10 @@ class PacketConn:
     @property
     def relay_url(self) -> str:
         return self._relay.url
+
+    def relay_for(self, peer: PublicKeyLike) -> str | None:
+        """The relay datagrams to `peer` go through (of several: None until it is heard from)."""
+        return relay_via(self._link, PublicKey.coerce(peer))
 
     def write_to(self, data: bytes, addr: PublicKeyLike) -> int:
         """Send one datagram (≤ 65,535 bytes) to `addr` (PublicKey, 32 bytes or any text form).
@@ -309,8 +315,8 @@ class PacketConn:
 
     @property
     def relay_link(self) -> RelayLink:
-        """The relay connection (reconnecting); its `client` is the current DerpClient."""
-        return self._link
+        """The (first) relay connection (reconnecting); its `client` is the current DerpClient."""
+        return first_link(self._link)
 
     @property
     def health(self) -> str:
@@ -434,7 +440,7 @@ class Outbound:
     """Where each datagram goes: the direct path when the peer has one that fits, else the
     relay (dropped and counted while it is down, like UDP). Writers run in any thread."""
 
-    def __init__(self, link: RelayLink, direct: DirectPaths | None, rx: ReceiveQueue) -> None:
+    def __init__(self, link: RelayLink | RelaySet, direct: DirectPaths | None, rx: ReceiveQueue) -> None:
         self.link, self.direct, self.rx = link, direct, rx
         self.lock = threading.Lock()  # the counters
         self.packets = self.bytes = self.direct_packets = self.drop_offline = 0

@@ -75,11 +75,14 @@ def restart_delay(hint: F.Restarting | None, hint_at: float, died_at: float, fai
 
 class RelayLink:
     """The relay connection of a PacketConn: connects at once (raising on failure), then
-    keeps itself up. `on_packet(src, data)` and `on_event(event)` run in a reader thread."""
+    keeps itself up. `on_packet(src, data)` and `on_event(event)` run in a reader thread.
+    With `connect=False` it starts down and connects in the background (a thread named
+    `derpnet-relay-<host>`), with the reconnect backoff: one relay of several that did not
+    answer at start."""
 
     def __init__(self, relay: RelayAddress, key: PrivateKey, *, client_opts: dict[str, Any],
                  on_packet: Callable[[PublicKey, bytes], None], on_event: Callable[[object], None],
-                 reconnect: bool = True) -> None:
+                 reconnect: bool = True, connect: bool = True) -> None:
         self.relay = relay
         self._key = key
         self._client_opts = client_opts
@@ -98,6 +101,13 @@ class RelayLink:
         self.reconnects = 0
         self._failures = 0
         self._restart_hint: tuple[F.Restarting, float] | None = None  # (frame, when), until used
+        if not connect:
+            self._failures = 1
+            retry = threading.Thread(target=self._reconnect_loop, args=(0.0,), name=f"derpnet-relay-{relay.host}",
+                                     daemon=True)
+            self._old_readers.append(retry)
+            retry.start()
+            return
         client = self._new_client()
         client.connect(start=False)  # raises: no silent retry at start
         self._install(client)

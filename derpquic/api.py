@@ -39,8 +39,9 @@ _HANDSHAKING = (ConnState.HANDSHAKE, ConnState.AUTH)
 
 def _open_packet_conn(host: Any, key: PrivateKeyLike | None,
                       options: dict[str, Any]) -> tuple[Any, PrivateKey, bool]:
-    """(pc, private key, owned) from a relay URL/host, or an existing PacketConn."""
-    if isinstance(host, str) or type(host).__name__ == "RelayAddress":
+    """(pc, private key, owned) from a relay URL/host (or a list of them: several relays,
+    see derpnet.relayset), or an existing PacketConn."""
+    if isinstance(host, (str, list, tuple)) or type(host).__name__ == "RelayAddress":
         import derpnet
         priv = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
         pc = derpnet.listen_packet(host, priv, **options)
@@ -253,7 +254,8 @@ class Listener(_Endpoint):
     every stream of every connection).
 
     `host`: a relay URL (``"https://derp.example.com"``, ``"http://127.0.0.1:3340"``, a bare
-    hostname) or an existing PacketConn (then pass `key` unless it exposes it).
+    hostname), a list of them (reachable on every one: derpnet.relayset) or an existing
+    PacketConn (then pass `key` unless it exposes it).
     Authentication: peers that prove their key (derpnet peers) are authenticated; Go peers
     cannot and are accepted unauthenticated unless `require_auth=True` or `allow=[keys]`
     (then only those keys, proven, get through; others are refused before any stream is

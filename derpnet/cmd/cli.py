@@ -18,6 +18,7 @@ from typing import NoReturn
 from .. import __version__
 from ..keys import PublicKey
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, UserError, host_port, positive_float, setup_logging
+from .relays import DerpAction
 
 log = logging.getLogger("derpnet.cmd")
 
@@ -60,9 +61,12 @@ def _common_options(p: argparse.ArgumentParser, sub: bool) -> None:
         return argparse.SUPPRESS if sub else value
 
     g = p.add_argument_group("common options")
-    g.add_argument("-derp", "--derp", metavar="HOST", default=d(os.environ.get("DERPNET_DERP") or None),
+    g.add_argument("-derp", "--derp", metavar="HOST", action=DerpAction,
+                   default=d(os.environ.get("DERPNET_DERP") or None),
                    help="DERP relay: host name, https://host:port, http://host:port, or region code/id "
-                        "(env DERPNET_DERP)")
+                        "(env DERPNET_DERP); several relays as a comma-separated list or --derp repeated: "
+                        "serve is reachable on all, join uses the one that reaches the peer and moves on "
+                        "when it fails")
     g.add_argument("-key", "--key", metavar="NAME", default=d(os.environ.get("DERPNET_KEY") or "derpconnect"),
                    help="name of the private key file under <user config dir>/derpconnect/ "
                         "(raw 32 bytes, created 0600 on first use; same file as the Go tool; "

@@ -28,12 +28,10 @@ from .common import (
     max_conns,
     parse_public_key,
     positive_float,
-    relay_ssl_for,
-    relay_target,
 )
 from .forward import Tunnels, abort
+from .relays import Relays
 from .serve import add_idle_timeout, quic_options
-from .session import connect_relay
 
 if TYPE_CHECKING:
     import derpquic
@@ -104,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
         return stdio.run(args, _dial_options(args))
     peer = parse_public_key(args.pubkey, "peer public key")
     host, port = local_endpoint(args.listen, default_host="127.0.0.1", what="listen address")
-    target = relay_target(args)
-    ssl_for = relay_ssl_for(args, target)
+    relays = Relays.from_args(args)
     key, _ = load_or_create_identity(args)
     if peer.raw == key.raw:  # bare hex parses as a public key: never print it back
         raise UsageError("PUBKEY is this node's private key (not shown): give its public key (derpconnect pubkey)")
@@ -123,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     fatal: list[str] = []
     try:
         try:
-            dialer, relay_host = connect_relay(
-                target, lambda h: derpquic.Dialer(h, key, **options, **ssl_for(h)), args.connect_timeout, stop)
+            dialer, relay_host = relays.connect(
+                lambda h, ssl: derpquic.Dialer(h, key, **options, **ssl), args.connect_timeout, stop)
         except Interrupted:
             return EXIT_OK
         dialer.prepare(peer)  # the handshakes now, not in the first connection's way

@@ -60,8 +60,9 @@ class Relays:
     def from_args(cls, args: argparse.Namespace) -> Relays:
         specs = split_specs(getattr(args, "derp", None) or "")
         if len(specs) <= 1:
-            target = relay_target(args)  # also the error for a missing --derp
-            return cls(args.derp, (target,), (relay_ssl_for(args, target),))
+            one = argparse.Namespace(**{**vars(args), "derp": specs[0] if specs else None})
+            target = relay_target(one)  # also the error for a missing --derp
+            return cls(one.derp, (target,), (relay_ssl_for(args, target),))
         targets = []
         for spec in specs:
             one = argparse.Namespace(**{**vars(args), "derp": spec})

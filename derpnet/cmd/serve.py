@@ -25,11 +25,9 @@ from .common import (
     parse_public_key,
     path_options,
     positive_float,
-    relay_ssl_for,
-    relay_target,
 )
 from .forward import Tunnels, abort
-from .session import connect_relay
+from .relays import Relays
 
 if TYPE_CHECKING:
     import derpquic
@@ -82,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if port == 0:
         raise UsageError(f"serve target {args.target!r}: port 0 is not a port to forward to")
     allow = [parse_public_key(a, "--allow key") for a in args.allow]
-    target = relay_target(args)
-    ssl_for = relay_ssl_for(args, target)
+    relays = Relays.from_args(args)
     key, key_path = load_or_create_identity(args)
     if any(a.raw == key.raw for a in allow):  # bare hex parses as a public key: never print it back
         raise UsageError("--allow: that is this node's private key (not shown): give public keys")
@@ -99,11 +96,11 @@ def run(args: argparse.Namespace) -> int:
     tunnels = Tunnels(args.max_conns)
     try:
         try:
-            listener, relay_host = connect_relay(
-                target, lambda h: derpquic.listen(h, key, **options, **ssl_for(h)), args.connect_timeout, stop)
+            listener, relay_host = relays.connect(
+                lambda h, ssl: derpquic.listen(h, key, **options, **ssl), args.connect_timeout, stop)
         except Interrupted:
             return EXIT_OK
-        shown = relay_host if target.region is not None else args.derp
+        shown = relays.shown(relay_host)
         log.info('Listening through DERP. Join with "derpconnect --derp=%s join %s"', shown, key.public_key.b64())
         log.info("public key %s (%s), key file %s; forwarding to %s:%d%s", key.public_key.b64(), key.public_key,
                  key_path, host, port, f"; allowing only {', '.join(k.b64() for k in allow)}" if allow else "")

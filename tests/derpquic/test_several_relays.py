@@ -1,0 +1,56 @@
+"""derpquic over two relays at once (derpnet.relayset): the relay carrying a stream is
+killed mid-transfer, and the transfer completes through the other one, SHA-256 intact."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import derpquic
+from derpnet.keys import PrivateKey
+from tests.relays import OurRelay
+
+SIZE = 24 << 20
+KILL_AT = 6 << 20
+
+
+def test_killing_the_relay_in_use_mid_transfer_keeps_the_stream(tmp_path):
+    blob = os.urandom(SIZE)
+    ka, kb = PrivateKey.generate(), PrivateKey.generate()
+    with OurRelay(workdir=str(tmp_path / "a")) as a, OurRelay(workdir=str(tmp_path / "b")) as b, \
+            derpquic.listen([a.url, b.url], ka, direct=False) as ln, \
+            derpquic.Dialer([b.url, a.url], kb, direct=False) as dialer:
+        halfway = threading.Event()
+        result: dict = {}
+
+        def receive() -> None:
+            s = ln.accept(timeout=20)
+            h, got = hashlib.sha256(), 0
+            s.settimeout(60)
+            while True:
+                data = s.recv(1 << 16)
+                if not data:
+                    break
+                h.update(data)
+                got += len(data)
+                if got >= KILL_AT:
+                    halfway.set()
+            result.update(digest=h.hexdigest(), got=got)
+            s.close()
+
+        receiver = threading.Thread(target=receive, name="test-receiver", daemon=True)
+        receiver.start()
+        s = dialer.dial(ka.public_key, timeout=20)
+        sender = threading.Thread(target=lambda: (s.sendall(blob), s.shutdown(1)), name="test-sender", daemon=True)
+        sender.start()
+        assert halfway.wait(60), "no progress before the kill"
+        used = dialer.packet_conn.relay_for(ka.public_key)
+        assert used in (a.url, b.url)
+        (a if used == a.url else b).kill()
+        receiver.join(90)
+        sender.join(10)
+        assert result.get("got") == SIZE, result
+        assert result["digest"] == hashlib.sha256(blob).hexdigest()
+        assert dialer.packet_conn.relay_for(ka.public_key) in ((b.url if used == a.url else a.url), None)
+        s.close()
