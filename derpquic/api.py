@@ -414,10 +414,10 @@ class Dialer(_Endpoint):
         if conn is None:
             return None
         if conn.state is ConnState.READY and not conn.quic.state_closed:
-            conn.keep_alive_idle = False
+            conn.heartbeat.keep_idle = False
             return conn
-        if conn.state in _HANDSHAKING and time.monotonic() - conn.created < SPARE_PATIENCE:
-            conn.keep_alive_idle = False
+        if conn.state in _HANDSHAKING and time.monotonic() - conn.heartbeat.created < SPARE_PATIENCE:
+            conn.heartbeat.keep_idle = False
             return conn
         if not conn.closed:
             conn.close(ConnectionAbortedError("spare connection replaced"))
@@ -436,7 +436,7 @@ class Dialer(_Endpoint):
         if current is not None and current.ours and not current.closed:
             return  # one of ours: its connection is reused anyway
         conn = self._driver.connect(peer, owner=self._dialed, opts=self.opts, policy=self._policy)
-        conn.keep_alive_idle = True
+        conn.heartbeat.keep_idle = True
         self._dialed.conns.add(conn)
         self._dialed.spares[peer] = conn
 
@@ -449,7 +449,7 @@ class Dialer(_Endpoint):
         if (conn.state is ConnState.READY and conn.ours and not conn.quic.state_closed
                 and peer not in self._driver.gone):  # not while the relay says it left
             # Reuse only while the peer was heard from recently (no idle-timeout race).
-            if time.monotonic() - conn.last_rx < min(conn.opts.idle_timeout, 30.0) / 2:
+            if conn.heartbeat.heard_recently(time.monotonic(), min(conn.opts.idle_timeout, 30.0) / 2):
                 return conn
         return None
 

@@ -58,8 +58,9 @@ def test_dialling_a_known_peer_that_left_fails_fast(relay):
     b = pc_b.local_addr()
     with derpquic.Dialer(relay.url, reuse_connections=False) as d:
         with derpquic.listen(pc_b) as ln:
-            threading.Thread(target=lambda: ln.accept().close(), name="test-accept", daemon=True).start()
-            d.dial(b, timeout=10).close()  # B proves it is ours: A may now send it disco
+            s = d.dial(b, timeout=10)  # B proves it is ours: A may now send it disco
+            ln.accept(timeout=10).close()
+            s.close()
         pc_b.close()
         start = time.monotonic()
         with pytest.raises(ConnectionRefusedError, match="not connected to the relay"):
