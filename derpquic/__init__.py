@@ -23,6 +23,7 @@ from derpnet.errors import AuthenticationError
 
 from .api import Dialer, Listener, listen
 from .config import Options
+from .datagrams import DatagramChannel
 from .stream import Stream
 
-__all__ = ["listen", "Listener", "Dialer", "Stream", "Options", "AuthenticationError"]
+__all__ = ["listen", "Listener", "Dialer", "Stream", "DatagramChannel", "Options", "AuthenticationError"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthenticationError, DerpError, PeerNotConnected
 from ..keys import PublicKey
-from . import stdio
+from . import stdio, udpforward
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -72,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dial-timeout", metavar="SECONDS", type=positive_float, default=DIAL_TIMEOUT,
                    help="give up on reaching the peer for one connection after this time (default %(default)g)")
     add_idle_timeout(p)
+    udpforward.add_arguments(p, "join")
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     import derpquic
 
     options = _dial_options(args)
+    if args.udp:
+        return udpforward.run_join(args, options, peer, relays, key)
 
     stop = Stopper().install()
     lsock = _listen(host, port)

@@ -10,6 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DerpError
+from . import udpforward
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -55,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-conns", metavar="N", type=max_conns, default=256,
                    help="at most N connections at once (default %(default)s)")
     add_idle_timeout(p)
+    udpforward.add_arguments(p, "serve")
 
 
 def add_idle_timeout(p: argparse.ArgumentParser) -> None:
@@ -90,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     options = quic_options(args)
     if allow:
         options["allow"] = allow
+    if args.udp:
+        return udpforward.run_serve(args, options, relays, key, key_path)
 
     stop = Stopper().install()
     listener = None

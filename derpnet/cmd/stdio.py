@@ -152,6 +152,8 @@ def dial_failure(e: BaseException, peer: PublicKey, me: PublicKey, timeout: floa
 
 def run(args: argparse.Namespace, options: dict[str, Any]) -> int:
     """The stdio join; `options`: the derpquic Dialer options join computed."""
+    if getattr(args, "udp", False):
+        raise UsageError("--udp forwards datagrams from a local UDP port: it does not go with --stdio or LISTEN -")
     if args.listen not in ("0", "-"):
         raise UsageError(f"--stdio carries one stream over stdin/stdout: drop LISTEN {args.listen!r}")
     peer = parse_public_key(args.pubkey, "peer public key")
