@@ -56,14 +56,18 @@ class DatagramChannel:
         with self._conn.lock:
             return self._conn.quic.datagram_room
 
+    def _check_open(self) -> None:
+        conn = self._conn
+        if conn.closed:
+            why = conn.error or ConnectionResetError(errno.ECONNRESET, "connection closed")
+            raise ConnectionResetError(errno.ECONNRESET, str(why))
+
     def send(self, data: bytes) -> bool:
         """Queue one datagram for the peer; False if it was dropped (the queue was full).
         Raises ValueError (too big), ConnectionError (the connection ended)."""
         conn = self._conn
         with conn.lock:
-            if conn.closed:
-                why = conn.error or ConnectionResetError(errno.ECONNRESET, "connection closed")
-                raise ConnectionResetError(errno.ECONNRESET, str(why))
+            self._check_open()
             room = conn.quic.datagram_room
             if len(data) > room:
                 raise ValueError(f"datagram of {len(data)} bytes exceeds the {room} this connection carries")
@@ -73,6 +77,24 @@ class DatagramChannel:
             self.sent += 1
             conn.flush()
         return True
+
+    def send_many(self, datagrams: list[bytes]) -> int:
+        """Queue several datagrams with one flush (they share packets); returns how many were
+        queued: those too big or beyond a full queue are dropped and counted. Raises
+        ConnectionError (the connection ended)."""
+        conn = self._conn
+        queued = 0
+        with conn.lock:
+            self._check_open()
+            room, limit = conn.quic.datagram_room, conn.opts.datagram_queue
+            for data in datagrams:
+                if len(data) <= room and conn.quic.queue_datagram(bytes(data), limit):
+                    queued += 1
+            self.sent += queued
+            self.dropped += len(datagrams) - queued
+            if queued:
+                conn.flush()
+        return queued
 
     def __repr__(self) -> str:
         return f"<derpquic.DatagramChannel to {self._conn.peer.b64()}{' closed' if self.closed else ''}>"

@@ -54,6 +54,7 @@ log = logging.getLogger("derpnet.cmd")
 MAX_FLOWS = 4096
 POLL = 0.25  # how often the threads look at the Stopper and expire idle flows (seconds)
 UDP_BUF = 65535
+BATCH = 64  # datagrams read from a socket at once and sent on with one flush
 SOCKET_BUFFER = 4 << 20  # asked of the kernel for each UDP socket (it caps it at net.core.*mem_max)
 GO_PEER = ("it is probably the Go derpconnect, which has no UDP mode: --udp needs this project's "
            "derpconnect on both sides")
@@ -173,26 +174,26 @@ class ServeForwarder:
 
     def _from_target(self) -> None:
         while not self.stop.is_set():
+            batches: dict[derpquic.DatagramChannel, list[bytes]] = {}
             for key, _ in self.selector.select(POLL) if self.selector.get_map() else _idle(self.stop):
                 channel, flow = key.data
                 sock = key.fileobj
                 assert isinstance(sock, socket.socket)
-                try:
-                    payload = sock.recv(UDP_BUF)
-                except OSError:  # ECONNREFUSED: nothing listens on TARGET (yet); the flow stays
-                    continue
-                self._to_peer(channel, flow, payload)
+                batch = batches.setdefault(channel, [])
+                for payload in _drain(sock):
+                    batch.append(encode(flow, payload))
+            for channel, batch in batches.items():
+                if batch:
+                    self._to_peer(channel, batch)
             with self.lock:
                 expired = self.flows.expire(time.monotonic())
             self._close(expired)
         with self.lock:
             self._close(self.flows.items())
 
-    def _to_peer(self, channel: derpquic.DatagramChannel, flow: int, payload: bytes) -> None:
+    def _to_peer(self, channel: derpquic.DatagramChannel, batch: list[bytes]) -> None:
         try:
-            sent = channel.send(encode(flow, payload))
-        except ValueError:  # larger than the connection carries
-            sent = False
+            sent = channel.send_many(batch)  # (too big for the connection, or its queue full: dropped)
         except ConnectionError:  # the peer's connection ended: its flows go
             with self.lock:
                 gone = [(k, s) for k, s in self.flows.items() if k[0] is channel]
@@ -200,7 +201,21 @@ class ServeForwarder:
                     self.flows.remove(k)
             self._close(gone)
             return
-        self.counters.add(to_peer=int(sent), dropped=int(not sent))
+        self.counters.add(to_peer=sent, dropped=len(batch) - sent)
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    """What a non-blocking UDP socket has queued, at most BATCH datagrams: sent on
+    together, they share QUIC packets."""
+    out: list[bytes] = []
+    while len(out) < BATCH:
+        try:
+            out.append(sock.recv(UDP_BUF, socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:  # ECONNREFUSED: nothing listens on TARGET (yet); the flow stays
+            break
+    return out
 
 
 def _idle(stop: Stopper) -> list[Any]:
@@ -306,11 +321,16 @@ def run_join(args: argparse.Namespace, options: dict[str, Any], peer: PublicKey,
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue  # an ICMP error for an earlier answer to a client that left
                 raise UserError(f"udp socket: {e.strerror or e}") from None
+            batch = [(payload, src)] + _drain_from(sock)
+            encoded = []
             with lock:
-                flow, new = flows.flow_for(src, time.monotonic())
-            if new:
-                counters.add(flows=1)
-                log.debug("udp flow %d from %s: open", flow, src)
+                now = time.monotonic()
+                for payload, src in batch:
+                    flow, new = flows.flow_for(src, now)
+                    encoded.append(encode(flow, payload))
+                    if new:
+                        counters.add(flows=1)
+                        log.debug("udp flow %d from %s: open", flow, src)
             if channel.closed:  # the peer restarted, or its connection timed out: a new one
                 try:
                     channel = _open_channel(d, peer, args.dial_timeout, stop)
@@ -318,15 +338,13 @@ def run_join(args: argparse.Namespace, options: dict[str, Any], peer: PublicKey,
                     break
                 except UserError as e:
                     log.error("%s", e)
-                    counters.add(dropped=1)
+                    counters.add(dropped=len(encoded))
                     continue
             try:
-                sent = channel.send(encode(flow, payload))
-            except ValueError:
-                sent = False
+                sent = channel.send_many(encoded)
             except ConnectionError:
-                sent = False
-            counters.add(to_peer=int(sent), dropped=int(not sent))
+                sent = 0
+            counters.add(to_peer=sent, dropped=len(encoded) - sent)
         log.info("%s: shutting down; %s", stop.signal_name or "stop", counters.summary())
         return EXIT_OK
     finally:
@@ -362,6 +380,20 @@ def _join_from_peer(dialer: derpquic.Dialer, sock: socket.socket, flows: ClientF
             counters.add(from_peer=1)
         except OSError:
             counters.add(dropped=1)
+
+
+def _drain_from(sock: socket.socket) -> list[tuple[bytes, Any]]:
+    """What the local UDP socket has queued: up to BATCH - 1 (datagram, client address)."""
+    out: list[tuple[bytes, Any]] = []
+    for _ in range(BATCH - 1):
+        try:
+            out.append(sock.recvfrom(UDP_BUF, socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                break  # (an ICMP error for an earlier answer is skipped)
+    return out
 
 
 def _open_channel(dialer: derpquic.Dialer, peer: PublicKey, timeout: float,
