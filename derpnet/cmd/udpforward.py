@@ -325,6 +325,7 @@ def run_join(args: argparse.Namespace, options: dict[str, Any], peer: PublicKey,
             encoded = []
             with lock:
                 now = time.monotonic()
+                flows.expire(now)  # (cheap: only the idle ones at the head are looked at)
                 for payload, src in batch:
                     flow, new = flows.flow_for(src, now)
                     encoded.append(encode(flow, payload))
