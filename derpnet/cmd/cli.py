@@ -31,9 +31,12 @@ encrypted and authenticated.
 
   on the server:  derpconnect --derp=HOST serve 8080
   on the client:  derpconnect --derp=HOST join PUBKEY 8080   (then connect to 127.0.0.1:8080)
+  ssh through it: ssh -o ProxyCommand='derpconnect --derp=HOST join PUBKEY -' user@host
+  UDP:            serve --udp 51820 / join --udp PUBKEY 51820
 
 HOST is a DERP server (derp1f.tailscale.com), a URL (https://host:port, http://host:port)
-or a Tailscale region code or id (nyc, 1; see `derpconnect regions`).
+or a Tailscale region code or id (nyc, 1; see `derpconnect regions`); several relays as
+HOST1,HOST2 (or --derp repeated): serve is reachable on all, join moves on when one fails.
 """
 
 EPILOG = """\

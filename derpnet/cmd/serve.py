@@ -40,7 +40,8 @@ HELP = "forward streams from peers to a local TCP port"
 DESCRIPTION = """\
 Accept connections from peers through the DERP relay and forward each one to TARGET, a
 local TCP port (PORT means localhost:PORT) or HOST:PORT. Prints this node's public key and
-the command to run on the other side.
+the command to run on the other side. With --udp, TARGET is a UDP port and datagrams
+are forwarded instead (the other side runs `join --udp`).
 """
 
 LOCAL_CONNECT_TIMEOUT = 10.0

@@ -63,3 +63,25 @@ def test_serve_starts_when_one_relay_is_down(tmp_path, service):
             with CliProcess.join(b.url, srv.pubkey, cli_env(tmp_path / "cli"), extra=["--no-direct"]) as cli:
                 assert cli.listen_port is not None
                 TransferService.download(cli.listen_port, 1 << 20)
+
+
+def test_derp_lists_and_repeats_add_up(monkeypatch):
+    from derpnet.cmd.cli import build_parser
+    from derpnet.cmd.relays import Relays, split_specs
+
+    monkeypatch.setenv("DERPNET_DERP", "http://127.0.0.1:1")
+    args = build_parser().parse_args(["--derp", "http://127.0.0.1:2", "--derp=http://127.0.0.1:3, http://127.0.0.1:2",
+                                      "serve", "80"])
+    assert split_specs(args.derp) == ["http://127.0.0.1:2", "http://127.0.0.1:3"]  # the env default replaced
+    relays = Relays.from_args(args)
+    assert relays.several and relays.hosts() == ["http://127.0.0.1:2", "http://127.0.0.1:3"]
+    assert relays.shown("ignored") == "http://127.0.0.1:2,http://127.0.0.1:3"
+    args = build_parser().parse_args(["serve", "80"])
+    assert not Relays.from_args(args).several  # the env default alone
+
+
+def test_a_bad_relay_in_a_list_is_a_usage_error(tmp_path):
+    from tests.cmd.procs import run_cli
+    r = run_cli(["--derp", "http://127.0.0.1:2,ftp://x", "serve", "80"], cli_env(tmp_path))
+    assert r.returncode == 2, r
+    assert r.stderr.startswith("derpconnect: error: --derp=ftp://x: "), r.stderr
