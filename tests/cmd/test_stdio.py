@@ -3,12 +3,14 @@ ProxyCommand uses it. A separate client program (tests/cmd/stdio_client.py) runs
 command through `sh -c` as ssh does and talks to a real TCP service behind a real `serve`
 through a real relay: uploads and downloads SHA-256 checked, half-close both ways,
 nothing but the stream on stdout (even with -v), and a broken stream is exit 1 with one
-error line."""
+error line. Where an `ssh` client is installed, OpenSSH itself runs it as its ProxyCommand
+and exchanges identification lines with a server behind `serve` (no sshd needed)."""
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import socket
 import struct
 import subprocess
@@ -120,3 +122,43 @@ def test_listen_address_with_stdio_is_a_usage_error(tmp_path):
     assert r.returncode == 2, r
     assert r.stderr.startswith("derpconnect: error: --stdio"), r.stderr
     assert r.stdout == ""
+
+
+class SshBannerServer(CountingServer):
+    """Speaks the first step of SSH: sends its identification line, records the client's."""
+
+    def __init__(self) -> None:
+        self.client_banners: list[bytes] = []
+        super().__init__(banner=b"SSH-2.0-derpnet_test_server\r\n")
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(self.banner)
+            data = b""
+            conn.settimeout(30)
+            while b"\n" not in data:
+                chunk = conn.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+            self.client_banners.append(data.split(b"\n")[0])
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client on this machine")
+def test_the_real_ssh_client_talks_through_it(relay, tmp_path):
+    """OpenSSH's ssh runs `join KEY -` as its ProxyCommand and exchanges identification
+    lines with the server behind serve, both ways (the key exchange then fails: the
+    server only speaks that first line)."""
+    server = SshBannerServer()
+    try:
+        with CliProcess.serve(relay.url, server.port, cli_env(tmp_path / "srv"), extra=["--no-direct"]) as srv:
+            env = cli_env(tmp_path / "cli")
+            proxy = _proxy_command(relay, srv.pubkey, "-")
+            r = subprocess.run(["ssh", "-v", "-F", "/dev/null", "-o", f"ProxyCommand={proxy}", "-o", "BatchMode=yes",
+                                "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp_path / 'kh'}",
+                                "-o", "ConnectTimeout=60", "nobody@derpnet-test"],
+                               env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    finally:
+        server.close()
+    assert "remote software version derpnet_test_server" in r.stderr, r.stderr
+    assert server.client_banners and server.client_banners[0].startswith(b"SSH-2.0-OpenSSH"), server.client_banners
