@@ -10,6 +10,7 @@ learnt from the peer itself:
 * a peer not heard from yet, or whose relay's link is down, or that the relay said left
   (PeerGone), is sent to through every relay whose link is up, until it is heard from
   again (a datagram may then arrive more than once, as UDP allows);
+* routes of peers silent for `FORGET_AFTER` seconds are forgotten;
 * routes are sticky: a peer heard on another relay too (it sent through all of its
   relays) keeps its route while the route's relay carried something from it within
   `STICKY` seconds, so that one flow does not flap between relays and reorder itself.
@@ -26,6 +27,9 @@ __all__ = ["RelayRoutes", "Route", "STICKY"]
 
 #: A route is kept while its relay carried a packet from the peer this recently (seconds).
 STICKY = 1.0
+#: Routes of peers silent this long are forgotten (bounded memory with many passing peers);
+#: such a peer is sent to through every relay again until it is heard from.
+FORGET_AFTER = 600.0
 
 
 @dataclass
@@ -39,17 +43,20 @@ class Route:
 class RelayRoutes:
     """The route to each peer over `count` relays (indices 0..count-1, in the order given)."""
 
-    def __init__(self, count: int, sticky: float = STICKY) -> None:
+    def __init__(self, count: int, sticky: float = STICKY, forget_after: float = FORGET_AFTER) -> None:
         if count < 1:
             raise ValueError("at least one relay")
         self.count = count
         self.sticky = sticky
+        self.forget_after = forget_after
         self._routes: dict[PublicKey, Route] = {}
+        self._swept_at: float | None = None
 
     def heard(self, peer: PublicKey, relay: int, now: float) -> bool:
         """A packet from `peer` arrived through `relay`; True if its route changed."""
         route = self._routes.get(peer)
         if route is None:
+            self._sweep(now)
             self._routes[peer] = Route(relay, now)
             return True
         if route.relay == relay:
@@ -59,6 +66,14 @@ class RelayRoutes:
             return False
         route.relay, route.heard_at = relay, now
         return True
+
+    def _sweep(self, now: float) -> None:
+        """Forget the routes of long-silent peers (at most once per `forget_after`)."""
+        if self._swept_at is not None and now - self._swept_at < self.forget_after:
+            return
+        self._swept_at = now
+        for peer in [p for p, r in self._routes.items() if now - r.heard_at >= self.forget_after]:
+            del self._routes[peer]
 
     def via(self, peer: PublicKey) -> int | None:
         """The relay `peer` was last heard on, if any."""

@@ -162,3 +162,13 @@ def test_the_real_ssh_client_talks_through_it(relay, tmp_path):
         server.close()
     assert "remote software version derpnet_test_server" in r.stderr, r.stderr
     assert server.client_banners and server.client_banners[0].startswith(b"SSH-2.0-OpenSSH"), server.client_banners
+
+
+def test_an_unreachable_peer_is_exit_1_with_one_error_line(relay, tmp_path):
+    nobody = "nodekey:" + "cd" * 32
+    r = subprocess.run(cli_argv(f"--derp={relay.url}", "join", nobody, "-", "--dial-timeout", "2", "--no-direct"),
+                       env=cli_env(tmp_path), cwd=str(REPO_ROOT), capture_output=True, timeout=60, input=b"x")
+    assert r.returncode == 1, r
+    assert r.stdout == b""
+    lines = _log_lines(r.stderr.decode())
+    assert len(lines) == 1 and lines[0].startswith("derpconnect: error: cannot reach peer "), lines

@@ -70,3 +70,13 @@ def test_link_down_forgets_the_routes_of_that_relay_only():
 def test_at_least_one_relay():
     with pytest.raises(ValueError):
         RelayRoutes(0)
+
+
+def test_routes_of_long_silent_peers_are_forgotten():
+    r = RelayRoutes(2, forget_after=100.0)
+    r.heard(P, 0, now=0.0)  # the first sweep happens here
+    r.heard(Q, 1, now=50.0)
+    r.heard(PrivateKey.generate().public_key, 0, now=99.0)  # a new peer: too soon for another sweep
+    assert r.via(P) == 0
+    r.heard(PrivateKey.generate().public_key, 0, now=120.0)  # a new peer: P silent for 120 s goes
+    assert r.via(P) is None and r.via(Q) == 1
