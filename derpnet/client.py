@@ -284,7 +284,7 @@ class DerpClient:
         if self._wire is not None:
             self._wire.close()
         if err is not None:
-            log.info("relay link %s ended: %s", self.url, err)
+            log.debug("relay link %s ended: %s", self.url, err)  # the owner (RelayLink) says it once
         _call("on_close", self.on_close, self, err)
 
     def _loop(self) -> None:

@@ -5,13 +5,15 @@ It owns the current `DerpClient`, replaces it when it dies, and reports `LinkUp`
 `LinkDown` and the relay's frames to its owner. Sending while the link is down raises
 `ConnectionError`: the owner decides what that means (PacketConn drops, like UDP).
 
-Reconnect: ``min(n² × 10 ms, 5 s) × uniform[0.5, 1.5)`` (n = consecutive failures; a link
-that lived at least a second resets n); a relay's ``Restarting`` frame replaces the first
-wait by its ``reconnect_in``, capped at 5 s (the most Tailscale's client ever waits: it
-treats the frame as advice and keeps its own backoff) and honoured once, only if the link
-dies within 10 s of the frame (a stale one is forgotten). Threads: none of its own; after a link dies, that link's
-reader thread runs the reconnect loop and exits once the new link (with its own reader)
-is up. `close()` joins them all.
+Reconnect: ``min(n² × 10 ms × uniform[0.5, 1.5), 5 s)`` (n = consecutive failures; a link
+that lived at least a second resets n; the cap holds after the jitter); a relay's
+``Restarting`` frame replaces the first wait by its ``reconnect_in``, capped at 5 s (it is
+advice, as for Tailscale's client, which keeps its own backoff) and honoured once, only if
+the link dies within 10 s of the frame (a stale one is forgotten). Threads: none of its
+own; after a link dies, that link's reader thread runs the reconnect loop and exits once
+the new link (with its own reader) is up. `close()` joins them all. Logging: one warning
+when the link goes, a reminder a minute at most while the relay stays unreachable, one
+line when it is back (`OutageReport`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import frames as F
 from .client import DerpClient, RelayAddress
 from .events import Event
 from .keys import PrivateKey, PublicKey
+from .outage import OutageReport
 
 __all__ = ["RelayLink", "LinkUp", "LinkDown", "backoff_delay", "restart_delay", "MAX_RECONNECT_DELAY",
            "RESTART_HINT_TTL"]
@@ -59,9 +62,9 @@ class LinkDown(Event):
 
 
 def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
-    """Tailscale's reconnect delay: min(n² × 10 ms, 5 s) × uniform[0.5, 1.5)."""
-    base = min(failures * failures * 0.010, MAX_RECONNECT_DELAY)
-    return base * (0.5 + rng())
+    """Tailscale's reconnect delay, n² × 10 ms × uniform[0.5, 1.5), never above the 5 s cap
+    (Tailscale applies the jitter after its cap, up to 7.5 s; ours is the documented cap)."""
+    return min(failures * failures * 0.010 * (0.5 + rng()), MAX_RECONNECT_DELAY)
 
 
 def restart_delay(hint: F.Restarting | None, hint_at: float, died_at: float, failures: int,
@@ -101,8 +104,10 @@ class RelayLink:
         self.reconnects = 0
         self._failures = 0
         self._restart_hint: tuple[F.Restarting, float] | None = None  # (frame, when), until used
-        if not connect:
+        self.outage = OutageReport()
+        if not connect:  # (the owner said it did not answer: the outage starts now)
             self._failures = 1
+            self.outage.lost(time.monotonic())
             retry = threading.Thread(target=self._reconnect_loop, args=(0.0,), name=f"derpnet-relay-{relay.host}",
                                      daemon=True)
             self._old_readers.append(retry)
@@ -233,8 +238,19 @@ class RelayLink:
         hint, self._restart_hint = self._restart_hint, None  # used once, never remembered
         delay = restart_delay(hint[0] if hint else None, hint[1] if hint else 0.0, time.monotonic(),
                               self._failures)
-        log.warning("relay link to %s lost: %s; reconnecting in %.3fs", self.relay.url, err, delay)
+        if self.outage.lost(time.monotonic()):
+            log.warning("relay link to %s lost: %s; reconnecting (retries every %g s at most)", self.relay.url,
+                        self._why(err), MAX_RECONNECT_DELAY)
+        log.debug("reconnecting to relay %s in %.3fs", self.relay.url, delay)
         self._reconnect_loop(delay)
+
+    def _why(self, err: BaseException | None) -> str:
+        """An error's text for a line that already names the relay (the client's errors do too)."""
+        if err is None:
+            return "closed"
+        text = (err.strerror if isinstance(err, OSError) and err.strerror else str(err)) or type(err).__name__
+        url = self.relay.url
+        return str(text).replace(f"relay {url}: ", "").replace(f"relay {url} ", "the relay ")
 
     def _reconnect_loop(self, delay: float) -> None:
         while True:
@@ -254,11 +270,18 @@ class RelayLink:
                         return
                 self._failures += 1
                 delay = backoff_delay(self._failures)
-                log.warning("reconnecting to relay %s failed: %s; next try in %.3fs", self.relay.url, e, delay)
+                log.debug("reconnecting to relay %s failed: %s; next try in %.3fs", self.relay.url, e, delay)
+                if self.outage.failed(time.monotonic()):
+                    assert self.outage.down_since is not None
+                    log.warning("relay %s still unreachable after %.0f s (%d tries; last: %s); retrying every "
+                                "%g s at most", self.relay.url, time.monotonic() - self.outage.down_since,
+                                self.outage.attempts, self._why(e), MAX_RECONNECT_DELAY)
                 continue
             with self.cond:
                 self._pending = None
                 self.reconnects += 1
             if self._install(client):
-                log.info("reconnected to relay %s", self.relay.url)
+                took = self.outage.restored(time.monotonic())
+                log.info("reconnected to relay %s%s", self.relay.url,
+                         f" after {took:.1f} s" if took is not None else "")
             return

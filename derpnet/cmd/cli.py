@@ -16,8 +16,17 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..keys import PublicKey
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, UserError, host_port, positive_float, setup_logging
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    UserError,
+    host_port,
+    parse_public_key,
+    positive_float,
+    setup_logging,
+)
 from .relays import DerpAction
 
 log = logging.getLogger("derpnet.cmd")
@@ -123,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_B64_KEY_WITH_DASH = re.compile(r"-[A-Za-z0-9_-]{42}")
+_B64_KEY_WITH_DASH = re.compile(r"-[A-Za-z0-9_+/=-]{42,43}")
 
 
 def _normalise(argv: Sequence[str]) -> list[str]:
@@ -136,11 +145,8 @@ def _normalise(argv: Sequence[str]) -> list[str]:
             out.extend(argv[i:])
             break
         if _B64_KEY_WITH_DASH.fullmatch(a):
-            try:
-                out.append(str(PublicKey.parse(a)))
-                continue
-            except ValueError:
-                pass
+            out.append(str(parse_public_key(a)))  # a malformed one: its own error, not "unrecognized"
+            continue
         if a.startswith("-") and "=" in a:
             name, _, value = a.lstrip("-").partition("=")
             if name in _BOOL_FLAGS:

@@ -9,10 +9,11 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthenticationError, DerpError, PeerNotConnected
-from ..keys import PublicKey
+from ..keys import PrivateKey, PublicKey
 from . import stdio, udpforward
 from .common import (
     EXIT_FAILURE,
@@ -25,6 +26,7 @@ from .common import (
     describe_error,
     load_or_create_identity,
     local_endpoint,
+    lock_identity,
     max_conns,
     parse_public_key,
     positive_float,
@@ -98,17 +100,26 @@ def _fmt_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def join_identity(args: argparse.Namespace, peer: PublicKey) -> PrivateKey:
+    """This node's key for joining `peer` (not `peer` itself), its key file locked (shared)."""
+    key, key_path = load_or_create_identity(args)
+    if peer.raw == key.raw:  # bare hex parses as a public key: never print it back
+        raise UsageError("PUBKEY is this node's private key (not shown): give its public key (derpconnect pubkey)")
+    if peer == key.public_key:
+        raise UsageError(f"PUBKEY is this node's own public key (key file {key_path}): a node cannot join "
+                         f"itself; to join a serve on this machine, give this side its own identity "
+                         f"with --key NAME (e.g. --key laptop)")
+    lock_identity(key_path, exclusive=False)  # held until the process ends; refused next to a serve
+    return key
+
+
 def run(args: argparse.Namespace) -> int:
     if stdio.wanted(args):
         return stdio.run(args, _dial_options(args))
     peer = parse_public_key(args.pubkey, "peer public key")
     host, port = local_endpoint(args.listen, default_host="127.0.0.1", what="listen address")
     relays = Relays.from_args(args)
-    key, _ = load_or_create_identity(args)
-    if peer.raw == key.raw:  # bare hex parses as a public key: never print it back
-        raise UsageError("PUBKEY is this node's private key (not shown): give its public key (derpconnect pubkey)")
-    if peer == key.public_key:
-        log.warning("PUBKEY is this node's own key: connections will go to this node's own serve, if any")
+    key = join_identity(args, peer)
 
     import derpquic
 
@@ -184,6 +195,13 @@ def _dial_options(args: argparse.Namespace) -> dict[str, Any]:
 def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: str, conn: socket.socket,
                src: tuple[Any, ...], args: argparse.Namespace, stop: Stopper, fatal: list[str]) -> None:
     client = _fmt_addr(src[0], src[1])
+    if not _reachable(dialer, peer, args.dial_timeout, stop):  # blame the relay, not the peer
+        if not stop.is_set():
+            log.error("connection from %s: relay %s is unreachable (reconnecting; waited %g s), so peer %s "
+                      "cannot be reached", client, dialer.packet_conn.relay_url, args.dial_timeout, peer.b64())
+        abort(conn)
+        tunnels.release_slot()
+        return
     try:
         stream = dialer.dial(peer, timeout=args.dial_timeout)
     except AuthenticationError as e:
@@ -196,7 +214,7 @@ def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: s
         _refused(conn, tunnels, stop, fatal, why)
         return
     except PeerNotConnected as e:  # offline: this connection fails, later ones may work
-        _dial_failed(tunnels, conn, client, peer, e, args, stop)
+        _dial_failed(tunnels, conn, client, peer, e, args, stop, dialer)
         return
     except ConnectionRefusedError:
         _refused(conn, tunnels, stop, fatal,
@@ -204,7 +222,7 @@ def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: s
                  f"is not in it; ask its operator to add --allow {me}")
         return
     except (OSError, DerpError) as e:
-        _dial_failed(tunnels, conn, client, peer, e, args, stop)
+        _dial_failed(tunnels, conn, client, peer, e, args, stop, dialer)
         return
     except Exception as e:  # noqa: BLE001 - never kill the accept loop from a dial thread
         log.error("connection from %s: unexpected error dialling the peer: %s: %s", client, type(e).__name__, e)
@@ -217,9 +235,27 @@ def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: s
     tunnels.run(conn, stream, peer=label, what="from")
 
 
+def _reachable(dialer: derpquic.Dialer, peer: PublicKey, timeout: float, stop: Stopper) -> bool:
+    """Whether `peer` can be reached now: the relay link is up, or a direct path to the peer
+    is; during a relay outage, waits up to `timeout` for either."""
+    pc = dialer.packet_conn
+    end = time.monotonic() + timeout
+    while not pc.wait_connected(min(0.2, max(0.0, end - time.monotonic()))):
+        if pc.paths().get(peer, {}).get("path", "relay") != "relay":
+            return True
+        if stop.is_set() or pc.closed or time.monotonic() >= end:
+            return False
+    return True
+
+
 def _dial_failed(tunnels: Tunnels, conn: socket.socket, client: str, peer: PublicKey, e: BaseException,
-                 args: argparse.Namespace, stop: Stopper) -> None:
-    if not stop.is_set():
+                 args: argparse.Namespace, stop: Stopper, dialer: derpquic.Dialer) -> None:
+    if stop.is_set():
+        pass
+    elif not dialer.packet_conn.connected:  # the relay went while dialling: not the peer's fault
+        log.error("connection from %s: relay %s is unreachable (reconnecting), so peer %s cannot be reached",
+                  client, dialer.packet_conn.relay_url, peer.b64())
+    else:
         if isinstance(e, (TimeoutError, socket.timeout)):
             why = f"no answer within {args.dial_timeout:g} s (is it serving, on the same relay or region?)"
         elif isinstance(e, DerpError):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import socket
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DerpError
@@ -22,6 +24,7 @@ from .common import (
     describe_error,
     load_or_create_identity,
     local_endpoint,
+    lock_identity,
     max_conns,
     parse_public_key,
     path_options,
@@ -71,6 +74,8 @@ def add_idle_timeout(p: argparse.ArgumentParser) -> None:
 def quic_options(args: argparse.Namespace) -> dict[str, Any]:
     """The derpquic options serve and join share: direct paths and the idle timeout."""
     options: dict[str, Any] = path_options(args)
+    if getattr(args, "connect_timeout", None):  # the library's default (10 s) must not cut it short
+        options["connect_timeout"] = args.connect_timeout
     idle = getattr(args, "idle_timeout", None)
     if idle is not None:
         options["idle_timeout"] = idle
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     key, key_path = load_or_create_identity(args)
     if any(a.raw == key.raw for a in allow):  # bare hex parses as a public key: never print it back
         raise UsageError("--allow: that is this node's private key (not shown): give public keys")
+    lock_identity(key_path, exclusive=True)  # held until the process ends
 
     import derpquic
 
@@ -106,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
         except Interrupted:
             return EXIT_OK
         shown = relays.shown(relay_host)
-        log.info('Listening through DERP. Join with "derpconnect --derp=%s join %s"', shown, key.public_key.b64())
+        ca = ca_option(args) if not relay_host.startswith("http://") else ""  # plain HTTP: no CA
+        log.info('Listening through DERP. Join with "derpconnect --derp=%s%s join %s"', shown, ca,
+                 key.public_key.b64())
         log.info("public key %s (%s), key file %s; forwarding to %s:%d%s", key.public_key.b64(), key.public_key,
                  key_path, host, port, f"; allowing only {', '.join(k.b64() for k in allow)}" if allow else "")
         allowed = set(allow)
@@ -148,6 +156,16 @@ def run(args: argparse.Namespace) -> int:
         if listener is not None:
             close_bounded([listener], 0.3, linger=0.2)
         stop.restore()
+
+
+def ca_option(args: argparse.Namespace) -> str:
+    """` --derp-ca PATH` when this side trusts the relay through --derp-ca (a private or
+    self-signed relay, such as `derpconnect relay --tls`): the other side needs it too
+    (a copy of that file, on another machine)."""
+    ca = getattr(args, "derp_ca", None)
+    if not ca:
+        return ""
+    return f" --derp-ca {shlex.quote(str(Path(ca).expanduser().resolve()))}"
 
 
 def _b64(peer: object) -> str:

@@ -34,7 +34,6 @@ from .common import (
     UserError,
     close_bounded,
     describe_error,
-    load_or_create_identity,
     parse_public_key,
 )
 from .forward import WAKE_INTERVAL, Tunnel, Tunnels
@@ -151,12 +150,12 @@ def dial_failure(e: BaseException, peer: PublicKey, me: PublicKey, timeout: floa
             return (f"peer {who} cannot prove it holds its key (probably the Go derpconnect); to join it "
                     f"anyway, trusting the relay, use --insecure-allow-unauthenticated")
         return f"authentication with peer {who} failed: {e}"
+    if isinstance(e, PeerNotConnected):  # (a ConnectionRefusedError too)
+        return f"cannot reach peer {who}: {e}"
     if isinstance(e, ConnectionRefusedError):
         return f"peer {who} refused this node: ask its operator to add --allow {me.b64()}"
     if isinstance(e, (TimeoutError, socket.timeout)):
         return f"cannot reach peer {who}: no answer within {timeout:g} s (is it serving, on the same relay?)"
-    if isinstance(e, PeerNotConnected):
-        return f"cannot reach peer {who}: {e}"
     if isinstance(e, DerpError):
         return f"cannot reach peer {who}: {describe_error(e)}"
     return f"cannot reach peer {who}: {getattr(e, 'strerror', None) or e or type(e).__name__}"
@@ -170,9 +169,8 @@ def run(args: argparse.Namespace, options: dict[str, Any]) -> int:
         raise UsageError(f"--stdio carries one stream over stdin/stdout: drop LISTEN {args.listen!r}")
     peer = parse_public_key(args.pubkey, "peer public key")
     relays = Relays.from_args(args)
-    key, _ = load_or_create_identity(args)
-    if peer.raw == key.raw:
-        raise UsageError("PUBKEY is this node's private key (not shown): give its public key (derpconnect pubkey)")
+    from .join import join_identity  # (join imports this module)
+    key = join_identity(args, peer)
     _quiet(args)
     in_fd, out_fd = take_stdio()
 

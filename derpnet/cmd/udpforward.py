@@ -42,6 +42,7 @@ from .common import (
 )
 from .forward import abort
 from .relays import Relays
+from .stdio import dial_failure
 from .udpflows import ClientFlows, Flows, decode, encode
 
 if TYPE_CHECKING:
@@ -240,8 +241,10 @@ def run_serve(args: argparse.Namespace, options: dict[str, Any], relays: Relays,
                 lambda h, ssl: derpquic.listen(h, key, datagrams=True, **options, **ssl), args.connect_timeout, stop)
         except Interrupted:
             return EXIT_OK
-        log.info('Listening through DERP (UDP). Join with "derpconnect --derp=%s join --udp %s PORT"',
-                 relays.shown(relay_host), key.public_key.b64())
+        from .serve import ca_option  # (serve imports this module)
+        ca = ca_option(args) if not relay_host.startswith("http://") else ""  # plain HTTP: no CA
+        log.info('Listening through DERP (UDP). Join with "derpconnect --derp=%s%s join --udp %s PORT"',
+                 relays.shown(relay_host), ca, key.public_key.b64())
         log.info("public key %s, key file %s; forwarding UDP to %s", key.public_key.b64(), key_path, args.target)
         forwarder = ServeForwarder(listener, family, target, args.udp_idle, stop)
         forwarder.start()
@@ -405,21 +408,15 @@ def _open_channel(dialer: derpquic.Dialer, peer: PublicKey, timeout: float,
                            f"dial {peer.b64()}", stop)
     except (Interrupted, UserError):
         raise
-    except AuthenticationError as e:
-        if "derpnet-auth" in str(e):
-            raise UserError(f"peer {peer.b64()} cannot prove it holds its key: {GO_PEER}", EXIT_FAILURE) from None
-        raise UserError(f"authentication with peer {peer.b64()} failed: {e}", EXIT_FAILURE) from None
-    except OSError as e:
-        if e.errno == errno.EPROTONOSUPPORT:
-            why = (GO_PEER if "not a derpnet peer" in str(e) else
-                   "it serves TCP, not UDP (start its serve with --udp)")
-            raise UserError(f"peer {peer.b64()} takes no UDP: {why}", EXIT_FAILURE) from None
-        if isinstance(e, (TimeoutError, socket.timeout)):
-            raise UserError(f"cannot reach peer {peer.b64()}: no answer within {timeout:g} s (is it serving "
-                            f"with --udp, on the same relay?)", EXIT_FAILURE) from None
-        raise UserError(f"cannot reach peer {peer.b64()}: {e.strerror or e}", EXIT_FAILURE) from None
-    except Exception as e:  # noqa: BLE001 - a DerpError, or anything else: one line
-        raise UserError(f"cannot reach peer {peer.b64()}: {describe_error(e)}", EXIT_FAILURE) from None
+    except Exception as e:  # noqa: BLE001 - every failure is one line
+        if isinstance(e, AuthenticationError) and "derpnet-auth" in str(e):
+            why = f"peer {peer.b64()} cannot prove it holds its key: {GO_PEER}"
+        elif isinstance(e, OSError) and e.errno == errno.EPROTONOSUPPORT:
+            why = f"peer {peer.b64()} takes no UDP: " + (
+                GO_PEER if "not a derpnet peer" in str(e) else "it serves TCP, not UDP (start its serve with --udp)")
+        else:
+            why = dial_failure(e, peer, dialer.local_addr(), timeout)
+        raise UserError(why, EXIT_FAILURE) from None
 
 
 def _bind_udp(host: str, port: int) -> socket.socket:

@@ -24,7 +24,7 @@ from .keyfile import load_or_create_key
 from .server import RelayOptions, RelayServer, relay_url, tls_setup
 from .stun import DEFAULT_PORT as DEFAULT_STUN_PORT
 
-__all__ = ["add_arguments", "run", "main", "parse_listen", "READY_PREFIX"]
+__all__ = ["add_arguments", "run", "main", "parse_listen", "READY_PREFIX", "StartError"]
 
 READY_PREFIX = "derpnet relay listening on "
 DEFAULT_LISTEN = "127.0.0.1:3340"
@@ -54,6 +54,24 @@ def parse_listen(text: str) -> tuple[str | None, int]:
     return (host or None), port
 
 
+class StartError(Exception):
+    """The relay cannot start: one line for the user, and the exit status (2: a mistake in the
+    options, 1: a runtime failure such as a busy port). Each command line prints it its own way."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _DeprecatedKey(argparse.Action):
+    """`--key PEM`, the old spelling of --tls-key: still works, with a note once logging is set up."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.deprecated_key = True
+
+
 def _port_arg(text: str) -> int:
     try:
         port = int(text)
@@ -70,9 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"address to listen on; port 0 picks a free one (default {DEFAULT_LISTEN}; "
                              "':PORT' = all interfaces)")
     parser.add_argument("--tls", action="store_true",
-                        help="serve HTTPS (a self-signed certificate unless --cert/--key are given)")
+                        help="serve HTTPS (a self-signed certificate unless --cert/--tls-key are given)")
     parser.add_argument("--cert", metavar="PEM", help="TLS certificate chain file (implies --tls)")
-    parser.add_argument("--key", dest="tls_key", metavar="PEM", help="TLS private key file (default: in --cert)")
+    parser.add_argument("--tls-key", dest="tls_key", metavar="PEM", help="TLS private key file (default: in --cert)")
+    parser.add_argument("--key", dest="tls_key", metavar="PEM", action=_DeprecatedKey,
+                        help="deprecated spelling of --tls-key")
     parser.add_argument("--hostname", metavar="NAME",
                         help="name in the printed URL and the self-signed certificate (default localhost with TLS)")
     parser.add_argument("--key-file", metavar="PATH",
@@ -100,22 +120,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (one line per connection)")
 
 
-def _fail(msg: str) -> int:
-    print(f"derpnet relay: {msg}", file=sys.stderr, flush=True)
-    return 1
+def _fail(msg: str, code: int = 1) -> int:
+    raise StartError(msg, code)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the relay until SIGINT/SIGTERM; returns the exit code (errors: one line on stderr, 1)."""
+    """Run the relay until SIGINT/SIGTERM; returns the exit code. Raises StartError when it
+    cannot start."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if getattr(args, "verbose", False):
         logging.getLogger("derpnet").setLevel(logging.DEBUG)
+    if getattr(args, "deprecated_key", False):
+        log.warning("relay: --key PEM is deprecated: use --tls-key PEM (the TLS private key file)")
     try:
         host, port = parse_listen(args.listen)
     except ValueError as e:
-        return _fail(str(e))
+        return _fail(f"--listen: {e}", 2)
     try:
         key = load_or_create_key(args.key_file) if args.key_file else PrivateKey.generate()
     except (OSError, ValueError) as e:
@@ -132,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                                accept_rate=args.accept_connection_limit, accept_burst=args.accept_connection_burst,
                                max_unauthenticated=args.max_unauthenticated)
     except ValueError as e:
-        return _fail(str(e))
+        return _fail(str(e), 2)
     server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
     try:
         return asyncio.run(_serve(server, args, host))
@@ -152,7 +174,8 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None
     except OSError as e:
         await server.close()
         if e.errno == errno.EADDRINUSE:
-            return _fail(f"cannot listen on {args.listen}: address already in use")
+            return _fail(f"cannot listen on {args.listen}: address already in use "
+                         "(choose another address with --listen HOST:PORT)")
         return _fail(f"cannot listen on {args.listen}: {e.strerror or e}")
     if stun_port is None:
         await _start_stun(server, None, host)
@@ -202,4 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m derpnet.server",
                                      description="Run a DERP relay (Tailscale-compatible) for derpnet.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except StartError as e:
+        print(f"derpnet relay: {e}", file=sys.stderr, flush=True)
+        return e.code

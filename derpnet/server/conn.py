@@ -23,7 +23,7 @@ from ..events import ClientHello, Event
 from ..keys import PublicKey
 from ..tlsbio import TLSSession
 from .admission import Admission
-from .relay import Endpoint, looks_like_disco
+from .relay import Endpoint
 from .sender import Sender
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -286,7 +286,7 @@ class ClientProtocol(asyncio.Protocol):
             relay.drop("dup_client")
         else:
             relay.drop("unknown_dest")
-            if looks_like_disco(data) and self._sender is not None:
+            if self._sender is not None:  # derper answers disco packets only; we answer every one
                 self._sender.maybe_not_here(dst_key)
 
     # ------------------------------------------------------------ outgoing (Endpoint interface)

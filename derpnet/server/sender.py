@@ -88,7 +88,10 @@ class Sender:
             self.schedule_flush()
 
     def maybe_not_here(self, dst: PublicKey) -> None:
-        """PeerGone(NotHere) for a disco packet to an unknown key, paced by the token bucket."""
+        """PeerGone(NotHere) for a packet to an unknown key, paced by the token bucket (derper's
+        1/s, burst 3). derper sends it for disco packets only; we send it for any packet, so a
+        QUIC dial to a key nobody holds fails in one round trip instead of at its timeout.
+        Clients that do not know the frame ignore it (the Go derpnet does)."""
         if self.not_here.take(self.loop.time()):
             self.peer_gone(dst, F.PeerGoneReason.NOT_HERE)
 

@@ -147,7 +147,8 @@ class RelayServer:
             self._server.close()
             self._server = None
             raise
-        log.info("relay: listening on %s (server key %s)", ", ".join(self.addresses), self.public_key)
+        # the command lines print their own ready line (stdout): once is enough in a terminal
+        log.debug("relay: listening on %s (server key %s)", ", ".join(self.addresses), self.public_key)
 
     async def start_stun(self, port: int) -> StunServer:
         """Also answer STUN Binding requests on UDP `port` of the listen host (stun.py). Raises OSError."""

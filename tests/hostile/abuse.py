@@ -65,6 +65,18 @@ def connect_plain(url: str, timeout: float = 10.0) -> socket.socket:
     return s
 
 
+def connect_or_closed(url: str, timeout: float = 10.0) -> socket.socket:
+    """`connect_plain`, except that a reset before connect() returned (a relay at its cap or
+    over its accept rate closing a newcomer at once, which a loaded machine can show before
+    the handshake completes) gives a socket whose peer has already closed: what it stands for."""
+    try:
+        return connect_plain(url, timeout=timeout)
+    except ConnectionResetError:
+        s, gone = socket.socketpair()
+        gone.close()
+        return s
+
+
 def upgraded_socket(url: str) -> tuple[socket.socket, PublicKey]:
     """A socket past the 101 (ServerKey read), before its ClientInfo; and the server key."""
     s = connect_plain(url)
@@ -368,13 +380,7 @@ def open_abandoned(url: str, n: int) -> list[socket.socket]:
     third a whole upgrade request (so they wait in the ClientInfo stage)."""
     socks = []
     for i in range(n):
-        try:
-            s = connect_plain(url, timeout=20)
-        except ConnectionResetError:
-            # Reset before connect() returned: a relay at its cap closing a newcomer at once.
-            # Kept as a socket whose peer has already closed, which is what it stands for.
-            s, gone = socket.socketpair()
-            gone.close()
+        s = connect_or_closed(url, timeout=20)
         try:
             if i % 3 == 1:
                 s.sendall(b"GET /de")
