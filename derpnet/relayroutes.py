@@ -50,10 +50,13 @@ class RelayRoutes:
         self.sticky = sticky
         self.forget_after = forget_after
         self._routes: dict[PublicKey, Route] = {}
+        self._absent: dict[PublicKey, set[int]] = {}  # relays that said the peer is not there, since heard
         self._swept_at: float | None = None
 
     def heard(self, peer: PublicKey, relay: int, now: float) -> bool:
         """A packet from `peer` arrived through `relay`; True if its route changed."""
+        if self._absent:
+            self._absent.pop(peer, None)
         route = self._routes.get(peer)
         if route is None:
             self._sweep(now)
@@ -88,13 +91,18 @@ class RelayRoutes:
             return [route.relay]
         return [i for i, ok in enumerate(up) if ok]
 
-    def peer_left(self, peer: PublicKey, relay: int) -> bool:
-        """`relay` said `peer` is not connected to it: forget that route. True if it was the route."""
+    def peer_left(self, peer: PublicKey, relay: int, up: Sequence[bool]) -> bool:
+        """`relay` said `peer` is not connected to it (PeerGone): forget that route. True when
+        every relay whose link is up has said so since the peer was last heard: it is on none
+        of them (then the owner may fail dials to it at once)."""
         route = self._routes.get(peer)
-        if route is None or route.relay != relay:
-            return False
-        del self._routes[peer]
-        return True
+        if route is not None and route.relay == relay:
+            del self._routes[peer]
+        absent = self._absent.setdefault(peer, set())
+        absent.add(relay)
+        if len(self._absent) > 4096:  # bounded: the oldest entries go first
+            del self._absent[next(iter(self._absent))]
+        return all(i in absent for i, ok in enumerate(up) if ok)
 
     def link_down(self, relay: int) -> list[PublicKey]:
         """Our link to `relay` went down: forget every route through it; returns their peers."""

@@ -8,8 +8,8 @@ relay fails, its link reconnects by itself while the others carry the traffic.
 It offers what PacketConn uses of a `RelayLink` (send, send_many, connected, dead,
 generation, wait_connected, ...), so the PacketConn above does not care how many relays
 it has. Events: `LinkUp`/`LinkDown` of every link are passed on as they come; a relay's
-`PeerGone` only forgets that route, and is passed on only when that relay is the only
-one connected (the peer may well be on another relay).
+`PeerGone` forgets that route, and is passed on only once every connected relay has said
+the peer is not there (it may well be on another relay).
 
 Start: every relay is dialled at once; the set is up when one link is, and raises the
 first relay's error when none answers. Links that did not answer keep trying in the
@@ -111,9 +111,10 @@ class RelaySet:
     def _event_from(self, i: int) -> Callable[[object], None]:
         def on_event(ev: object) -> None:
             if isinstance(ev, F.PeerGone):
+                up = [link.connected for link in self._links_so_far()] or [True]
                 with self._lock:
-                    self.routes.peer_left(ev.key, i)
-                if sum(link.connected for link in self._links_so_far()) > 1:
+                    nowhere = self.routes.peer_left(ev.key, i, up)
+                if not nowhere:
                     log.debug("relay %s: peer %s gone there; the other relays may reach it", self.relays[i].url,
                               ev.key.b64())
                     return

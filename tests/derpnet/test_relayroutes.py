@@ -52,11 +52,19 @@ def test_routes_are_sticky_while_their_relay_carries_the_peer():
 def test_peer_gone_forgets_only_the_route_through_that_relay():
     r = RelayRoutes(2)
     r.heard(P, 0, now=1.0)
-    assert not r.peer_left(P, 1)
+    assert not r.peer_left(P, 1, [True, True])
     assert r.via(P) == 0
-    assert r.peer_left(P, 0)
+    r.peer_left(P, 0, [True, True])
     assert r.via(P) is None
-    assert not r.peer_left(Q, 0)
+
+
+def test_a_peer_is_gone_once_every_connected_relay_said_so_since_it_was_heard():
+    r = RelayRoutes(3)
+    assert not r.peer_left(Q, 0, [True, True, False])
+    assert r.peer_left(Q, 1, [True, True, False])  # relay 2 is down: 0 and 1 are all there is
+    r.heard(Q, 1, now=5.0)  # it is back: what the relays said before no longer counts
+    assert not r.peer_left(Q, 0, [True, True, False])
+    assert r.peer_left(P, 2, [False, False, True])
 
 
 def test_link_down_forgets_the_routes_of_that_relay_only():

@@ -1,13 +1,18 @@
 """derpquic over two relays at once (derpnet.relayset): the relay carrying a stream is
-killed mid-transfer, and the transfer completes through the other one, SHA-256 intact."""
+killed mid-transfer, and the transfer completes through the other one, SHA-256 intact; a
+key that no relay holds fails the dial fast."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import threading
+import time
+
+import pytest
 
 import derpquic
+from derpnet.errors import PeerNotConnected
 from derpnet.keys import PrivateKey
 from tests.relays import OurRelay
 
@@ -54,3 +59,15 @@ def test_killing_the_relay_in_use_mid_transfer_keeps_the_stream(tmp_path):
         assert result["digest"] == hashlib.sha256(blob).hexdigest()
         assert dialer.packet_conn.relay_for(ka.public_key) in ((b.url if used == a.url else a.url), None)
         s.close()
+
+
+def test_a_key_on_no_relay_fails_fast_once_every_relay_said_so(tmp_path):
+    """Each of our relays answers PeerGone(NotHere) for a key it does not hold; once both
+    have, the dial fails at once rather than at its timeout (one relay's word is not
+    enough: the peer could be on the other)."""
+    with OurRelay(workdir=str(tmp_path / "a")) as a, OurRelay(workdir=str(tmp_path / "b")) as b, \
+            derpquic.Dialer([a.url, b.url], direct=False) as dialer:
+        t0 = time.monotonic()
+        with pytest.raises(PeerNotConnected):
+            dialer.dial(PrivateKey.generate().public_key, timeout=20)
+        assert time.monotonic() - t0 < 10
