@@ -85,3 +85,15 @@ def test_a_bad_relay_in_a_list_is_a_usage_error(tmp_path):
     r = run_cli(["--derp", "http://127.0.0.1:2,ftp://x", "serve", "80"], cli_env(tmp_path))
     assert r.returncode == 2, r
     assert r.stderr.startswith("derpconnect: error: --derp=ftp://x: "), r.stderr
+
+
+def test_serve_is_reachable_on_each_of_its_relays(tmp_path, service):
+    """A serve on A and B answers a join that only knows A, and one that only knows B."""
+    with OurRelay(workdir=str(tmp_path / "a")) as a, OurRelay(workdir=str(tmp_path / "b")) as b:
+        with CliProcess.serve(f"{a.url},{b.url}", service.port, cli_env(tmp_path / "srv"),
+                              extra=["--no-direct"], log_path=tmp_path / "serve.log") as srv:
+            for i, relay in enumerate((a, b)):
+                with CliProcess.join(relay.url, srv.pubkey, cli_env(tmp_path / f"cli{i}"),
+                                     extra=["--no-direct"]) as cli:
+                    assert cli.listen_port is not None
+                    TransferService.download(cli.listen_port, 1 << 20)
