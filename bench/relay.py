@@ -57,6 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.relay_policy import admission_controller, policy_args  # noqa: E402
 from derpnet import frames as F  # noqa: E402
 from derpnet.connection import ClientConnection, Connected, Hello, Upgrade  # noqa: E402
 from derpnet.keys import PrivateKey, PublicKey  # noqa: E402
@@ -309,6 +310,22 @@ def run_load(port: int, relay_pid: int, args: argparse.Namespace) -> dict:
     }
 
 
+def policy_ratios(results: dict) -> None:
+    """With --policies: what access control and rate limiting cost each relay, and ours vs derper with them on."""
+    def per_cpu(r: dict) -> float:
+        return r["pps"] / max(r["relay_cpu"], 1e-9)
+
+    for plain, pol in (("ours", "ours+pol"), ("go derper", "go+pol")):
+        if plain in results and pol in results:
+            p, q = results[plain], results[pol]
+            print(f"{pol}/{plain}: pkt/s {q['pps'] / p['pps']:.2f}, pkt per relay CPU-s {per_cpu(q) / per_cpu(p):.2f}, "
+                  f"relay CPU per packet {1e6 / per_cpu(q):.1f} us vs {1e6 / per_cpu(p):.1f} us")
+    if "ours+pol" in results and "go+pol" in results:
+        o, g = results["ours+pol"], results["go+pol"]
+        print(f"ratio ours/go with policies on: pkt/s {o['pps'] / g['pps']:.2f}, "
+              f"pkt per relay CPU-s {per_cpu(o) / per_cpu(g):.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=1000)
@@ -319,6 +336,8 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--procs", type=int, default=2, help="load generator worker processes")
     ap.add_argument("--relays", default="ours,go", help="comma-separated: ours, go")
+    ap.add_argument("--policies", action="store_true",
+                    help="also run each relay with access control and rate limiting on (bench/relay_policy.py)")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin the relay to CPU 0 and the load generator to the other CPUs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -337,13 +356,18 @@ def main() -> int:
 
     results = {}
     wanted = [r.strip() for r in args.relays.split(",") if r.strip()]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, admission_controller() as (admit_url, answered):
         relays = []
         if "ours" in wanted:
             relays.append(("ours", lambda: OurRelay()))
+            if args.policies:
+                relays.append(("ours+pol", lambda: OurRelay(extra_args=policy_args(False, admit_url, Path(tmp)))))
         if "go" in wanted:
             if derper_path():
                 relays.append(("go derper", lambda: GoDerper(Path(tmp) / "derper")))
+                if args.policies:
+                    relays.append(("go+pol", lambda: GoDerper(Path(tmp) / "derper-pol",
+                                                             extra_args=policy_args(True, admit_url, Path(tmp)))))
             else:
                 print("Go derper not built (run interop/build.sh): measuring ours only", file=sys.stderr)
         print(f"{args.clients} clients, {args.pairs} pairs, window {args.window}, {args.size} B, "
@@ -362,7 +386,10 @@ def main() -> int:
                   f"| peak RSS {r['rss_mb']:.1f} MiB", flush=True)
             if r["errors"]:
                 print(f"  errors: {r['errors']}")
-    if len(results) == 2:
+        if args.policies:
+            print(f"admission controller: {answered[0]} requests answered (one per client connection)")
+    policy_ratios(results)
+    if "ours" in results and "go derper" in results:
         o, g = results["ours"], results["go derper"]
         print(f"ratio ours/go: pkt/s {o['pps'] / g['pps']:.2f}, one-way p50 {o['ow_p50_ms'] / g['ow_p50_ms']:.2f}, "
               f"p99 {o['ow_p99_ms'] / g['ow_p99_ms']:.2f}, pkt per relay CPU-s "

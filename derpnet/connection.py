@@ -213,6 +213,9 @@ class ClientConnection(_Connection):
             events.append(ev)
             return False  # the rest waits for send(Hello())
         elif state is State.AWAIT_SERVER_INFO and not isinstance(ev, F.UnknownFrame):
+            if isinstance(ev, F.Health) and ev.problem:
+                # derpnet's relay says why it refuses a client (access control) before closing.
+                raise HandshakeError(f"relay refused the connection: {ev.problem}")
             if not isinstance(ev, F.ServerInfo):
                 raise HandshakeError(f"expected ServerInfo from the relay, got {type(ev).__name__}")
             assert self.server_key is not None

@@ -9,11 +9,12 @@ Reconnect: ``min(n² × 10 ms × uniform[0.5, 1.5), 5 s)`` (n = consecutive fail
 that lived at least a second resets n; the cap holds after the jitter); a relay's
 ``Restarting`` frame replaces the first wait by its ``reconnect_in``, capped at 5 s (it is
 advice, as for Tailscale's client, which keeps its own backoff) and honoured once, only if
-the link dies within 10 s of the frame (a stale one is forgotten). Threads: none of its
-own; after a link dies, that link's reader thread runs the reconnect loop and exits once
-the new link (with its own reader) is up. `close()` joins them all. Logging: one warning
-when the link goes, a reminder a minute at most while the relay stays unreachable, one
-line when it is back (`OutageReport`).
+the link dies within 10 s of the frame (a stale one is forgotten); while its ``try_for``
+lasts (at most 10 s), failed reconnects are retried at least every 250 ms. Threads: none
+of its own; after a link dies, that link's reader thread runs the reconnect loop and exits
+once the new link (with its own reader) is up. `close()` joins them all. Logging: one
+warning when the link goes, a reminder a minute at most while the relay stays unreachable,
+one line when it is back (`OutageReport`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .events import Event
 from .keys import PrivateKey, PublicKey
 from .outage import OutageReport
 
-__all__ = ["RelayLink", "LinkUp", "LinkDown", "backoff_delay", "restart_delay", "MAX_RECONNECT_DELAY",
-           "RESTART_HINT_TTL"]
+__all__ = ["RelayLink", "LinkUp", "LinkDown", "backoff_delay", "restart_delay", "retry_delay",
+           "MAX_RECONNECT_DELAY", "RESTART_HINT_TTL", "RESTART_RETRY_STEP"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ _RESET_AFTER = 1.0  # a link that lived this long resets the backoff
 MAX_RECONNECT_DELAY = 5.0
 #: A Restarting frame counts only for a link that dies within this time after it.
 RESTART_HINT_TTL = 10.0
+#: While a Restarting frame's try-for lasts, a failed reconnect is retried at least this often.
+RESTART_RETRY_STEP = 0.25
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,13 @@ def restart_delay(hint: F.Restarting | None, hint_at: float, died_at: float, fai
     if hint is not None and 0 <= died_at - hint_at <= RESTART_HINT_TTL:
         return min(max(hint.reconnect_in, 0.0), MAX_RECONNECT_DELAY)
     return backoff_delay(failures, rng)
+
+
+def retry_delay(failures: int, now: float, try_until: float, rng: Callable[[], float] = random.random) -> float:
+    """The wait after a failed reconnect: the backoff, but at most RESTART_RETRY_STEP while a
+    Restarting frame's try-for lasts (until `try_until`): the relay said it is coming back."""
+    delay = backoff_delay(failures, rng)
+    return min(delay, RESTART_RETRY_STEP) if now < try_until else delay
 
 
 class RelayLink:
@@ -236,13 +246,14 @@ class RelayLink:
             self._failures = 0
         self._failures += 1
         hint, self._restart_hint = self._restart_hint, None  # used once, never remembered
-        delay = restart_delay(hint[0] if hint else None, hint[1] if hint else 0.0, time.monotonic(),
-                              self._failures)
-        if self.outage.lost(time.monotonic()):
+        now = time.monotonic()
+        delay = restart_delay(hint[0] if hint else None, hint[1] if hint else 0.0, now, self._failures)
+        try_until = now + delay + min(hint[0].try_for, RESTART_HINT_TTL) if hint else 0.0
+        if self.outage.lost(now):
             log.warning("relay link to %s lost: %s; reconnecting (retries every %g s at most)", self.relay.url,
                         self._why(err), MAX_RECONNECT_DELAY)
         log.debug("reconnecting to relay %s in %.3fs", self.relay.url, delay)
-        self._reconnect_loop(delay)
+        self._reconnect_loop(delay, try_until)
 
     def _why(self, err: BaseException | None) -> str:
         """An error's text for a line that already names the relay (the client's errors do too)."""
@@ -252,7 +263,7 @@ class RelayLink:
         url = self.relay.url
         return str(text).replace(f"relay {url}: ", "").replace(f"relay {url} ", "the relay ")
 
-    def _reconnect_loop(self, delay: float) -> None:
+    def _reconnect_loop(self, delay: float, try_until: float = 0.0) -> None:
         while True:
             if self._closing.wait(delay):
                 return
@@ -269,7 +280,7 @@ class RelayLink:
                     if self.closed:
                         return
                 self._failures += 1
-                delay = backoff_delay(self._failures)
+                delay = retry_delay(self._failures, time.monotonic(), try_until)
                 log.debug("reconnecting to relay %s failed: %s; next try in %.3fs", self.relay.url, e, delay)
                 if self.outage.failed(time.monotonic()):
                     assert self.outage.down_since is not None

@@ -67,9 +67,17 @@ class Admission:
                 conn.dispatch_all(proto.receive_data(b""))
             case ClientHello():
                 self.stop()
-                conn.send(proto.send(AcceptClient()))  # ServerInfo: the first frame after ServerKey
-                conn.admit(ev)
-                conn.dispatch_all(proto.receive_data(b""))  # frames pipelined behind the ClientInfo
+                access = conn.server.access
+                if access.active:  # --allow-clients / --verify-client-url (access.py)
+                    access.judge(conn, ev.key, lambda: self._admit(proto, ev))
+                else:
+                    self._admit(proto, ev)
+
+    def _admit(self, proto: ServerConnection, hello: ClientHello) -> None:
+        conn = self.conn
+        conn.send(proto.send(AcceptClient()))  # ServerInfo: the first frame after ServerKey
+        conn.admit(hello)
+        conn.dispatch_all(proto.receive_data(b""))  # frames pipelined behind the ClientInfo
 
     def _arm(self, what: str, seconds: float) -> None:
         self.stop()

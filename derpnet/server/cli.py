@@ -20,7 +20,9 @@ import sys
 
 from ..keys import PrivateKey
 from ..udpaddr import host_port
+from . import operator
 from .keyfile import load_or_create_key
+from .restart import drain
 from .server import RelayOptions, RelayServer, relay_url, tls_setup
 from .stun import DEFAULT_PORT as DEFAULT_STUN_PORT
 
@@ -118,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most N connections that have not completed their hello; more are closed at once "
                              "(default %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (one line per connection)")
+    operator.add_arguments(parser)
 
 
 def _fail(msg: str, code: int = 1) -> int:
@@ -157,12 +160,21 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e), 2)
     server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
     try:
-        return asyncio.run(_serve(server, args, host))
+        metrics_addr = parse_listen(args.metrics_listen) if getattr(args, "metrics_listen", None) else None
+    except ValueError as e:
+        return _fail(f"--metrics-listen: {e}")
+    try:
+        ops = operator.configure(server, args)
+    except ValueError as e:  # a ConfigError, naming the file and line
+        return _fail(str(e))
+    try:
+        return asyncio.run(_serve(server, args, host, ops, metrics_addr))
     except KeyboardInterrupt:  # SIGINT before the handler was installed, or off the main thread
         return 0
 
 
-async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None) -> int:
+async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None, ops: operator.Operator,
+                 metrics_addr: tuple[str | None, int] | None) -> int:
     stun_port = getattr(args, "stun_port", None)
     # An explicit STUN port is bound first, so that failing prints nothing but the error;
     # the default one after DERP, where failing is only a warning.
@@ -179,24 +191,37 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None
         return _fail(f"cannot listen on {args.listen}: {e.strerror or e}")
     if stun_port is None:
         await _start_stun(server, None, host)
+    error = await ops.start(server, metrics_addr)
+    if error:
+        await server.close()
+        return _fail(error)
     url = relay_url(host, server.port, server.ssl_context is not None, args.hostname)
     print(f"{READY_PREFIX}{url} (server key {server.public_key})", flush=True)
     if server.stun is not None:
         log.info("STUN on udp %s", server.stun.address)
     stop = asyncio.Event()
+    got: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        got.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
             installed.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not POSIX
             pass
     try:
         await stop.wait()
+        if got and got[0] == signal.SIGTERM:  # a graceful restart: clients told when to come back
+            await drain(server, args.restart_reconnect_in, args.restart_try_for, args.drain_timeout)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        ops.close()
         log.info("relay: shutting down")
         await server.close()
     return 0

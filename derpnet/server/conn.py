@@ -23,6 +23,8 @@ from ..events import ClientHello, Event
 from ..keys import PublicKey
 from ..tlsbio import TLSSession
 from .admission import Admission
+from .connhooks import pace
+from .ratelimit import ReadLimiter
 from .relay import Endpoint
 from .sender import Sender
 
@@ -40,7 +42,7 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = ("server", "relay", "options", "loop", "conn_id", "transport", "peer", "key", "info", "is_dup",
                  "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "_tls",
                  "_admission", "_sender", "_write_timer", "preauth_held", "unauthenticated",
-                 "__weakref__")
+                 "limiter", "draining", "__weakref__")
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
@@ -67,6 +69,8 @@ class ClientProtocol(asyncio.Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self.preauth_held = 0  # bytes held before the hello, charged to the server's budget
         self.unauthenticated = False  # counted in the server's unauthenticated connections
+        self.limiter: ReadLimiter | None = None  # the client's receive rate limit (ratelimit.py), once registered
+        self.draining = False  # the relay is restarting: packets from this client are no longer forwarded
 
     def __repr__(self) -> str:
         who = self.key.short() if self.key else "-"
@@ -76,6 +80,11 @@ class ClientProtocol(asyncio.Protocol):
     def endpoint(self) -> Endpoint:
         """This connection as the relay sees it (once registered its key is set)."""
         return cast(Endpoint, self)
+
+    @property
+    def sender(self) -> Sender | None:
+        """The outgoing side, once registered."""
+        return self._sender
 
     @property
     def name(self) -> str:
@@ -220,6 +229,8 @@ class ClientProtocol(asyncio.Protocol):
             proto = self._proto = ServerConnection(self.server.private_key)
         try:
             self.dispatch_all(proto.receive_data(data))
+            if self.limiter is not None:
+                pace(self, len(data))
             if not self.registered and not self.closed and not self.server.preauth_hold(self, proto.buffered):
                 self.abort(f"holds {proto.buffered} bytes before its hello while the relay's pre-hello buffer "
                            f"budget is spent", rate_limited=True)
@@ -268,6 +279,7 @@ class ClientProtocol(asyncio.Protocol):
         self.server.connection_authenticated(self)
         self.key = hello.key
         self.info = hello.info
+        self.limiter = self.server.rate_config.limit_for(hello.key).limiter(self.loop.time())
         self._sender = Sender(self)
         self.registered = True
         self.relay.register(self.endpoint)
@@ -276,6 +288,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def _forward(self, dst_key: PublicKey, data: bytes) -> None:
         relay = self.relay
+        if self.draining:
+            relay.drop("restarting")
+            return
         relay.packets_received += 1
         relay.bytes_received += len(data)
         dst, n = relay.lookup(dst_key)

@@ -29,6 +29,7 @@ DROP_REASONS = (
     "dup_client",         # the key has duplicate connections and none is active
     "queue_head",         # the destination's queue was full: its oldest packet was dropped
     "gone_disconnected",  # the destination left with the packet still queued
+    "restarting",         # sent while the relay was draining for a restart (restart.py)
 )
 
 

@@ -77,6 +77,8 @@ class Sender:
 
     def peer_gone(self, key: PublicKey, reason: int) -> None:
         """Queue PeerGone(key, reason) as a control frame (bounded)."""
+        if self.conn.draining:  # a restart: the peers leaving now are coming back (restart.py)
+            return
         if reason == F.PeerGoneReason.DISCONNECTED:
             # Tracked again if the key comes back and sends to us (derper would stay silent).
             self.outbox.seen.discard(key)

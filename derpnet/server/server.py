@@ -24,8 +24,10 @@ from typing import Any
 
 from ..keys import PrivateKey, PrivateKeyLike, PublicKey
 from . import certs
+from .access import AccessControl
 from .conn import ClientProtocol
 from .outbox import TokenBucket
+from .ratelimit import RateConfig
 from .ratelog import RateLimitedLog
 from .relay import Relay
 from .stun import StunServer
@@ -122,6 +124,10 @@ class RelayServer:
         self.rejected_unauthenticated = 0  # closed at accept: max_unauthenticated reached
         self._accept_bucket: TokenBucket | None = None  # made in start() (needs the loop's clock)
         self.tls_errors = 0
+        self.access = AccessControl()           # --allow-clients, --verify-client-url (access.py)
+        self.rate_config = RateConfig()         # --rate-config (ratelimit.py); reload.py replaces both
+        self.rate_limit_waits = 0               # reads after which a client had to wait (its rate limit)
+        self.draining = False                   # restart.py: stopped accepting, clients told to reconnect
         #: Lines a client can provoke (failed handshakes, protocol errors): 20 at once, 1/s after.
         self.error_log = RateLimitedLog(log, rate=1.0, burst=20)
 
@@ -176,8 +182,18 @@ class RelayServer:
             out.append(f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
         return out
 
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; connections stay (a graceful restart drains them)."""
+        if self._server is not None:
+            self._server.close()
+
+    def connections(self) -> list[ClientProtocol]:
+        """Every open connection (a copy)."""
+        return list(self._conns)
+
     async def close(self) -> None:
         """Stop listening and drop every connection (idempotent)."""
+        self.access.close()
         if self.stun is not None:
             self.stun.close()
         if self._server is not None:
@@ -281,6 +297,8 @@ class RelayServer:
             rejected_unauthenticated=self.rejected_unauthenticated,
             log_lines_left_out=self.error_log.suppressed_total,
             tls_errors=self.tls_errors,
+            access=self.access.stats(),
+            rate_limit_waits=self.rate_limit_waits,
             queued_packets=queued,
             write_buffer_bytes=buffered,
             stun=self.stun.stats() if self.stun is not None else None,
