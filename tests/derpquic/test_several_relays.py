@@ -1,6 +1,6 @@
 """derpquic over two relays at once (derpnet.relayset): the relay carrying a stream is
-killed mid-transfer, and the transfer completes through the other one, SHA-256 intact; a
-key that no relay holds fails the dial fast."""
+killed mid-transfer, and the transfer completes through the other one, SHA-256 intact; so
+do QUIC datagrams; a key that no relay holds fails the dial fast."""
 
 from __future__ import annotations
 
@@ -71,3 +71,32 @@ def test_a_key_on_no_relay_fails_fast_once_every_relay_said_so(tmp_path):
         with pytest.raises(PeerNotConnected):
             dialer.dial(PrivateKey.generate().public_key, timeout=20)
         assert time.monotonic() - t0 < 10
+
+
+def test_datagrams_go_on_through_the_other_relay(tmp_path):
+    """QUIC datagrams over two relays: the relay in use is killed, and datagrams sent after
+    that arrive through the other one, intact."""
+    ka = PrivateKey.generate()
+    with OurRelay(workdir=str(tmp_path / "a")) as a, OurRelay(workdir=str(tmp_path / "b")) as b, \
+            derpquic.listen([a.url, b.url], ka, datagrams=True, direct=False) as ln, \
+            derpquic.Dialer([a.url, b.url], datagrams=True, direct=False) as dialer:
+        channel = dialer.datagram_channel(ka.public_key, timeout=20)
+
+        channel.send(b"before")
+        assert ln.recv_datagram(timeout=10)[0] == b"before"
+        used = dialer.packet_conn.relay_for(ka.public_key)
+        (a if used == a.url else b).kill()
+        deadline = time.monotonic() + 30
+        streak = i = 0
+        while streak < 5:  # until five in a row came back: the other relay carries them
+            assert time.monotonic() < deadline, "no datagrams through the other relay"
+            payload = b"after-%d" % i
+            i += 1
+            channel.send(payload)  # (lost while our link notices the kill)
+            try:
+                data, _ = ln.recv_datagram(timeout=1)
+            except TimeoutError:
+                streak = 0
+                continue
+            assert data.startswith(b"after-") and int(data[6:]) < i, data  # never altered or invented
+            streak = streak + 1 if data == payload else 0
