@@ -1,4 +1,5 @@
-"""`PacketConn`: datagrams addressed by public key through one DERP relay, like Go's net.PacketConn.
+"""`PacketConn`: datagrams addressed by public key through a DERP relay (or several at
+once: derpnet.relayset), like Go's net.PacketConn.
 
     conn = derpnet.listen_packet("derp.example.com")          # TLS on 443
     conn = derpnet.listen_packet("http://127.0.0.1:3340")      # a dev relay
