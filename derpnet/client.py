@@ -22,11 +22,13 @@ from typing import Protocol
 from . import frames as F
 from .connection import ClientConnection
 from .dial import Dialer, RelayAddress, parse_relay, set_io_timeouts, with_relay_url
-from .errors import DerpError, HandshakeError
+from .errors import DerpError, HandshakeError, UpgradeError
 from .events import Connected, Event, Hello, Upgrade
 from .keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
 from .liveness import Dead, DeadReason, Liveness, SendPing
 from .wire import Wire, WireBroken
+from .wsclient import ClientWebSocket, WsHandshakeIO
+from .wsclient import upgrade as ws_upgrade
 
 __all__ = ["DerpClient", "derp_handshake", "HandshakeIO", "RelayAddress", "parse_relay", "DEFAULT_CONNECT_TIMEOUT",
            "DEFAULT_WRITE_TIMEOUT", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_PING_AFTER", "DEFAULT_PING_TIMEOUT"]
@@ -71,6 +73,7 @@ class DerpClient:
         on_event: EventCallback | None = None,
         on_close: CloseCallback | None = None,
         user_agent: str = "derpnet-python",
+        websocket: bool | None = None,
     ) -> None:
         self.relay = parse_relay(relay)
         self.key = PrivateKey.coerce(key)
@@ -85,6 +88,10 @@ class DerpClient:
         self.on_packet = on_packet
         self.on_event = on_event
         self.on_close = on_close
+        self._user_agent = user_agent
+        #: True: DERP over WebSocket only (also a ws:// or wss:// URL); False: never; None:
+        #: raw DERP, and WebSocket when the relay refuses the plain upgrade.
+        self.websocket: bool | None = True if self.relay.websocket else websocket
         self._conn = ClientConnection(self.key, self.relay.host_header, user_agent=user_agent)
         self.server_key: PublicKey | None = None
         self.server_info: dict[str, object] = {}
@@ -147,27 +154,22 @@ class DerpClient:
             if self._closing:
                 dialer.abort()
         try:
-            dialer.connect()
-            if self.relay.tls:
-                dialer.start_tls(self.ssl_context)
-            dialer.phase = "in the DERP handshake"
-            connected, self._early = derp_handshake(self._conn, dialer)
-            self.server_key, self.server_info = connected.server_key, connected.server_info
+            dialer, framing = _establish(self, dialer)
         except BaseException as e:
             self._dead = True
-            dialer.close_socket()
+            (self._dialer or dialer).close_socket()  # the WebSocket fallback's dialer, if it got that far
             if isinstance(e, (OSError, DerpError)):
                 raise with_relay_url(e, self.url) from e
             raise
         finally:
             with self._state_lock:
-                self._dialer = None
-            dialer.close()
+                current, self._dialer = self._dialer, None
+            (current or dialer).close()
         with self._state_lock:
             if not self._closing:
                 sock, tls = dialer.take()
                 set_io_timeouts(sock, self.liveness.check_interval, self.write_timeout)  # recv: liveness checks
-                self._wire = Wire(sock, tls, url=self.url, write_timeout=self.write_timeout)
+                self._wire = Wire(sock, tls, url=self.url, write_timeout=self.write_timeout, framing=framing)
         if self._wire is None:
             self._dead = True
             dialer.close_socket()
@@ -353,10 +355,12 @@ class HandshakeIO(Protocol):
     def read(self) -> bytes: ...
 
 
-def derp_handshake(conn: ClientConnection, io: HandshakeIO) -> tuple[Connected, list[Event]]:
+def derp_handshake(conn: ClientConnection, io: HandshakeIO, *, upgrade: bool = True) -> tuple[Connected, list[Event]]:
     """Upgrade, ServerKey, ClientInfo, ServerInfo (derp_client.go's NewClient): the relay's
-    `Connected`, and the events that arrived with it."""
-    io.send(conn.send(Upgrade()))
+    `Connected`, and the events that arrived with it. `upgrade=False`: the connection is
+    already upgraded (WebSocket), the relay starts with its ServerKey."""
+    if upgrade:
+        io.send(conn.send(Upgrade()))
     pending: deque[Event] = deque()
     while True:
         while pending:
@@ -371,6 +375,55 @@ def derp_handshake(conn: ClientConnection, io: HandshakeIO) -> tuple[Connected, 
             conn.receive_eof()  # raises HandshakeError
             raise HandshakeError("relay closed the connection during the handshake")
         pending.extend(conn.receive_data(data))
+
+
+def _establish(client: DerpClient, dialer: Dialer) -> tuple[Dialer, ClientWebSocket | None]:
+    """Reach the relay and do the handshakes: raw DERP, or WebSocket when asked or when the relay
+    refuses the plain upgrade (then on a new dialer). The dialer used and the WebSocket framing."""
+    try:
+        return dialer, _handshake(client, dialer, client.websocket is True)
+    except UpgradeError as e:
+        if client.websocket is not None or e.status is None:
+            raise
+        # A plain upgrade refused (a front that passes only WebSockets?): try WebSocket.
+        log.info("relay %s refused the DERP upgrade (HTTP %d); trying WebSocket", client.url, e.status)
+        dialer = _redial(client, dialer)
+        try:
+            return dialer, _handshake(client, dialer, True)
+        except (OSError, DerpError) as ws_error:
+            log.info("relay %s: WebSocket failed too: %s", client.url, ws_error)
+            raise e from None
+
+
+def _handshake(client: DerpClient, dialer: Dialer, websocket: bool) -> ClientWebSocket | None:
+    """Connect, TLS, (the WebSocket upgrade,) the DERP handshake: the WebSocket framing, if any."""
+    dialer.connect()
+    if client.relay.tls:
+        dialer.start_tls(client.ssl_context)
+    io: HandshakeIO = dialer
+    framing = None
+    if websocket:
+        dialer.phase = "in the WebSocket upgrade"
+        framing, leftover = ws_upgrade(dialer, client.relay.host_header, client._user_agent)
+        io = WsHandshakeIO(dialer, framing, leftover)
+    dialer.phase = "in the DERP handshake"
+    connected, client._early = derp_handshake(client._conn, io, upgrade=not websocket)
+    client.server_key, client.server_info = connected.server_key, connected.server_info
+    return framing
+
+
+def _redial(client: DerpClient, old: Dialer) -> Dialer:
+    """A fresh attempt within what is left of the connect deadline (close() still aborts it)."""
+    old.close_socket()
+    left = None if old.deadline is None else max(old.deadline - time.monotonic(), 0.001)
+    new = Dialer(client.relay, left)
+    with client._state_lock:
+        client._dialer = new
+        if client._closing:
+            new.abort()
+    old.close()
+    client._conn = ClientConnection(client.key, client.relay.host_header, user_agent=client._user_agent)
+    return new
 
 
 def _call(what: str, callback: Callable[..., None] | None, *args: object) -> None:

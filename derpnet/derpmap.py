@@ -336,7 +336,7 @@ _HOSTNAME_RX = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:
 
 
 def resolve(spec: str, derpmap: DerpMap | None = None) -> RelayTarget:
-    """Interpret a `--derp` value: a URL (`https://host:port`, `http://host:port`), a
+    """Interpret a `--derp` value: a URL (`https://host:port`, `http://host:port`, `wss://`, `ws://`), a
     `host[:port]`, a region id (`1`) or a region code (`nyc`) looked up in `derpmap`
     (default: `load()`). A single word that is not a known region code is an error
     (`localhost` excepted): name a host by its dotted name or a URL."""
@@ -345,8 +345,8 @@ def resolve(spec: str, derpmap: DerpMap | None = None) -> RelayTarget:
         raise DerpMapError("empty relay name")
     if "://" in s:
         u = urllib.parse.urlsplit(s)
-        if u.scheme.lower() not in ("http", "https"):
-            raise DerpMapError(f"relay URL {s!r}: scheme must be https or http")
+        if u.scheme.lower() not in ("http", "https", "ws", "wss"):
+            raise DerpMapError(f"relay URL {s!r}: scheme must be https or http (wss or ws: DERP over WebSocket)")
         try:
             host, port = u.hostname, u.port
         except ValueError as e:

@@ -74,12 +74,14 @@ from .client import (
     DEFAULT_PING_AFTER,
     DEFAULT_PING_TIMEOUT,
     DEFAULT_WRITE_TIMEOUT,
+    RelayAddress,
+    parse_relay,
 )
 from .disco import looks_like_disco
 from .keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
 from .paths import RELAY_PATH_MTU, PathChanged
 from .relaylink import LinkDown, LinkUp, RelayLink, backoff_delay
-from .relayset import RelaySet, RelaySpec, first_link, open_link, parse_relays, relay_via
+from .relayset import RelaySet, RelaySpec, RelayViews, open_link, parse_relays
 from .rxqueue import ReceiveQueue, ShortBufferError, closed_error
 
 if TYPE_CHECKING:
@@ -103,16 +105,18 @@ def listen_packet(relay: RelaySpec, key: PrivateKeyLike | None = None,
                   **options: Any) -> PacketConn:
     """Connect to `relay` with `key` (None: a fresh key) and return a `PacketConn`.
 
-    `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port`` or
-    ``http://host:port``; or several (a list, or one string with commas): the conn is then
-    reachable through all of them and sends to each peer through the relay it was last
-    heard on (derpnet.relayset). Options: see `PacketConn`. Raises if the first connect
-    fails (with several relays: if none answers; the others are retried in the background).
+    `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port``,
+    ``http://host:port``, or ``wss://``/``ws://`` for DERP over WebSocket; or several (a
+    list, or one string with commas): the conn is then reachable through all of them and
+    sends to each peer through the relay it was last heard on (derpnet.relayset). HTTP
+    proxies come from HTTPS_PROXY/HTTP_PROXY/NO_PROXY. Options: see `PacketConn`. Raises
+    if the first connect fails (with several relays: if none answers; the others are
+    retried in the background).
     """
     return PacketConn(relay, key, **options)
 
 
-class PacketConn:
+class PacketConn(RelayViews):
     """A datagram endpoint whose address is our public key (Go's net.PacketConn).
 
     Options: ``ssl_context``, ``connect_timeout`` (10 s), ``write_timeout`` (5 s),
@@ -121,8 +125,9 @@ class PacketConn:
     ``on_event(event)`` (LinkUp, LinkDown, PathChanged, relay frames; a reader thread: must
     not block), ``on_packet(data, src)`` (instead of the queue; a reader thread), and for
     direct paths ``direct`` (True), ``stun`` ("host:port"; default the relay's host, port
-    3478), ``udp_port`` (0 = any).
-    """
+    3478), ``udp_port`` (0 = any); ``websocket`` (None: raw DERP, WebSocket when the relay
+    refuses the plain upgrade; True: WebSocket only; False: never); ``alternates`` (other
+    members of the relay's mesh: a reconnect goes there when the relay stays unreachable)."""
 
     def __init__(
         self,
@@ -142,6 +147,8 @@ class PacketConn:
         direct: bool = True,
         stun: str | None = None,
         udp_port: int = 0,
+        websocket: bool | None = None,
+        alternates: Sequence[str | RelayAddress] = (),
     ) -> None:
         self._relay, *self._more_relays = parse_relays(relay)
         self._key = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
@@ -163,10 +170,11 @@ class PacketConn:
                                        port=udp_port)
         client_opts: dict[str, Any] = dict(ssl_context=ssl_context, connect_timeout=connect_timeout,
                                            write_timeout=write_timeout, idle_timeout=idle_timeout,
-                                           ping_after=ping_after, ping_timeout=ping_timeout)
+                                           ping_after=ping_after, ping_timeout=ping_timeout, websocket=websocket)
         try:
             self._link = open_link([self._relay, *self._more_relays], self._key, client_opts=client_opts,
-                                   on_packet=self._on_packet, on_event=self._on_frame, reconnect=reconnect)
+                                   on_packet=self._on_packet, on_event=self._on_frame, reconnect=reconnect,
+                                   alternates=[parse_relay(a) for a in alternates])
         except BaseException:
             if self._direct is not None:
                 self._direct.close()
@@ -186,14 +194,6 @@ class PacketConn:
         """Our identity (layers above, such as derpquic, prove it to peers). Never shown in
         repr() or str()."""
         return self._key
-
-    @property
-    def relay_url(self) -> str:
-        return self._relay.url
-
-    def relay_for(self, peer: PublicKeyLike) -> str | None:
-        """The relay datagrams to `peer` go through (of several: None until it is heard from)."""
-        return relay_via(self._link, PublicKey.coerce(peer))
 
     def write_to(self, data: bytes, addr: PublicKeyLike) -> int:
         """Send one datagram (≤ 65,535 bytes) to `addr` (PublicKey, 32 bytes or any text form).
@@ -298,35 +298,6 @@ class PacketConn:
 
     def gettimeout(self) -> float | None:
         return self._rx.timeout
-
-    # ------------------------------------------------------------ relay link state
-
-    @property
-    def connected(self) -> bool:
-        return self._link.connected
-
-    @property
-    def generation(self) -> int:
-        """Number of successful relay connections so far (1 after listen_packet)."""
-        return self._link.generation
-
-    def wait_connected(self, timeout: float | None = None, *, min_generation: int = 1) -> bool:
-        """Wait until a relay link of generation ≥ `min_generation` is up; False on timeout or close."""
-        return self._link.wait_connected(timeout, min_generation=min_generation)
-
-    @property
-    def relay_link(self) -> RelayLink:
-        """The (first) relay connection (reconnecting); its `client` is the current DerpClient."""
-        return first_link(self._link)
-
-    @property
-    def health(self) -> str:
-        """The relay's last Health problem text ("" = healthy)."""
-        return self._link.health
-
-    @property
-    def server_key(self) -> PublicKey | None:
-        return self._link.server_key
 
     # ------------------------------------------------------------ direct paths
 

@@ -1,7 +1,8 @@
 """`RelayLink`: one DERP relay connection that re-establishes itself, for PacketConn.
 
 Layer: relay link (the job of Tailscale's derphttp.Client plus magicsock's backoff).
-It owns the current `DerpClient`, replaces it when it dies, and reports `LinkUp` /
+It owns the current `DerpClient`, replaces it when it dies (trying the other members of
+the relay's mesh in turn when given `alternates`), and reports `LinkUp` /
 `LinkDown` and the relay's frames to its owner. Sending while the link is down raises
 `ConnectionError`: the owner decides what that means (PacketConn drops, like UDP).
 
@@ -95,8 +96,13 @@ class RelayLink:
 
     def __init__(self, relay: RelayAddress, key: PrivateKey, *, client_opts: dict[str, Any],
                  on_packet: Callable[[PublicKey, bytes], None], on_event: Callable[[object], None],
-                 reconnect: bool = True, connect: bool = True) -> None:
+                 reconnect: bool = True, alternates: Sequence[RelayAddress] = (),
+                 connect: bool = True) -> None:
         self.relay = relay
+        #: Where a reconnect may go: `relay` first, then other members of its mesh (region),
+        #: each tried in turn after a failed attempt (derphttp tries a region's nodes in order).
+        self.relays = [relay, *(a for a in alternates if a != relay)]
+        self._tries = 0  # connect attempts since the last link was up
         self._key = key
         self._client_opts = client_opts
         self._on_packet = on_packet
@@ -192,6 +198,10 @@ class RelayLink:
     # ------------------------------------------------------------ internals
 
     def _new_client(self) -> DerpClient:
+        if self._tries and len(self.relays) > 1:  # the last attempt failed: the next member
+            self.relay = self.relays[(self.relays.index(self.relay) + 1) % len(self.relays)]
+            log.info("trying relay %s (another member of the mesh)", self.relay.url)
+        self._tries += 1
         return DerpClient(self.relay, self._key, on_packet=self._on_packet, on_event=self._on_frame,
                           on_close=self._on_link_closed, **self._client_opts)
 
@@ -214,6 +224,7 @@ class RelayLink:
             ok = not self.closed
             if ok:
                 self._link = client
+                self._tries = 0
                 self.generation += 1
                 gen = self.generation
                 self.cond.notify_all()

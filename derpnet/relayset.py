@@ -26,11 +26,11 @@ from typing import Any
 
 from . import frames as F
 from .client import RelayAddress, parse_relay
-from .keys import PrivateKey, PublicKey
+from .keys import PrivateKey, PublicKey, PublicKeyLike
 from .relaylink import LinkDown, LinkUp, RelayLink
 from .relayroutes import RelayRoutes
 
-__all__ = ["RelaySet", "parse_relays", "RelaySpec", "open_link", "first_link", "relay_via"]
+__all__ = ["RelaySet", "RelayViews", "parse_relays", "RelaySpec", "open_link", "first_link", "relay_via"]
 
 #: One relay (a host name, URL or RelayAddress), several as a list, or one string with commas.
 RelaySpec = str | RelayAddress | Sequence[str | RelayAddress]
@@ -236,10 +236,15 @@ class RelaySet:
             link.close()
 
 
-def open_link(relays: Sequence[RelayAddress], key: PrivateKey, **options: Any) -> RelayLink | RelaySet:
-    """A RelayLink for one relay, a RelaySet for several (same options)."""
+def open_link(relays: Sequence[RelayAddress], key: PrivateKey, *, alternates: Sequence[RelayAddress] = (),
+              **options: Any) -> RelayLink | RelaySet:
+    """A RelayLink for one relay (failing over to `alternates`, its mesh), a RelaySet for
+    several (same options)."""
     if len(relays) == 1:
-        return RelayLink(relays[0], key, **options)
+        return RelayLink(relays[0], key, alternates=alternates, **options)
+    if alternates:
+        raise ValueError("alternates are the other members of one relay's mesh: with several relays, "
+                         "give them as more relays instead")
     return RelaySet(relays, key, **options)
 
 
@@ -251,3 +256,44 @@ def first_link(link: RelayLink | RelaySet) -> RelayLink:
 def relay_via(link: RelayLink | RelaySet, peer: PublicKey) -> str | None:
     """The URL of the relay datagrams to `peer` go through (None: every relay, not known yet)."""
     return link.via(peer) if isinstance(link, RelaySet) else link.relay.url
+
+
+class RelayViews:
+    """What a PacketConn tells about its relay link(s) (one RelayLink, or a RelaySet)."""
+
+    _link: RelayLink | RelaySet
+
+    @property
+    def relay_url(self) -> str:
+        return self._link.relay.url  # after a failover, another member of the relay's mesh
+
+    def relay_for(self, peer: PublicKeyLike) -> str | None:
+        """The relay datagrams to `peer` go through (of several: None until it is heard from)."""
+        return relay_via(self._link, PublicKey.coerce(peer))
+
+    @property
+    def connected(self) -> bool:
+        return self._link.connected
+
+    @property
+    def generation(self) -> int:
+        """Number of successful relay connections so far (1 after listen_packet)."""
+        return self._link.generation
+
+    def wait_connected(self, timeout: float | None = None, *, min_generation: int = 1) -> bool:
+        """Wait until a relay link of generation ≥ `min_generation` is up; False on timeout or close."""
+        return self._link.wait_connected(timeout, min_generation=min_generation)
+
+    @property
+    def relay_link(self) -> RelayLink:
+        """The (first) relay connection (reconnecting); its `client` is the current DerpClient."""
+        return first_link(self._link)
+
+    @property
+    def health(self) -> str:
+        """The relay's last Health problem text ("" = healthy)."""
+        return self._link.health
+
+    @property
+    def server_key(self) -> PublicKey | None:
+        return self._link.server_key

@@ -75,10 +75,10 @@ def _common_options(p: argparse.ArgumentParser, sub: bool) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("-derp", "--derp", metavar="HOST", action=DerpAction,
                    default=d(os.environ.get("DERPNET_DERP") or None),
-                   help="DERP relay: host name, https://host:port, http://host:port, or region code/id "
-                        "(env DERPNET_DERP); several relays as a comma-separated list or --derp repeated: "
-                        "serve is reachable on all, join uses the one that reaches the peer and moves on "
-                        "when it fails")
+                   help="DERP relay: host name, https://host:port, http://host:port, wss:// or ws:// (DERP over "
+                        "WebSocket), or region code/id (env DERPNET_DERP); HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply; "
+                        "several relays as a comma-separated list or --derp repeated: serve is reachable on all, "
+                        "join uses the one that reaches the peer and moves on when it fails")
     g.add_argument("-key", "--key", metavar="NAME", default=d(os.environ.get("DERPNET_KEY") or "derpconnect"),
                    help="name of the private key file under <user config dir>/derpconnect/ "
                         "(raw 32 bytes, created 0600 on first use; same file as the Go tool; "

@@ -22,6 +22,8 @@ from ..keys import PrivateKey
 from ..udpaddr import host_port
 from . import operator
 from .keyfile import load_or_create_key
+from .mesh import MeshTarget, load_mesh_key, parse_mesh_with
+from .meshclient import RETRY_INTERVAL, use_derp_http
 from .restart import drain
 from .server import RelayOptions, RelayServer, relay_url, tls_setup
 from .stun import DEFAULT_PORT as DEFAULT_STUN_PORT
@@ -119,6 +121,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-unauthenticated", type=int, default=RelayOptions.max_unauthenticated, metavar="N",
                         help="at most N connections that have not completed their hello; more are closed at once "
                              "(default %(default)s)")
+    parser.add_argument("--mesh-psk-file", metavar="PATH",
+                        help="the mesh's pre-shared key (64 lowercase hex characters), as derper's flag: clients "
+                             "presenting it may watch connections and forward packets; others presenting a "
+                             "different key are refused")
+    parser.add_argument("--mesh-with", metavar="HOST[,HOST...]",
+                        help="join a mesh with these relays (derper's flag: HOST[:PORT] dialled as "
+                             "https://HOST/derp, HOST/DIALHOST to dial another address, http://HOST:PORT for plain "
+                             "HTTP, or all plain with TS_DEBUG_USE_DERP_HTTP=1); this relay may be in the list")
+    parser.add_argument("--mesh-retry", type=float, default=RETRY_INTERVAL, metavar="SECONDS",
+                        help="wait between attempts to reach a mesh member (default %(default)s, as derper); a "
+                             "member refusing our key is retried with a doubling wait, up to 5 minutes")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (one line per connection)")
     operator.add_arguments(parser)
 
@@ -158,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
                                max_unauthenticated=args.max_unauthenticated)
     except ValueError as e:
         return _fail(str(e), 2)
-    server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
+    mesh_key, mesh_targets = _mesh_config(args)
+    server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options, mesh_key=mesh_key)
+    args.mesh_targets = mesh_targets
     try:
         metrics_addr = parse_listen(args.metrics_listen) if getattr(args, "metrics_listen", None) else None
     except ValueError as e:
@@ -195,6 +210,8 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None
     if error:
         await server.close()
         return _fail(error)
+    if getattr(args, "mesh_targets", None):
+        server.start_mesh(args.mesh_targets, retry_interval=max(args.mesh_retry, 0.05))
     url = relay_url(host, server.port, server.ssl_context is not None, args.hostname)
     print(f"{READY_PREFIX}{url} (server key {server.public_key})", flush=True)
     if server.stun is not None:
@@ -225,6 +242,27 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None
         log.info("relay: shutting down")
         await server.close()
     return 0
+
+
+def _mesh_config(args: argparse.Namespace) -> tuple[bytes | None, list[MeshTarget]]:
+    """The mesh key and members from --mesh-psk-file/--mesh-with (StartError: one line)."""
+    path, members = getattr(args, "mesh_psk_file", None), getattr(args, "mesh_with", None)
+    key = None
+    if path:
+        try:
+            key = load_mesh_key(path)
+        except OSError as e:
+            raise StartError(f"cannot read mesh key file {path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise StartError(str(e)) from None
+    if not members:
+        return key, []
+    if key is None:
+        raise StartError("--mesh-with requires --mesh-psk-file", 2)
+    try:
+        return key, parse_mesh_with(members, use_http=use_derp_http())
+    except ValueError as e:
+        raise StartError(str(e), 2) from None
 
 
 async def _start_stun(server: RelayServer, requested: int | None, host: str | None) -> str | None:

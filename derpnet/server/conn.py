@@ -24,12 +24,14 @@ from ..keys import PublicKey
 from ..tlsbio import TLSSession
 from .admission import Admission
 from .connhooks import pace
+from .mesh import MESH_WRITE_TIMEOUT
 from .ratelimit import ReadLimiter
 from .relay import Endpoint
 from .sender import Sender
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import RelayOptions, RelayServer
+    from .wsserve import ServerWebSocket
 
 __all__ = ["ClientProtocol"]
 
@@ -42,7 +44,7 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = ("server", "relay", "options", "loop", "conn_id", "transport", "peer", "key", "info", "is_dup",
                  "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "_tls",
                  "_admission", "_sender", "_write_timer", "preauth_held", "unauthenticated",
-                 "limiter", "draining", "__weakref__")
+                 "limiter", "draining", "can_mesh", "ws", "__weakref__")
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
@@ -71,6 +73,8 @@ class ClientProtocol(asyncio.Protocol):
         self.unauthenticated = False  # counted in the server's unauthenticated connections
         self.limiter: ReadLimiter | None = None  # the client's receive rate limit (ratelimit.py), once registered
         self.draining = False  # the relay is restarting: packets from this client are no longer forwarded
+        self.can_mesh = False  # presented our mesh key: may watch, forward and close peers
+        self.ws: ServerWebSocket | None = None  # DERP in WebSocket messages (set by the admission after its 101)
 
     def __repr__(self) -> str:
         who = self.key.short() if self.key else "-"
@@ -124,12 +128,12 @@ class ClientProtocol(asyncio.Protocol):
             if out:
                 self.transport.write(out)
             if data:
-                self._on_plaintext(data)
+                self.on_plaintext(data)
             if tls.closed_by_peer and not self.closed:
                 log.debug("relay: %s closed TLS (close_notify)", self.name)
                 self.finish()  # answers with our close_notify
             return
-        self._on_plaintext(data)
+        self.on_plaintext(data)
 
     def eof_received(self) -> bool | None:
         return False  # half-close ends the connection, as in derper
@@ -145,7 +149,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        t = self.options.write_timeout
+        t = MESH_WRITE_TIMEOUT if self.can_mesh else self.options.write_timeout
         if t and self._write_timer is None and not self.closed:
             self._write_timer = self.loop.call_later(t, self._write_timed_out)
 
@@ -181,7 +185,13 @@ class ClientProtocol(asyncio.Protocol):
         return self._tls is not None and self._tls.handshake_done
 
     def send(self, data: bytes) -> None:
-        """Write protocol bytes (encrypted when serving TLS)."""
+        """Write protocol bytes (in WebSocket messages when upgraded so, encrypted when serving TLS)."""
+        if self.ws is not None:
+            data = self.ws.wrap(data)
+        self.send_raw(data)
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes below the WebSocket layer (HTTP heads, WebSocket control frames)."""
         assert self.transport is not None
         self.transport.write(data if self._tls is None else self._tls.encrypt(data))
 
@@ -223,7 +233,17 @@ class ClientProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ incoming events
 
-    def _on_plaintext(self, data: bytes) -> None:
+    def on_plaintext(self, data: bytes) -> None:
+        """Bytes received (decrypted); unwrapped from WebSocket messages when upgraded so."""
+        end = False
+        if self.ws is not None:
+            data, end = self.ws.unwrap(data)
+        if not self.closed:
+            self._on_stream(data)  # (also when a WebSocket frame is incomplete: its bytes count)
+        if end and not self.closed:
+            self.finish()
+
+    def _on_stream(self, data: bytes) -> None:
         proto = self._proto
         if proto is None:
             proto = self._proto = ServerConnection(self.server.private_key)
@@ -231,8 +251,9 @@ class ClientProtocol(asyncio.Protocol):
             self.dispatch_all(proto.receive_data(data))
             if self.limiter is not None:
                 pace(self, len(data))
-            if not self.registered and not self.closed and not self.server.preauth_hold(self, proto.buffered):
-                self.abort(f"holds {proto.buffered} bytes before its hello while the relay's pre-hello buffer "
+            held = proto.buffered + (self.ws.ws.buffered if self.ws is not None else 0)
+            if not self.registered and not self.closed and not self.server.preauth_hold(self, held):
+                self.abort(f"holds {held} bytes before its hello while the relay's pre-hello buffer "
                            f"budget is spent", rate_limited=True)
         except LocalProtocolError:
             pass  # data after we finished (e.g. behind an HTTP request): ignore
@@ -266,6 +287,9 @@ class ClientProtocol(asyncio.Protocol):
                 case F.NotePreferred(preferred=preferred):
                     self.preferred = preferred
                 case F.ForwardPacket() | F.WatchConns() | F.ClosePeer():
+                    if self.can_mesh and self.server.mesh is not None:
+                        self.server.mesh.handle(self, ev)
+                        return
                     self.abort(f"{type(ev).__name__} frame from a non-mesh client: insufficient permissions",
                                rate_limited=True)
                 # Pong and unknown frames are skipped.
@@ -279,7 +303,8 @@ class ClientProtocol(asyncio.Protocol):
         self.server.connection_authenticated(self)
         self.key = hello.key
         self.info = hello.info
-        self.limiter = self.server.rate_config.limit_for(hello.key).limiter(self.loop.time())
+        if not self.can_mesh:  # mesh peers are not rate limited, as in derper
+            self.limiter = self.server.rate_config.limit_for(hello.key).limiter(self.loop.time())
         self._sender = Sender(self)
         self.registered = True
         self.relay.register(self.endpoint)
@@ -299,6 +324,8 @@ class ClientProtocol(asyncio.Protocol):
             dst.enqueue_packet(self.key, data)
         elif n > 1:
             relay.drop("dup_client")
+        elif (mesh := self.server.mesh) is not None and self.key is not None and mesh.forward(self.key, dst_key, data):
+            pass  # connected to another member of the mesh
         else:
             relay.drop("unknown_dest")
             if self._sender is not None:  # derper answers disco packets only; we answer every one

@@ -82,11 +82,12 @@ def apply(server: RelayServer, loaded: Loaded) -> None:
     for c in server.connections():
         if not c.registered or c.key is None:
             continue
-        if not access.permits(c.key):
+        if not c.can_mesh and not access.permits(c.key):
             removed += 1
             access.refuse(c, "removed", f"key {c.key.short()} was removed from the relay's allow list")
             continue
-        c.limiter = loaded.rates.limit_for(c.key).limiter(now)
+        if not c.can_mesh:
+            c.limiter = loaded.rates.limit_for(c.key).limiter(now)
     allowed = "everyone" if loaded.allowed is None else f"{len(loaded.allowed)} key(s)"
     if loaded.allowed is not None and not loaded.allowed:
         log.warning("relay: the allow list is empty: no client can connect")

@@ -203,7 +203,8 @@ def test_http_server_that_is_not_a_relay(status):
             DerpClient(web.url, PrivateKey.generate()).connect()
         assert time.monotonic() - t0 < 2  # the status line is enough, never the 10 s timeout
         assert ei.value.status == status and web.url in str(ei.value)
-        assert web.requests == ["/derp"]
+        assert "instead of switching to DERP" in str(ei.value)  # the plain upgrade's error
+        assert web.requests == ["/derp", "/derp"]  # then the WebSocket fallback, refused too
 
 
 def _one_shot(script):
