@@ -89,11 +89,15 @@ def retry_delay(failures: int, now: float, try_until: float, rng: Callable[[], f
 
 class RelayLink:
     """The relay connection of a PacketConn: connects at once (raising on failure), then
-    keeps itself up. `on_packet(src, data)` and `on_event(event)` run in a reader thread."""
+    keeps itself up. `on_packet(src, data)` and `on_event(event)` run in a reader thread.
+    With `connect=False` it starts down and connects in the background (a thread named
+    `derpnet-relay-<host>`), with the reconnect backoff: one relay of several that did not
+    answer at start."""
 
     def __init__(self, relay: RelayAddress, key: PrivateKey, *, client_opts: dict[str, Any],
                  on_packet: Callable[[PublicKey, bytes], None], on_event: Callable[[object], None],
-                 reconnect: bool = True, alternates: Sequence[RelayAddress] = ()) -> None:
+                 reconnect: bool = True, alternates: Sequence[RelayAddress] = (),
+                 connect: bool = True) -> None:
         self.relay = relay
         #: Where a reconnect may go: `relay` first, then other members of its mesh (region),
         #: each tried in turn after a failed attempt (derphttp tries a region's nodes in order).
@@ -117,6 +121,14 @@ class RelayLink:
         self._failures = 0
         self._restart_hint: tuple[F.Restarting, float] | None = None  # (frame, when), until used
         self.outage = OutageReport()
+        if not connect:  # (the owner said it did not answer: the outage starts now)
+            self._failures = 1
+            self.outage.lost(time.monotonic())
+            retry = threading.Thread(target=self._reconnect_loop, args=(0.0,), name=f"derpnet-relay-{relay.host}",
+                                     daemon=True)
+            self._old_readers.append(retry)
+            retry.start()
+            return
         client = self._new_client()
         client.connect(start=False)  # raises: no silent retry at start
         self._install(client)

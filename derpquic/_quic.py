@@ -326,10 +326,38 @@ class _LiveTuning(QuicConnection):
 
 
 
-class DerpQuicConnection(_ReceiveWindows, _LongStreamFrames, _AnnouncedStreams, _Handshake, _LiveTuning):
+#: What a 1-RTT packet and a DATAGRAM frame add around a payload, at most: short header
+#: (1 + a 20-byte connection ID + a 4-byte packet number), AEAD tag (16), frame type (1)
+#: and length (a 4-byte varint).
+_DATAGRAM_OVERHEAD = 1 + 20 + 4 + 16 + 1 + 4
+
+
+class _Datagrams(QuicConnection):
+    """RFC 9221 DATAGRAM frames with a bounded queue: aioquic's own queue has no bound and
+    keeps at its head, forever, a datagram too big for a packet (blocking all behind)."""
+
+    def queue_datagram(self, data: bytes, limit: int) -> bool:
+        """Queue `data` for the next packets; False (dropped) when `limit` wait already."""
+        if len(self._datagrams_pending) >= limit:
+            return False
+        self._datagrams_pending.append(data)
+        return True
+
+    @property
+    def datagram_room(self) -> int:
+        """The largest DATAGRAM payload the peer takes and a packet carries (0: the peer
+        takes none: it did not send max_datagram_frame_size)."""
+        peer_limit = self._remote_max_datagram_frame_size
+        if not peer_limit:
+            return 0
+        return max(0, min(peer_limit - 5, self._max_datagram_size - _DATAGRAM_OVERHEAD))
+
+
+class DerpQuicConnection(_ReceiveWindows, _LongStreamFrames, _AnnouncedStreams, _Handshake, _LiveTuning,
+                         _Datagrams):
     """`QuicConnection` with application-paced receive windows, long STREAM frames,
-    announceable streams and optional server-side ALPN (each a base class above). Not
-    thread-safe: the driver calls it with its lock held."""
+    announceable streams, optional server-side ALPN and bounded DATAGRAM frames (each a
+    base class above). Not thread-safe: the driver calls it with its lock held."""
 
     def __init__(self, *args: Any, max_streams_bidi: int = 1024, ack_delay: float | None = None,
                  **kwargs: Any) -> None:

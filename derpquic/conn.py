@@ -426,8 +426,10 @@ class Conn(ConnBase):
             case events.ConnectionTerminated():
                 self.fail(self._close_error(ev))
                 self._terminate()
+            case events.DatagramFrameReceived(data=data) if self.state is ConnState.READY:
+                self.owner.datagram_received(self, data)  # (before READY: the peer is not proven yet, dropped)
             case _:
-                pass  # PingAcknowledged, ProtocolNegotiated, DatagramFrameReceived: nothing to do
+                pass  # PingAcknowledged, ProtocolNegotiated: nothing to do
 
     def _handshake_completed(self, ours: bool, now: float) -> None:
         actions = self.proof.handshake_completed(ours)

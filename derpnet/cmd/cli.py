@@ -27,6 +27,7 @@ from .common import (
     positive_float,
     setup_logging,
 )
+from .relays import DerpAction
 
 log = logging.getLogger("derpnet.cmd")
 
@@ -39,9 +40,12 @@ encrypted and authenticated.
 
   on the server:  derpconnect --derp=HOST serve 8080
   on the client:  derpconnect --derp=HOST join PUBKEY 8080   (then connect to 127.0.0.1:8080)
+  ssh through it: ssh -o ProxyCommand='derpconnect --derp=HOST join PUBKEY -' user@host
+  UDP:            serve --udp 51820 / join --udp PUBKEY 51820
 
 HOST is a DERP server (derp1f.tailscale.com), a URL (https://host:port, http://host:port)
-or a Tailscale region code or id (nyc, 1; see `derpconnect regions`).
+or a Tailscale region code or id (nyc, 1; see `derpconnect regions`); several relays as
+HOST1,HOST2 (or --derp repeated): serve is reachable on all, join moves on when one fails.
 """
 
 EPILOG = """\
@@ -69,9 +73,12 @@ def _common_options(p: argparse.ArgumentParser, sub: bool) -> None:
         return argparse.SUPPRESS if sub else value
 
     g = p.add_argument_group("common options")
-    g.add_argument("-derp", "--derp", metavar="HOST", default=d(os.environ.get("DERPNET_DERP") or None),
+    g.add_argument("-derp", "--derp", metavar="HOST", action=DerpAction,
+                   default=d(os.environ.get("DERPNET_DERP") or None),
                    help="DERP relay: host name, https://host:port, http://host:port, wss:// or ws:// (DERP over "
-                        "WebSocket), or region code/id (env DERPNET_DERP); HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply")
+                        "WebSocket), or region code/id (env DERPNET_DERP); HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply; "
+                        "several relays as a comma-separated list or --derp repeated: serve is reachable on all, "
+                        "join uses the one that reaches the peer and moves on when it fails")
     g.add_argument("-key", "--key", metavar="NAME", default=d(os.environ.get("DERPNET_KEY") or "derpconnect"),
                    help="name of the private key file under <user config dir>/derpconnect/ "
                         "(raw 32 bytes, created 0600 on first use; same file as the Go tool; "

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DerpError
+from . import udpforward
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -28,11 +29,9 @@ from .common import (
     parse_public_key,
     path_options,
     positive_float,
-    relay_ssl_for,
-    relay_target,
 )
 from .forward import Tunnels, abort
-from .session import connect_relay
+from .relays import Relays
 
 if TYPE_CHECKING:
     import derpquic
@@ -44,7 +43,8 @@ HELP = "forward streams from peers to a local TCP port"
 DESCRIPTION = """\
 Accept connections from peers through the DERP relay and forward each one to TARGET, a
 local TCP port (PORT means localhost:PORT) or HOST:PORT. Prints this node's public key and
-the command to run on the other side.
+the command to run on the other side. With --udp, TARGET is a UDP port and datagrams
+are forwarded instead (the other side runs `join --udp`).
 """
 
 LOCAL_CONNECT_TIMEOUT = 10.0
@@ -60,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-conns", metavar="N", type=max_conns, default=256,
                    help="at most N connections at once (default %(default)s)")
     add_idle_timeout(p)
+    udpforward.add_arguments(p, "serve")
 
 
 def add_idle_timeout(p: argparse.ArgumentParser) -> None:
@@ -87,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if port == 0:
         raise UsageError(f"serve target {args.target!r}: port 0 is not a port to forward to")
     allow = [parse_public_key(a, "--allow key") for a in args.allow]
-    target = relay_target(args)
-    ssl_for = relay_ssl_for(args, target)
+    relays = Relays.from_args(args)
     key, key_path = load_or_create_identity(args)
     if any(a.raw == key.raw for a in allow):  # bare hex parses as a public key: never print it back
         raise UsageError("--allow: that is this node's private key (not shown): give public keys")
@@ -99,18 +99,20 @@ def run(args: argparse.Namespace) -> int:
     options = quic_options(args)
     if allow:
         options["allow"] = allow
+    if args.udp:
+        return udpforward.run_serve(args, options, relays, key, key_path)
 
     stop = Stopper().install()
     listener = None
     tunnels = Tunnels(args.max_conns)
     try:
         try:
-            listener, relay_host = connect_relay(
-                target, lambda h: derpquic.listen(h, key, **options, **ssl_for(h)), args.connect_timeout, stop)
+            listener, relay_host = relays.connect(
+                lambda h, ssl: derpquic.listen(h, key, **options, **ssl), args.connect_timeout, stop)
         except Interrupted:
             return EXIT_OK
-        shown = relay_host if target.region is not None else args.derp
-        ca = _ca_option(args) if not relay_host.startswith("http://") else ""  # plain HTTP: no CA
+        shown = relays.shown(relay_host)
+        ca = ca_option(args) if not relay_host.startswith("http://") else ""  # plain HTTP: no CA
         log.info('Listening through DERP. Join with "derpconnect --derp=%s%s join %s"', shown, ca,
                  key.public_key.b64())
         log.info("public key %s (%s), key file %s; forwarding to %s:%d%s", key.public_key.b64(), key.public_key,
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         stop.restore()
 
 
-def _ca_option(args: argparse.Namespace) -> str:
+def ca_option(args: argparse.Namespace) -> str:
     """` --derp-ca PATH` when this side trusts the relay through --derp-ca (a private or
     self-signed relay, such as `derpconnect relay --tls`): the other side needs it too
     (a copy of that file, on another machine)."""
