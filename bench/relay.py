@@ -8,7 +8,8 @@
 For each relay (our `python -m derpnet.server` and, when built, Tailscale's Go `derper`,
 plain HTTP or, with `--tls`, HTTPS with a test CA, each in its own process, measured one
 after the other; `--repeat N` interleaves N rounds and prints medians; `ours-asyncio` is
-ours on the standard event loop, `baseline` ours from another checkout):
+ours on the standard event loop, `baseline` ours from another checkout; `--policies` adds
+each relay with access control and rate limiting on, bench/relay_policy.py):
 
 - many flows: `--clients` DERP clients connect (all stay connected and keep reading), the
   first `2*--pairs` play ping-pong in pairs, each sender keeping `--window` packets in
@@ -47,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.relay_policy import admission_controller, policy_args  # noqa: E402
 from derpnet import frames as F  # noqa: E402
 from derpnet.connection import ClientConnection, Connected, Hello, Upgrade  # noqa: E402
 from derpnet.keys import PrivateKey, PublicKey  # noqa: E402
@@ -316,7 +318,7 @@ ROWS = [
 ]
 
 
-def make_relays(wanted: list[str], args: argparse.Namespace, tmp: Path) -> list:
+def make_relays(wanted: list[str], args: argparse.Namespace, tmp: Path, admit_url: str) -> list:
     """(name, factory) for each relay to measure; factories start it on enter."""
     from tests.interop_peers import GoDerper, derper_path, make_test_ca
     from tests.relays import OurRelay
@@ -325,6 +327,9 @@ def make_relays(wanted: list[str], args: argparse.Namespace, tmp: Path) -> list:
     for name in wanted:
         if name == "ours":
             relays.append(("ours", lambda: OurRelay(tls=args.tls)))
+            if args.policies:
+                relays.append(("ours+pol", lambda: OurRelay(tls=args.tls,
+                                                            extra_args=policy_args(False, admit_url, tmp))))
         elif name == "ours-asyncio":  # the standard event loop even when uvloop is installed
             relays.append(("ours-asyncio", lambda: OurRelay(tls=args.tls, extra_args=["--event-loop", "asyncio"])))
         elif name == "baseline":
@@ -337,14 +342,17 @@ def make_relays(wanted: list[str], args: argparse.Namespace, tmp: Path) -> list:
                 print("Go derper not built (run interop/build.sh): measuring ours only", file=sys.stderr)
                 continue
 
-            def go(n=[0]) -> GoDerper:  # noqa: B006 - a counter for fresh work directories
+            def go(extra: list[str] | None = None, n=[0]) -> GoDerper:  # noqa: B006 - a counter for fresh dirs
                 n[0] += 1
                 if not args.tls:
-                    return GoDerper(tmp / f"derper{n[0]}")
+                    return GoDerper(tmp / f"derper{n[0]}", extra_args=extra or [])
                 from tests.interop_peers import free_port
                 ca, leaf = make_test_ca(tmp / f"derper{n[0]}" / "pki")
-                return GoDerper(tmp / f"derper{n[0]}", tls=True, port=free_port(), make_leaf=leaf, ca_file=ca)
+                return GoDerper(tmp / f"derper{n[0]}", tls=True, port=free_port(), make_leaf=leaf, ca_file=ca,
+                                extra_args=extra or [])
             relays.append(("go derper", go))
+            if args.policies:
+                relays.append(("go+pol", lambda: go(policy_args(True, admit_url, tmp))))
     return relays
 
 
@@ -385,11 +393,15 @@ def print_run(name: str, r: dict) -> None:
         print(f"  error: {e}")
 
 
+def medians(runs: list[dict]) -> dict:
+    """The median of every numeric figure over a relay's runs."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+
+
 def print_summary(results: dict[str, list[dict]]) -> None:
     """Medians per relay, and each relay's ratio to the Go derper."""
     names = list(results)
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
-           for n, rs in results.items()}
+    med = {n: medians(rs) for n, rs in results.items()}
     go = med.get("go derper")
     head = f"{'median of ' + str(len(next(iter(results.values())))) + ' run(s)':36s}" + "".join(
         f"{n:>14s}" for n in names)
@@ -402,6 +414,22 @@ def print_summary(results: dict[str, list[dict]]) -> None:
         line = f"{label:36s}" + "".join(f"{fmt.format(med[n][key]):>14s}" for n in names)
         line += "".join(f"{med[n][key] / go[key]:>16.2f}" for n in ratios if go is not None)
         print(line)
+
+
+def policy_ratios(results: dict) -> None:
+    """With --policies: what access control and rate limiting cost each relay, and ours vs derper with them on."""
+    def per_cpu(r: dict) -> float:
+        return r["pps"] / max(r["relay_cpu"], 1e-9)
+
+    for plain, pol in (("ours", "ours+pol"), ("go derper", "go+pol")):
+        if plain in results and pol in results:
+            p, q = results[plain], results[pol]
+            print(f"{pol}/{plain}: pkt/s {q['pps'] / p['pps']:.2f}, pkt per relay CPU-s {per_cpu(q) / per_cpu(p):.2f}, "
+                  f"relay CPU per packet {1e6 / per_cpu(q):.1f} us vs {1e6 / per_cpu(p):.1f} us")
+    if "ours+pol" in results and "go+pol" in results:
+        o, g = results["ours+pol"], results["go+pol"]
+        print(f"ratio ours/go with policies on: pkt/s {o['pps'] / g['pps']:.2f}, "
+              f"pkt per relay CPU-s {per_cpu(o) / per_cpu(g):.2f}")
 
 
 def main() -> int:
@@ -421,6 +449,8 @@ def main() -> int:
     ap.add_argument("--flow-window", type=int, default=32, help="single flow: packets in flight")
     ap.add_argument("--tls", action="store_true", help="serve and connect over TLS (test CA)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over all relays (interleaved); medians reported")
+    ap.add_argument("--policies", action="store_true",
+                    help="also run each relay with access control and rate limiting on (bench/relay_policy.py)")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin the relay to CPU 0 and the load generator to the other CPUs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -440,8 +470,8 @@ def main() -> int:
         ap.error("--relays baseline needs --baseline PATH")
 
     results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        relays = make_relays(wanted, args, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp, admission_controller() as (admit_url, answered):
+        relays = make_relays(wanted, args, Path(tmp), admit_url)
         print(f"{'TLS' if args.tls else 'plain TCP'}; many flows: {args.clients} clients, {args.pairs} pairs, window "
               f"{args.window}, {args.size} B, {args.seconds:g} s measured, load generator in {args.procs} process(es); "
               f"single flow: {args.flow_size} B packets, {args.flow_window} in flight, {args.flow_seconds:g} s; "
@@ -454,8 +484,12 @@ def main() -> int:
                 results.setdefault(name, []).append(r)
                 print_run(name, r)
             print(f"-- round {rnd + 1} done, load average {os.getloadavg()[0]:.2f}", flush=True)
+        if args.policies:
+            print(f"admission controller: {answered[0]} requests answered (one per client connection)")
     if results:
         print_summary(results)
+        if "many" in args.scenarios:
+            policy_ratios({name: medians(rs) for name, rs in results.items()})
     return 0
 
 

@@ -22,11 +22,13 @@ from typing import Protocol
 from . import frames as F
 from .connection import ClientConnection
 from .dial import Dialer, RelayAddress, parse_relay, set_io_timeouts, with_relay_url
-from .errors import DerpError, HandshakeError
+from .errors import DerpError, HandshakeError, UpgradeError
 from .events import Connected, Event, Hello, Upgrade
 from .keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
 from .liveness import Dead, DeadReason, Liveness, SendPing
 from .wire import Wire, WireBroken
+from .wsclient import ClientWebSocket, WsHandshakeIO
+from .wsclient import upgrade as ws_upgrade
 
 __all__ = ["DerpClient", "derp_handshake", "HandshakeIO", "RelayAddress", "parse_relay", "DEFAULT_CONNECT_TIMEOUT",
            "DEFAULT_WRITE_TIMEOUT", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_PING_AFTER", "DEFAULT_PING_TIMEOUT"]
@@ -36,8 +38,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_WRITE_TIMEOUT = 5.0
 DEFAULT_IDLE_TIMEOUT = 120.0  # 2 x the relay's keep-alive period, as the Go client
-DEFAULT_PING_AFTER = 5.0  # relay silent this long while we send: probe it with a Ping
+DEFAULT_PING_AFTER = 5.0  # relay silent this long while the link is in use: probe it with a Ping
 DEFAULT_PING_TIMEOUT = 5.0  # no frame within this long after the Ping: the link is dead
+MAX_ASIDE = 8  # control frames waiting for the aside writer (Pongs to a pinging relay)
 
 PacketCallback = Callable[[PublicKey, bytes], None]
 EventCallback = Callable[[Event], None]
@@ -71,6 +74,7 @@ class DerpClient:
         on_event: EventCallback | None = None,
         on_close: CloseCallback | None = None,
         user_agent: str = "derpnet-python",
+        websocket: bool | None = None,
     ) -> None:
         self.relay = parse_relay(relay)
         self.key = PrivateKey.coerce(key)
@@ -85,6 +89,10 @@ class DerpClient:
         self.on_packet = on_packet
         self.on_event = on_event
         self.on_close = on_close
+        self._user_agent = user_agent
+        #: True: DERP over WebSocket only (also a ws:// or wss:// URL); False: never; None:
+        #: raw DERP, and WebSocket when the relay refuses the plain upgrade.
+        self.websocket: bool | None = True if self.relay.websocket else websocket
         self._conn = ClientConnection(self.key, self.relay.host_header, user_agent=user_agent)
         self.server_key: PublicKey | None = None
         self.server_info: dict[str, object] = {}
@@ -99,6 +107,7 @@ class DerpClient:
         self._closing = False
         self._started = False
         self._early: list[Event] = []  # events that came with the ServerInfo
+        self._aside = _AsideWriter(self)  # our liveness Pings and our Pongs
         self._reader: threading.Thread | None = None
 
     # ------------------------------------------------------------ public
@@ -147,27 +156,22 @@ class DerpClient:
             if self._closing:
                 dialer.abort()
         try:
-            dialer.connect()
-            if self.relay.tls:
-                dialer.start_tls(self.ssl_context)
-            dialer.phase = "in the DERP handshake"
-            connected, self._early = derp_handshake(self._conn, dialer)
-            self.server_key, self.server_info = connected.server_key, connected.server_info
+            dialer, framing = _establish(self, dialer)
         except BaseException as e:
             self._dead = True
-            dialer.close_socket()
+            (self._dialer or dialer).close_socket()  # the WebSocket fallback's dialer, if it got that far
             if isinstance(e, (OSError, DerpError)):
                 raise with_relay_url(e, self.url) from e
             raise
         finally:
             with self._state_lock:
-                self._dialer = None
-            dialer.close()
+                current, self._dialer = self._dialer, None
+            (current or dialer).close()
         with self._state_lock:
             if not self._closing:
                 sock, tls = dialer.take()
                 set_io_timeouts(sock, self.liveness.check_interval, self.write_timeout)  # recv: liveness checks
-                self._wire = Wire(sock, tls, url=self.url, write_timeout=self.write_timeout)
+                self._wire = Wire(sock, tls, url=self.url, write_timeout=self.write_timeout, framing=framing)
         if self._wire is None:
             self._dead = True
             dialer.close_socket()
@@ -201,7 +205,7 @@ class DerpClient:
         if type(dst) is not PublicKey:
             dst = PublicKey.coerce(dst)
         # The hot path encodes with the codec directly: no event object, parts joined once.
-        self._write(F.encode_send_packet(dst, *parts), lock_timeout)
+        self._write(F.encode_send_packet(dst, *parts), lock_timeout, packets=True)
 
     def send_packets(self, packets: Sequence[tuple[PublicKey, Sequence[bytes]]],
                      lock_timeout: float | None = None) -> None:
@@ -209,7 +213,7 @@ class DerpClient:
         encode = F.encode_send_packet
         frames = [encode(dst, *parts) for dst, parts in packets]
         if frames:
-            self._write(frames[0] if len(frames) == 1 else b"".join(frames), lock_timeout)
+            self._write(frames[0] if len(frames) == 1 else b"".join(frames), lock_timeout, packets=True)
 
     def send_ping(self, data: bytes) -> None:
         """Send a Ping (8 bytes); the relay's Pong arrives through `on_event`."""
@@ -241,11 +245,13 @@ class DerpClient:
         why = f": {self.error}" if self.error is not None else " (closed)"
         return ConnectionResetError(errno.ECONNRESET, f"relay link to {self.url} is down{why}")
 
-    def _write(self, data: bytes, lock_timeout: float | None) -> None:
+    def _write(self, data: bytes, lock_timeout: float | None, *, packets: bool = False) -> None:
+        """Write frames; only packets mark the link in use (Liveness): Pings, Pongs never do."""
         wire = self._wire
         if self._dead or wire is None:
             raise self._dead_error()
-        self.liveness.on_send(time.monotonic())
+        if packets:
+            self.liveness.on_send(time.monotonic())
         try:
             wire.write(data, lock_timeout)
         except WireBroken as e:
@@ -284,7 +290,7 @@ class DerpClient:
         if self._wire is not None:
             self._wire.close()
         if err is not None:
-            log.info("relay link %s ended: %s", self.url, err)
+            log.debug("relay link %s ended: %s", self.url, err)  # the owner (RelayLink) says it once
         _call("on_close", self.on_close, self, err)
 
     def _loop(self) -> None:
@@ -312,11 +318,8 @@ class DerpClient:
     def _act(self, action: SendPing | Dead | None) -> None:
         """Carry out what the liveness rules ask for after a silent period."""
         if isinstance(action, SendPing):
-            log.debug("relay %s silent while we send: pinging it", self.url)
-            # Written aside: a writer stuck in a full socket buffer would block the reader,
-            # the only one who can call the link dead (silence past ping_timeout).
-            threading.Thread(target=_ping_aside, args=(self, self._conn.send(F.Ping(action.data))), daemon=True,
-                             name=f"derpnet-ping-{self.public_key.b64()[:8]}").start()
+            log.debug("relay %s silent while the link is in use: pinging it", self.url)
+            self._aside.send([self._conn.send(F.Ping(action.data))])
         elif isinstance(action, Dead):
             raise _dead_link_error(self.url, action)
 
@@ -342,7 +345,7 @@ class DerpClient:
                     self.liveness.on_pong(data, time.monotonic())
             _call("on_event", self.on_event, ev)
         if pongs:
-            self._write(b"".join(pongs), None)
+            self._aside.send(pongs)
 
 
 class HandshakeIO(Protocol):
@@ -353,10 +356,12 @@ class HandshakeIO(Protocol):
     def read(self) -> bytes: ...
 
 
-def derp_handshake(conn: ClientConnection, io: HandshakeIO) -> tuple[Connected, list[Event]]:
+def derp_handshake(conn: ClientConnection, io: HandshakeIO, *, upgrade: bool = True) -> tuple[Connected, list[Event]]:
     """Upgrade, ServerKey, ClientInfo, ServerInfo (derp_client.go's NewClient): the relay's
-    `Connected`, and the events that arrived with it."""
-    io.send(conn.send(Upgrade()))
+    `Connected`, and the events that arrived with it. `upgrade=False`: the connection is
+    already upgraded (WebSocket), the relay starts with its ServerKey."""
+    if upgrade:
+        io.send(conn.send(Upgrade()))
     pending: deque[Event] = deque()
     while True:
         while pending:
@@ -373,6 +378,55 @@ def derp_handshake(conn: ClientConnection, io: HandshakeIO) -> tuple[Connected, 
         pending.extend(conn.receive_data(data))
 
 
+def _establish(client: DerpClient, dialer: Dialer) -> tuple[Dialer, ClientWebSocket | None]:
+    """Reach the relay and do the handshakes: raw DERP, or WebSocket when asked or when the relay
+    refuses the plain upgrade (then on a new dialer). The dialer used and the WebSocket framing."""
+    try:
+        return dialer, _handshake(client, dialer, client.websocket is True)
+    except UpgradeError as e:
+        if client.websocket is not None or e.status is None:
+            raise
+        # A plain upgrade refused (a front that passes only WebSockets?): try WebSocket.
+        log.info("relay %s refused the DERP upgrade (HTTP %d); trying WebSocket", client.url, e.status)
+        dialer = _redial(client, dialer)
+        try:
+            return dialer, _handshake(client, dialer, True)
+        except (OSError, DerpError) as ws_error:
+            log.info("relay %s: WebSocket failed too: %s", client.url, ws_error)
+            raise e from None
+
+
+def _handshake(client: DerpClient, dialer: Dialer, websocket: bool) -> ClientWebSocket | None:
+    """Connect, TLS, (the WebSocket upgrade,) the DERP handshake: the WebSocket framing, if any."""
+    dialer.connect()
+    if client.relay.tls:
+        dialer.start_tls(client.ssl_context)
+    io: HandshakeIO = dialer
+    framing = None
+    if websocket:
+        dialer.phase = "in the WebSocket upgrade"
+        framing, leftover = ws_upgrade(dialer, client.relay.host_header, client._user_agent)
+        io = WsHandshakeIO(dialer, framing, leftover)
+    dialer.phase = "in the DERP handshake"
+    connected, client._early = derp_handshake(client._conn, io, upgrade=not websocket)
+    client.server_key, client.server_info = connected.server_key, connected.server_info
+    return framing
+
+
+def _redial(client: DerpClient, old: Dialer) -> Dialer:
+    """A fresh attempt within what is left of the connect deadline (close() still aborts it)."""
+    old.close_socket()
+    left = None if old.deadline is None else max(old.deadline - time.monotonic(), 0.001)
+    new = Dialer(client.relay, left)
+    with client._state_lock:
+        client._dialer = new
+        if client._closing:
+            new.abort()
+    old.close()
+    client._conn = ClientConnection(client.key, client.relay.host_header, user_agent=client._user_agent)
+    return new
+
+
 def _call(what: str, callback: Callable[..., None] | None, *args: object) -> None:
     """Run a user callback from the reader thread; its failures are logged, never raised."""
     if callback is not None:
@@ -386,12 +440,42 @@ def _dead_link_error(url: str, dead: Dead) -> TimeoutError:
     if dead.reason is DeadReason.IDLE:
         return TimeoutError(errno.ETIMEDOUT, f"no frames from relay {url} for {dead.limit:g}s")
     return TimeoutError(errno.ETIMEDOUT, f"relay {url} did not answer a ping within {dead.limit:g}s "
-                        f"(silent for {dead.silent_for:.1f}s while we were sending)")
+                        f"(silent for {dead.silent_for:.1f}s while the link was in use)")
 
 
-def _ping_aside(client: DerpClient, frame: bytes) -> None:
-    """Write a liveness ping from a short-lived thread (ends with the write or the link)."""
-    try:
-        client._write(frame, None)
-    except (ConnectionError, TimeoutError) as e:
-        log.debug("relay %s: liveness ping not sent: %s", client.url, e)
+class _AsideWriter:
+    """Control frames the reader wants sent (our liveness Ping, Pongs), written from a
+    short-lived thread: the reader must never wait for the send lock, which a writer stuck in
+    a full socket buffer holds for up to write_timeout, as the reader alone can call the
+    link dead. One thread at a time (it ends with the write or the link); at most
+    `MAX_ASIDE` frames wait, the oldest dropped: a relay pinging faster than we can answer
+    gets best-effort Pongs, as from Tailscale's client."""
+
+    def __init__(self, client: DerpClient) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._frames: deque[bytes] = deque(maxlen=MAX_ASIDE)
+        self._busy = False  # a thread is writing
+
+    def send(self, frames: list[bytes]) -> None:
+        """Queue frames and make sure a thread writes them (never blocks)."""
+        with self._lock:
+            self._frames.extend(frames)
+            if self._busy:
+                return
+            self._busy = True
+        threading.Thread(target=self._run, name=f"derpnet-aside-{self._client.public_key.b64()[:8]}",
+                         daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                frames = list(self._frames)
+                self._frames.clear()
+                self._busy = bool(frames)
+            if not frames:
+                return
+            try:
+                self._client._write(b"".join(frames), None)
+            except (ConnectionError, TimeoutError) as e:  # the link is dead: the reader reports it
+                log.debug("relay %s: %d control frame(s) not sent: %s", self._client.url, len(frames), e)

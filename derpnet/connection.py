@@ -44,6 +44,7 @@ from .handshake import (
 )
 from .http11 import build_request, build_response, parse_request_head, parse_response_head
 from .keys import PrivateKey, PublicKey
+from .websocket import is_derp_websocket
 
 __all__ = ["ClientConnection", "ServerConnection", "State", "Connected", "ClientHello", "UpgradeRequest",
            "HttpRequest", "Upgrade", "Hello", "AcceptUpgrade", "Reject", "AcceptClient"]
@@ -213,6 +214,9 @@ class ClientConnection(_Connection):
             events.append(ev)
             return False  # the rest waits for send(Hello())
         elif state is State.AWAIT_SERVER_INFO and not isinstance(ev, F.UnknownFrame):
+            if isinstance(ev, F.Health) and ev.problem:
+                # derpnet's relay says why it refuses a client (access control) before closing.
+                raise HandshakeError(f"relay refused the connection: {ev.problem}")
             if not isinstance(ev, F.ServerInfo):
                 raise HandshakeError(f"expected ServerInfo from the relay, got {type(ev).__name__}")
             assert self.server_key is not None
@@ -231,6 +235,9 @@ class ServerConnection(_Connection):
         self.client_key: PublicKey | None = None
         self.client_info: dict[str, Any] = {}
         self.fast_start = False
+        #: After a DERP WebSocket upgrade request: the bytes that came behind it (WebSocket
+        #: frames, for the caller to unwrap); None for raw DERP.
+        self.websocket_leftover: bytes | None = None
 
     def send(self, event: Event) -> bytes:
         """The bytes for `event`: `AcceptUpgrade()` or `Reject()`, `AcceptClient()`, then frames."""
@@ -319,6 +326,12 @@ class ServerConnection(_Connection):
         upgrade = (req.get("Upgrade") or "").lower()
         if req.path == "/derp" and upgrade in ("derp", "websocket"):
             self.state = State.AWAIT_ACCEPT
+            if is_derp_websocket(req):
+                # DERP in WebSocket messages: the caller unwraps them, and no 101 of ours
+                # (the WebSocket 101 is the caller's) goes before the ServerKey.
+                self.websocket_leftover = rest
+                self.fast_start = True
+                return [UpgradeRequest(req, fast_start=False)]
             self.fast_start = req.get("Derp-Fast-Start") == "1"
             self._decoder.feed(rest)  # a pipelined ClientInfo (fast start), judged after AcceptUpgrade
             return [UpgradeRequest(req, fast_start=self.fast_start)]

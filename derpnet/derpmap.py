@@ -10,18 +10,18 @@ the caller names; only `refresh(url)` and `probe()` open connections, and only w
 
 from __future__ import annotations
 
-import concurrent.futures
 import ipaddress
 import json
 import os
 import re
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -336,7 +336,7 @@ _HOSTNAME_RX = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:
 
 
 def resolve(spec: str, derpmap: DerpMap | None = None) -> RelayTarget:
-    """Interpret a `--derp` value: a URL (`https://host:port`, `http://host:port`), a
+    """Interpret a `--derp` value: a URL (`https://host:port`, `http://host:port`, `wss://`, `ws://`), a
     `host[:port]`, a region id (`1`) or a region code (`nyc`) looked up in `derpmap`
     (default: `load()`). A single word that is not a known region code is an error
     (`localhost` excepted): name a host by its dotted name or a URL."""
@@ -345,8 +345,8 @@ def resolve(spec: str, derpmap: DerpMap | None = None) -> RelayTarget:
         raise DerpMapError("empty relay name")
     if "://" in s:
         u = urllib.parse.urlsplit(s)
-        if u.scheme.lower() not in ("http", "https"):
-            raise DerpMapError(f"relay URL {s!r}: scheme must be https or http")
+        if u.scheme.lower() not in ("http", "https", "ws", "wss"):
+            raise DerpMapError(f"relay URL {s!r}: scheme must be https or http (wss or ws: DERP over WebSocket)")
         try:
             host, port = u.hostname, u.port
         except ValueError as e:
@@ -426,19 +426,23 @@ class ProbeResult:
 
 
 def probe_node(node: DerpNode, *, samples: int = 3, timeout: float = 2.0,
-               ssl_context: ssl.SSLContext | None = None) -> float:
+               ssl_context: ssl.SSLContext | None = None, deadline: float | None = None,
+               default_context: ssl.SSLContext | None = None) -> float:
     """The best of `samples` round trips of `GET /derp/latency-check` to one node, each on
     a fresh TLS connection, timing only the request after the TLS handshake (so one
-    network round trip). Raises OSError (or TimeoutError) when no sample succeeds."""
+    network round trip). Each sample may take `timeout`, all of them end by `deadline`
+    (time.monotonic(); default `samples * timeout` from now). Raises OSError (or
+    TimeoutError) when no sample succeeds."""
     if ssl_context is not None:  # an explicit CA always wins over the map's InsecureForTests
         ctx = ssl_context
     elif node.insecure_for_tests:
         ctx = unverified_context()
-    else:
-        ctx = ssl.create_default_context()
+    else:  # loading the system's CAs takes a while: probe() does it once for all regions
+        ctx = default_context or ssl.create_default_context()
     best: float | None = None
     last: BaseException | None = None
-    deadline = time.monotonic() + timeout * samples
+    if deadline is None:
+        deadline = time.monotonic() + timeout * samples
     request = (f"GET /derp/latency-check HTTP/1.1\r\nHost: {_bracket(node.host_name)}\r\n"
                f"User-Agent: derpnet\r\nConnection: close\r\n\r\n").encode()
     for _ in range(samples):
@@ -472,28 +476,56 @@ def probe_node(node: DerpNode, *, samples: int = 3, timeout: float = 2.0,
 
 
 def probe(derpmap: DerpMap, *, regions: Iterable[DerpRegion] | None = None, samples: int = 3,
-          timeout: float = 2.0, workers: int = 16, ssl_context: ssl.SSLContext | None = None
-          ) -> list[ProbeResult]:
-    """Probe every region (except `NoMeasureNoHome` ones) in parallel: the first DERP node of
-    each region, falling back to the next node when it fails. Bounded: each region takes at
-    most about `samples * timeout` per node tried. Results in region order."""
+          timeout: float = 3.0, ssl_context: ssl.SSLContext | None = None,
+          on_result: Callable[[ProbeResult, int, int], None] | None = None) -> list[ProbeResult]:
+    """Probe every region (except `NoMeasureNoHome` ones) at once, a thread each: the first
+    DERP node of each region, then the next when it fails. Returns within `timeout` seconds
+    whatever happens, DNS included (a lookup cannot be interrupted: its thread is left
+    behind, a daemon); a region without an answer by then is "timed out". `on_result(result,
+    done, total)` is called in the caller's thread as results come. Results in region order."""
     todo = [r for r in (regions if regions is not None else derpmap) if not r.no_measure_no_home]
+    deadline = time.monotonic() + timeout
+    default_context = ssl.create_default_context() if ssl_context is None else None
+    results: dict[int, ProbeResult] = {}
+    arrived: list[ProbeResult] = []  # in the order they came, for on_result
+    cond = threading.Condition()
 
-    def one(region: DerpRegion) -> ProbeResult:
-        err = "no DERP nodes"
+    def one(i: int, region: DerpRegion) -> None:
+        res = ProbeResult(region, None, None, "no DERP nodes")
         for node in region.derp_nodes()[:2]:
+            if time.monotonic() >= deadline:
+                break
             try:
-                return ProbeResult(region, node, probe_node(node, samples=samples, timeout=timeout,
-                                                            ssl_context=ssl_context))
+                res = ProbeResult(region, node, probe_node(node, samples=samples, timeout=timeout,
+                                                           ssl_context=ssl_context, deadline=deadline,
+                                                           default_context=default_context))
+                break
             except (OSError, ssl.SSLError) as e:
-                err = _describe_error(e)
-        return ProbeResult(region, None, None, err)
+                res = ProbeResult(region, None, None, _describe_error(e))
+        with cond:
+            results[i] = res
+            arrived.append(res)
+            cond.notify_all()
 
-    if not todo:
-        return []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))),
-                                               thread_name_prefix="derp-probe") as pool:
-        return list(pool.map(one, todo))
+    for i, region in enumerate(todo):
+        threading.Thread(target=one, args=(i, region), name=f"derp-probe-{region.code or region.region_id}",
+                         daemon=True).start()
+    reported = 0
+    while True:
+        with cond:
+            left = deadline - time.monotonic()
+            if len(arrived) == reported and len(results) < len(todo) and left > 0:
+                cond.wait(left)
+            new = arrived[reported:]
+            finished = len(results) == len(todo) or deadline <= time.monotonic()
+        for r in new:
+            reported += 1
+            if on_result is not None:
+                on_result(r, reported, len(todo))
+        if finished:
+            break
+    with cond:
+        return [results.get(i) or ProbeResult(region, None, None, "timed out") for i, region in enumerate(todo)]
 
 
 def _describe_error(e: BaseException) -> str:

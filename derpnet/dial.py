@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import DerpError, UpgradeError
+from .http11 import parse_response_head
+from .proxy import check_connect_response, connect_request, proxy_for
 from .tlsbio import TLSSession
 
 __all__ = ["RelayAddress", "parse_relay", "Dialer", "with_relay_url", "set_io_timeouts", "RECV_SIZE"]
@@ -42,6 +44,7 @@ class RelayAddress:
     scheme: str  # "https" or "http"
     host: str  # DNS name or IP literal (no brackets)
     port: int
+    websocket: bool = False  # DERP over WebSocket (a wss:// or ws:// URL)
 
     @property
     def tls(self) -> bool:
@@ -49,11 +52,7 @@ class RelayAddress:
 
     @property
     def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-            return True
-        except ValueError:
-            return False
+        return _is_ip(self.host)
 
     @property
     def host_in_url(self) -> str:
@@ -67,7 +66,8 @@ class RelayAddress:
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://{self.host_in_url}:{self.port}"
+        scheme = ("wss" if self.tls else "ws") if self.websocket else self.scheme
+        return f"{scheme}://{self.host_in_url}:{self.port}"
 
     def __str__(self) -> str:
         return self.url
@@ -75,7 +75,8 @@ class RelayAddress:
 
 def parse_relay(relay: str | RelayAddress) -> RelayAddress:
     """Accept `HOST` (TLS on 443, like the Go tool), `HOST:PORT` (TLS), `https://HOST[:PORT]`
-    and `http://HOST[:PORT]` (plain HTTP, dev relays). A path, if any, must be `/derp`."""
+    and `http://HOST[:PORT]` (plain HTTP, dev relays), `wss://` and `ws://` for DERP over
+    WebSocket. A path, if any, must be `/derp`."""
     if isinstance(relay, RelayAddress):
         return relay
     if not isinstance(relay, str):
@@ -89,8 +90,11 @@ def parse_relay(relay: str | RelayAddress) -> RelayAddress:
         text = "https://" + text
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
+    websocket = scheme in ("wss", "ws")
+    scheme = {"wss": "https", "ws": "http"}.get(scheme, scheme)
     if scheme not in ("https", "http"):
-        raise ValueError(f"relay {relay!r}: unsupported scheme {parts.scheme!r} (use https:// or http://)")
+        raise ValueError(f"relay {relay!r}: unsupported scheme {parts.scheme!r} "
+                         "(use https://, http://, or wss:// / ws:// for DERP over WebSocket)")
     if parts.path not in ("", "/", "/derp") or parts.query or parts.fragment:
         raise ValueError(f"relay {relay!r}: only the path /derp is supported")
     if parts.username or parts.password:
@@ -102,7 +106,7 @@ def parse_relay(relay: str | RelayAddress) -> RelayAddress:
     host = parts.hostname
     if not host:
         raise ValueError(f"relay {relay!r}: no hostname")
-    return RelayAddress(scheme, host, port if port is not None else (443 if scheme == "https" else 80))
+    return RelayAddress(scheme, host, port if port is not None else (443 if scheme == "https" else 80), websocket)
 
 
 def with_relay_url(e: BaseException, url: str) -> BaseException:
@@ -153,6 +157,8 @@ class Dialer:
         self._wake_r.setblocking(False)
         self._resolved = threading.Event()
         self._lock = threading.Lock()
+        #: The HTTP proxy the environment names for this relay (proxy.py), None: direct.
+        self.proxy = proxy_for(relay.scheme, relay.host, relay.port)
 
     def abort(self) -> None:
         """Make the step in progress (and every later one) fail at once; any thread."""
@@ -236,9 +242,8 @@ class Dialer:
                 if any(key.fileobj is sock for key, _ in ready):
                     return
 
-    def _resolve(self) -> list[AddrInfo]:
-        host, port = self.relay.host, self.relay.port
-        if self.relay.is_ip:
+    def _resolve(self, host: str, port: int) -> list[AddrInfo]:
+        if _is_ip(host):
             return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
         # getaddrinfo() has no timeout: run it aside so the deadline covers DNS.
         result: list[Any] = []
@@ -266,7 +271,28 @@ class Dialer:
         return addrs
 
     def _connect(self) -> socket.socket:
-        addrs = self._resolve()
+        proxy = self.proxy
+        if proxy is None:
+            return self._connect_to(self.relay.host, self.relay.port)
+        sock = self._connect_to(proxy.host, proxy.port)
+        self.phase = f"in the CONNECT through HTTP proxy {proxy.url}"
+        host, port = self.relay.host, self.relay.port
+        self._send_all(connect_request(host, port, proxy))
+        buf = bytearray()
+        while (parsed := parse_response_head(buf)) is None:
+            data = self._recv()
+            if not data:
+                raise ConnectionResetError(errno.ECONNRESET, f"HTTP proxy {proxy.url} closed the connection "
+                                           f"before answering CONNECT to {host}:{port}")
+            buf += data
+        resp, used = parsed
+        check_connect_response(resp, proxy, host, port)
+        if used != len(buf):
+            raise ConnectionError(errno.EPROTO, f"HTTP proxy {proxy.url} sent bytes behind its CONNECT answer")
+        return sock
+
+    def _connect_to(self, host: str, port: int) -> socket.socket:
+        addrs = self._resolve(host, port)
         self.phase = "connecting"
         deadline = self.deadline
         last: OSError | None = None
@@ -357,6 +383,14 @@ class Dialer:
                 return sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 continue
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def set_io_timeouts(sock: socket.socket, recv_timeout: float | None, send_timeout: float | None) -> None:

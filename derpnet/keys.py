@@ -27,8 +27,8 @@ _PRIVKEY_PREFIX = "privkey:"
 _B64URL = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
-#: The longest text an error message may echo as it is (when it is not a private key):
-#: too short to hold a useful part of a key.
+#: The longest text an error message may echo as it is, and only digits (a port number
+#: typed where a key goes): anything else might be a piece of a key.
 _ECHO_MAX = 12
 _HEX = re.compile(r"[0-9A-Fa-f]+")
 _B64 = re.compile(r"[A-Za-z0-9_+/-]+=*")
@@ -62,7 +62,7 @@ def describe_key_text(text: str) -> str:
         return "a private key (privkey:...)"
     if "privatekey" in low:
         return "a private key file's contents (JSON with PrivateKey)"
-    if len(s) <= _ECHO_MAX:
+    if len(s) <= _ECHO_MAX and s.isdigit():  # a port number typed where a key goes
         return repr(s)
     if low.startswith(_NODEKEY_PREFIX):
         return f"nodekey: and {len(s) - len(_NODEKEY_PREFIX)} characters"
@@ -130,7 +130,9 @@ class PublicKey:
                     raw = base64.b64decode(s, validate=True)
             except (binascii.Error, ValueError):
                 raise ValueError(f"public key: invalid base64 ({len(s)} characters)") from None
-            return cls(_parse_raw(raw, "public key"))
+            if len(raw) != KEY_LEN:  # e.g. 44 characters without '=': one too many
+                raise ValueError(f"public key: decodes to {len(raw)} bytes, not {KEY_LEN}")
+            return cls(raw)
         # Never echo the text: it may be a secret pasted in the wrong place.
         raise ValueError(
             f"public key: expected nodekey:<64 hex>, 64 hex characters, "

@@ -1,4 +1,5 @@
-"""`PacketConn`: datagrams addressed by public key through one DERP relay, like Go's net.PacketConn.
+"""`PacketConn`: datagrams addressed by public key through a DERP relay (or several at
+once: derpnet.relayset), like Go's net.PacketConn.
 
     conn = derpnet.listen_packet("derp.example.com")          # TLS on 443
     conn = derpnet.listen_packet("http://127.0.0.1:3340")      # a dev relay
@@ -80,6 +81,7 @@ from .disco import looks_like_disco
 from .keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
 from .paths import RELAY_PATH_MTU, PathChanged
 from .relaylink import LinkDown, LinkUp, RelayLink, backoff_delay
+from .relayset import RelaySet, RelaySpec, RelayViews, open_link, parse_relays
 from .rxqueue import ReceiveQueue, ShortBufferError, closed_error
 
 if TYPE_CHECKING:
@@ -99,17 +101,22 @@ def _size(data: Any) -> int:
     return len(data) if type(data) is bytes else memoryview(data).nbytes
 
 
-def listen_packet(relay: str | RelayAddress, key: PrivateKeyLike | None = None,
+def listen_packet(relay: RelaySpec, key: PrivateKeyLike | None = None,
                   **options: Any) -> PacketConn:
     """Connect to `relay` with `key` (None: a fresh key) and return a `PacketConn`.
 
-    `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port`` or
-    ``http://host:port``. Options: see `PacketConn`. Raises if the first connect fails.
+    `relay`: a hostname (TLS on 443, as the Go tool), ``https://host:port``,
+    ``http://host:port``, or ``wss://``/``ws://`` for DERP over WebSocket; or several (a
+    list, or one string with commas): the conn is then reachable through all of them and
+    sends to each peer through the relay it was last heard on (derpnet.relayset). HTTP
+    proxies come from HTTPS_PROXY/HTTP_PROXY/NO_PROXY. Options: see `PacketConn`. Raises
+    if the first connect fails (with several relays: if none answers; the others are
+    retried in the background).
     """
     return PacketConn(relay, key, **options)
 
 
-class PacketConn:
+class PacketConn(RelayViews):
     """A datagram endpoint whose address is our public key (Go's net.PacketConn).
 
     Options: ``ssl_context``, ``connect_timeout`` (10 s), ``write_timeout`` (5 s),
@@ -118,12 +125,13 @@ class PacketConn:
     ``on_event(event)`` (LinkUp, LinkDown, PathChanged, relay frames; a reader thread: must
     not block), ``on_packet(data, src)`` (instead of the queue; a reader thread), and for
     direct paths ``direct`` (True), ``stun`` ("host:port"; default the relay's host, port
-    3478), ``udp_port`` (0 = any).
-    """
+    3478), ``udp_port`` (0 = any); ``websocket`` (None: raw DERP, WebSocket when the relay
+    refuses the plain upgrade; True: WebSocket only; False: never); ``alternates`` (other
+    members of the relay's mesh: a reconnect goes there when the relay stays unreachable)."""
 
     def __init__(
         self,
-        relay: str | RelayAddress,
+        relay: RelaySpec,
         key: PrivateKeyLike | None = None,
         *,
         ssl_context: ssl.SSLContext | None = None,
@@ -139,8 +147,10 @@ class PacketConn:
         direct: bool = True,
         stun: str | None = None,
         udp_port: int = 0,
+        websocket: bool | None = None,
+        alternates: Sequence[str | RelayAddress] = (),
     ) -> None:
-        self._relay = parse_relay(relay)
+        self._relay, *self._more_relays = parse_relays(relay)
         self._key = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
         self._addr = self._key.public_key
         stun_server = _parse_host_port(stun, "stun") if stun is not None else None
@@ -160,10 +170,11 @@ class PacketConn:
                                        port=udp_port)
         client_opts: dict[str, Any] = dict(ssl_context=ssl_context, connect_timeout=connect_timeout,
                                            write_timeout=write_timeout, idle_timeout=idle_timeout,
-                                           ping_after=ping_after, ping_timeout=ping_timeout)
+                                           ping_after=ping_after, ping_timeout=ping_timeout, websocket=websocket)
         try:
-            self._link = RelayLink(self._relay, self._key, client_opts=client_opts, on_packet=self._on_packet,
-                                   on_event=self._on_frame, reconnect=reconnect)
+            self._link = open_link([self._relay, *self._more_relays], self._key, client_opts=client_opts,
+                                   on_packet=self._on_packet, on_event=self._on_frame, reconnect=reconnect,
+                                   alternates=[parse_relay(a) for a in alternates])
         except BaseException:
             if self._direct is not None:
                 self._direct.close()
@@ -183,10 +194,6 @@ class PacketConn:
         """Our identity (layers above, such as derpquic, prove it to peers). Never shown in
         repr() or str()."""
         return self._key
-
-    @property
-    def relay_url(self) -> str:
-        return self._relay.url
 
     def write_to(self, data: bytes, addr: PublicKeyLike) -> int:
         """Send one datagram (≤ 65,535 bytes) to `addr` (PublicKey, 32 bytes or any text form).
@@ -291,35 +298,6 @@ class PacketConn:
 
     def gettimeout(self) -> float | None:
         return self._rx.timeout
-
-    # ------------------------------------------------------------ relay link state
-
-    @property
-    def connected(self) -> bool:
-        return self._link.connected
-
-    @property
-    def generation(self) -> int:
-        """Number of successful relay connections so far (1 after listen_packet)."""
-        return self._link.generation
-
-    def wait_connected(self, timeout: float | None = None, *, min_generation: int = 1) -> bool:
-        """Wait until a relay link of generation ≥ `min_generation` is up; False on timeout or close."""
-        return self._link.wait_connected(timeout, min_generation=min_generation)
-
-    @property
-    def relay_link(self) -> RelayLink:
-        """The relay connection (reconnecting); its `client` is the current DerpClient."""
-        return self._link
-
-    @property
-    def health(self) -> str:
-        """The relay's last Health problem text ("" = healthy)."""
-        return self._link.health
-
-    @property
-    def server_key(self) -> PublicKey | None:
-        return self._link.server_key
 
     # ------------------------------------------------------------ direct paths
 
@@ -434,7 +412,7 @@ class Outbound:
     """Where each datagram goes: the direct path when the peer has one that fits, else the
     relay (dropped and counted while it is down, like UDP). Writers run in any thread."""
 
-    def __init__(self, link: RelayLink, direct: DirectPaths | None, rx: ReceiveQueue) -> None:
+    def __init__(self, link: RelayLink | RelaySet, direct: DirectPaths | None, rx: ReceiveQueue) -> None:
         self.link, self.direct, self.rx = link, direct, rx
         self.lock = threading.Lock()  # the counters
         self.packets = self.bytes = self.direct_packets = self.drop_offline = 0

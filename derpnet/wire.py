@@ -12,11 +12,22 @@ from __future__ import annotations
 import errno
 import socket
 import threading
+from typing import Protocol
 
 from .dial import RECV_SIZE
 from .tlsbio import TLSSession
 
-__all__ = ["Wire", "WireBroken"]
+__all__ = ["Wire", "WireBroken", "Framing"]
+
+
+class Framing(Protocol):
+    """A layer between the DERP bytes and the socket (DERP over WebSocket)."""
+
+    def wrap(self, data: bytes) -> bytes:
+        """What to send for `data` (called under the send lock)."""
+
+    def unwrap(self, data: bytes) -> tuple[bytes, bytes, bool]:
+        """(DERP bytes in what was received, replies to send, whether the peer ended the stream)."""
 
 
 class WireBroken(Exception):
@@ -30,9 +41,12 @@ class WireBroken(Exception):
 class Wire:
     """A connected socket (in blocking mode, with its send/receive timeouts set) and its TLS session."""
 
-    def __init__(self, sock: socket.socket, tls: TLSSession | None, *, url: str, write_timeout: float | None) -> None:
+    def __init__(self, sock: socket.socket, tls: TLSSession | None, *, url: str, write_timeout: float | None,
+                 framing: Framing | None = None) -> None:
         self.sock = sock
         self.tls = tls
+        self.framing = framing  # WebSocket messages around the DERP bytes (wsclient.py), if any
+        self._ctl = b""  # framing replies the reader left to send (WebSocket Pongs, the Close echo)
         self.url = url
         self.write_timeout = write_timeout
         self.shut = False  # shutdown() was called
@@ -56,6 +70,11 @@ class Wire:
         try:
             if self.shut:
                 raise WireBroken(None)
+            if self.framing is not None:
+                data = self.framing.wrap(data)
+                if self._ctl:
+                    with self._tls_lock:
+                        data, self._ctl = self._ctl + data, b""
             tls = self.tls
             if tls is not None:
                 with self._tls_lock:
@@ -77,10 +96,12 @@ class Wire:
         """Send TLS records the reader produced, unless a writer holds the lock right now
         (that writer checks the flag again after releasing it). WireBroken if sending fails."""
         tls = self.tls
-        while tls is not None and self._tls_out and self._send_lock.acquire(blocking=False):
+        while self._tls_out and self._send_lock.acquire(blocking=False):
             try:
                 with self._tls_lock:
-                    out = tls.pending()
+                    out, self._ctl = self._ctl, b""
+                    if tls is not None:
+                        out = tls.encrypt(out) if out else tls.pending()
                     self._tls_out = False
                 if out and not self.shut:
                     try:
@@ -102,13 +123,22 @@ class Wire:
             return b""
         tls = self.tls
         if tls is None:
-            return bytes(self._rview[:n])
-        with self._tls_lock:
-            data = tls.receive(self._rview[:n])  # copied into the TLS input buffer
-            if tls.closed_by_peer:
-                self.eof = "TLS session"
-            if tls.has_pending:
-                self._tls_out = True
+            data = bytes(self._rview[:n])
+        else:
+            with self._tls_lock:
+                data = tls.receive(self._rview[:n])  # copied into the TLS input buffer
+                if tls.closed_by_peer:
+                    self.eof = "TLS session"
+                if tls.has_pending:
+                    self._tls_out = True
+        if self.framing is not None and data:
+            data, replies, ended = self.framing.unwrap(data)
+            if ended:
+                self.eof = "WebSocket"
+            if replies:
+                with self._tls_lock:
+                    self._ctl += replies
+                    self._tls_out = True
         if self._tls_out:
             self.flush_tls()
         return data

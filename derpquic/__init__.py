@@ -11,10 +11,12 @@ compatible with the Go `github.com/ntnj/derpnet/derpquic` (quic-go v0.46)::
 
 Both ends prove their node key inside the QUIC session (derpquic.auth), so the relay
 cannot impersonate a peer; Go peers cannot prove theirs (see Listener/Dialer options).
-Modules: api (Listener, Dialer), stream (Stream), conn (one QUIC connection), driver
-(the receive thread: routing, timers), auth (key proofs), config (tunables), _quic (our
-aioquic adjustments), hooks (the protocols between them); sans-IO: auth's KeyProof,
-streamstate, timers, codes. Design notes: docs/derpquic.md.
+With `datagrams=True` on both sides, QUIC DATAGRAM frames too (RFC 9221: unreliable,
+encrypted): `Dialer.datagram_channel(peer)`, `recv_datagram()` on either side.
+Modules: api (Listener, Dialer), stream (Stream), datagrams (DatagramChannel), conn (one
+QUIC connection), driver (the receive thread: routing, timers), auth (key proofs), config
+(tunables), _quic (our aioquic adjustments), hooks (the protocols between them); sans-IO:
+auth's KeyProof, streamstate, timers, codes. Design notes: docs/derpquic.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from derpnet.errors import AuthenticationError
 
 from .api import Dialer, Listener, listen
 from .config import Options
+from .datagrams import DatagramChannel
 from .stream import Stream
 
-__all__ = ["listen", "Listener", "Dialer", "Stream", "Options", "AuthenticationError"]
+__all__ = ["listen", "Listener", "Dialer", "Stream", "DatagramChannel", "Options", "AuthenticationError"]

@@ -59,52 +59,9 @@ class _Unpaced(QuicPacketPacer):
         pass
 
 
-class DerpQuicConnection(QuicConnection):
-    """`QuicConnection` with application-paced receive windows, long STREAM frames,
-    announceable streams and optional server-side ALPN. Not thread-safe: the
-    driver calls it with its lock held."""
-
-    #: aioquic's own pacer while `set_pacing(False)` has replaced it.
-    _paced: QuicPacketPacer | None = None
-
-    def __init__(self, *args: Any, max_streams_bidi: int = 1024, ack_delay: float | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if ack_delay is not None:
-            self._ack_delay = ack_delay  # aioquic's local ACK delay (K_GRANULARITY = 1 ms by default)
-        # More concurrent peer-opened bidirectional streams than aioquic's 128.
-        self._local_max_streams_bidi.value = max_streams_bidi
-        self._local_max_streams_bidi.sent = max_streams_bidi
-        # Optional ALPN on the server: the protocols we select *if the client offers one*.
-        self.optional_alpn: list[str] | None = None
-        # IDs of streams the peer opened, in order, including those opened by an empty
-        # STREAM frame (which aioquic reports with no event). The driver drains it.
-        self.new_peer_streams: list[int] = []
-        # Connection IDs put into NEW_CONNECTION_ID frames since the last take_issued_cids().
-        self.issued_cids: list[bytes] = []
-
-    def _write_new_connection_id_frame(self, builder: QuicPacketBuilder, connection_id: Any) -> None:
-        # aioquic reports ConnectionIdIssued as an event, which the driver only sees at the next
-        # process(); quic-go switches to a new ID as soon as it has it, so the route must exist
-        # before the frame leaves (else the peer's next packets are unroutable and dropped).
-        super()._write_new_connection_id_frame(builder=builder, connection_id=connection_id)
-        self.issued_cids.append(connection_id.cid)
-
-    def take_issued_cids(self) -> list[bytes]:
-        """Our connection IDs written into NEW_CONNECTION_ID frames since the last call."""
-        cids, self.issued_cids = self.issued_cids, []
-        return cids
-
-    def _get_or_create_stream(self, frame_type: int, stream_id: int) -> QuicStream:
-        limit = self._stream_limit(stream_id)
-        old_used = limit.used
-        stream = super()._get_or_create_stream(frame_type, stream_id)
-        if limit.used > old_used and stream_is_client_initiated(stream_id) != self._is_client:
-            for n in range(old_used, limit.used):
-                self.new_peer_streams.append(n * 4 + stream_id % 4)
-        return stream
-
-    # -- 1. receive windows ------------------------------------------------------------------
+class _ReceiveWindows(QuicConnection):
+    """1. Receive windows that follow the application: aioquic never doubles them
+    by itself; the driver grants credit as the application reads."""
 
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
         # aioquic doubles max_data when used * 2 > value; hide `used` so it never does.
@@ -155,7 +112,9 @@ class DerpQuicConnection(QuicConnection):
         """(bytes received so far, current MAX_DATA)."""
         return self._local_max_data.used, self._local_max_data.value
 
-    # -- 2. long STREAM frames -----------------------------------------------------------------
+
+class _LongStreamFrames(QuicConnection):
+    """2. STREAM frames longer than 16,383 bytes (a 4-byte length) in big packets."""
 
     def _write_stream_frame(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream,
                             max_offset: int) -> int:
@@ -195,7 +154,23 @@ class DerpQuicConnection(QuicConnection):
             builder.quic_logger_frames.append(self._quic_logger.encode_stream_frame(frame, stream_id=stream_id))
         return stream.sender.highest_offset - previous_send_highest
 
-    # -- 3. announce a stream with an empty STREAM frame -------------------------------------
+
+class _AnnouncedStreams(QuicConnection):
+    """3. Streams announced by an empty STREAM frame, and every stream the peer opens
+    reported (aioquic reports none for an empty frame)."""
+
+    #: IDs of streams the peer opened, in order, including those opened by an empty
+    #: STREAM frame (which aioquic reports with no event). The driver drains it.
+    new_peer_streams: list[int]
+
+    def _get_or_create_stream(self, frame_type: int, stream_id: int) -> QuicStream:
+        limit = self._stream_limit(stream_id)
+        old_used = limit.used
+        stream = super()._get_or_create_stream(frame_type, stream_id)
+        if limit.used > old_used and stream_is_client_initiated(stream_id) != self._is_client:
+            for n in range(old_used, limit.used):
+                self.new_peer_streams.append(n * 4 + stream_id % 4)
+        return stream
 
     def announce_stream(self, stream_id: int) -> None:
         """Create our stream `stream_id` and send an empty STREAM frame (offset 0, no FIN)
@@ -228,7 +203,18 @@ class DerpQuicConnection(QuicConnection):
         sender.on_data_delivery = on_data_delivery  # type: ignore[method-assign]
         sender.buffer_is_empty = False
 
-    # -- 4. optional ALPN on the server ------------------------------------------------------
+    def take_new_peer_streams(self) -> list[int]:
+        """The IDs of streams the peer opened since the last call, in order."""
+        ids, self.new_peer_streams = self.new_peer_streams, []
+        return ids
+
+
+class _Handshake(QuicConnection):
+    """4. Optional ALPN on the server (a Go peer offers none) and one key share (X25519)
+    on the client."""
+
+    #: Optional ALPN on the server: the protocols we select *if the client offers one*.
+    optional_alpn: list[str] | None
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -275,49 +261,12 @@ class DerpQuicConnection(QuicConnection):
 
         ctx._server_handle_hello = server_handle_hello  # type: ignore[method-assign, assignment]
 
-    # -- introspection -----------------------------------------------------------------------
 
-    @property
-    def state_closed(self) -> bool:
-        return self._state in END_STATES
+class _LiveTuning(QuicConnection):
+    """Adjusting a live connection: packet size, pacing, immediate ACKs and probes."""
 
-    @property
-    def close_event(self) -> events.ConnectionTerminated | None:
-        """The ConnectionTerminated event describing why we are closing, as soon as
-        the close starts (aioquic only emits it after the draining period)."""
-        return self._close_event
-
-    def stream(self, stream_id: int) -> QuicStream | None:
-        return self._streams.get(stream_id)
-
-    def take_new_peer_streams(self) -> list[int]:
-        """The IDs of streams the peer opened since the last call, in order."""
-        ids, self.new_peer_streams = self.new_peer_streams, []
-        return ids
-
-    @property
-    def idle_timeout(self) -> float:
-        """The negotiated idle timeout in seconds (the smaller of ours and the peer's)."""
-        return float(self._idle_timeout())
-
-    @property
-    def max_datagram_size(self) -> int:
-        return self._max_datagram_size
-
-    @property
-    def peer_max_datagram_size(self) -> int:
-        """The largest UDP payload the peer says it reads (max_udp_payload_size; QUIC's
-        maximum, 65,527, when it does not say)."""
-        params = peer_transport_parameters(self)
-        if params is None or not params.max_udp_payload_size:
-            return 65527
-        return params.max_udp_payload_size
-
-    @property
-    def smoothed_rtt(self) -> float:
-        return self._loss._rtt_smoothed
-
-    # -- adjusting a live connection -----------------------------------------------------------
+    #: aioquic's own pacer while `set_pacing(False)` has replaced it.
+    _paced: QuicPacketPacer | None = None
 
     def set_max_datagram_size(self, size: int) -> None:
         """Change the packet size of a live connection (once we know what the peer can
@@ -374,6 +323,105 @@ class DerpQuicConnection(QuicConnection):
         is acked instead of after a probe timeout that kept doubling meanwhile."""
         self._loss._pto_count = 0
         self.send_ping(uid)
+
+
+
+#: What a 1-RTT packet and a DATAGRAM frame add around a payload, at most: short header
+#: (1 + a 20-byte connection ID + a 4-byte packet number), AEAD tag (16), frame type (1)
+#: and length (a 4-byte varint).
+_DATAGRAM_OVERHEAD = 1 + 20 + 4 + 16 + 1 + 4
+
+
+class _Datagrams(QuicConnection):
+    """RFC 9221 DATAGRAM frames with a bounded queue: aioquic's own queue has no bound and
+    keeps at its head, forever, a datagram too big for a packet (blocking all behind)."""
+
+    def queue_datagram(self, data: bytes, limit: int) -> bool:
+        """Queue `data` for the next packets; False (dropped) when `limit` wait already."""
+        if len(self._datagrams_pending) >= limit:
+            return False
+        self._datagrams_pending.append(data)
+        return True
+
+    @property
+    def datagram_room(self) -> int:
+        """The largest DATAGRAM payload the peer takes and a packet carries (0: the peer
+        takes none: it did not send max_datagram_frame_size)."""
+        peer_limit = self._remote_max_datagram_frame_size
+        if not peer_limit:
+            return 0
+        return max(0, min(peer_limit - 5, self._max_datagram_size - _DATAGRAM_OVERHEAD))
+
+
+class DerpQuicConnection(_ReceiveWindows, _LongStreamFrames, _AnnouncedStreams, _Handshake, _LiveTuning,
+                         _Datagrams):
+    """`QuicConnection` with application-paced receive windows, long STREAM frames,
+    announceable streams, optional server-side ALPN and bounded DATAGRAM frames (each a
+    base class above). Not thread-safe: the driver calls it with its lock held."""
+
+    def __init__(self, *args: Any, max_streams_bidi: int = 1024, ack_delay: float | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if ack_delay is not None:
+            self._ack_delay = ack_delay  # aioquic's local ACK delay (K_GRANULARITY = 1 ms by default)
+        # More concurrent peer-opened bidirectional streams than aioquic's 128.
+        self._local_max_streams_bidi.value = max_streams_bidi
+        self._local_max_streams_bidi.sent = max_streams_bidi
+        # Optional ALPN on the server: the protocols we select *if the client offers one*.
+        self.optional_alpn: list[str] | None = None
+        # IDs of streams the peer opened, in order, including those opened by an empty
+        # STREAM frame (which aioquic reports with no event). The driver drains it.
+        self.new_peer_streams: list[int] = []
+        # Connection IDs put into NEW_CONNECTION_ID frames since the last take_issued_cids().
+        self.issued_cids: list[bytes] = []
+
+    def _write_new_connection_id_frame(self, builder: QuicPacketBuilder, connection_id: Any) -> None:
+        # aioquic reports ConnectionIdIssued as an event, which the driver only sees at the next
+        # process(); quic-go switches to a new ID as soon as it has it, so the route must exist
+        # before the frame leaves (else the peer's next packets are unroutable and dropped).
+        super()._write_new_connection_id_frame(builder=builder, connection_id=connection_id)
+        self.issued_cids.append(connection_id.cid)
+
+    def take_issued_cids(self) -> list[bytes]:
+        """Our connection IDs written into NEW_CONNECTION_ID frames since the last call."""
+        cids, self.issued_cids = self.issued_cids, []
+        return cids
+
+    @property
+    def state_closed(self) -> bool:
+        return self._state in END_STATES
+
+    @property
+    def close_event(self) -> events.ConnectionTerminated | None:
+        """The ConnectionTerminated event describing why we are closing, as soon as
+        the close starts (aioquic only emits it after the draining period)."""
+        return self._close_event
+
+    def stream(self, stream_id: int) -> QuicStream | None:
+        return self._streams.get(stream_id)
+
+
+    @property
+    def idle_timeout(self) -> float:
+        """The negotiated idle timeout in seconds (the smaller of ours and the peer's)."""
+        return float(self._idle_timeout())
+
+    @property
+    def max_datagram_size(self) -> int:
+        return self._max_datagram_size
+
+    @property
+    def peer_max_datagram_size(self) -> int:
+        """The largest UDP payload the peer says it reads (max_udp_payload_size; QUIC's
+        maximum, 65,527, when it does not say)."""
+        params = peer_transport_parameters(self)
+        if params is None or not params.max_udp_payload_size:
+            return 65527
+        return params.max_udp_payload_size
+
+    @property
+    def smoothed_rtt(self) -> float:
+        return self._loss._rtt_smoothed
 
 
 def peer_transport_parameters(conn: QuicConnection) -> QuicTransportParameters | None:

@@ -20,6 +20,7 @@ from derpnet.keys import PrivateKey, PrivateKeyLike, PublicKey, PublicKeyLike
 from .auth import AuthPolicy
 from .config import Options, coerce_keys
 from .conn import Conn, ConnState
+from .datagrams import DatagramChannel, DatagramInbox, channel_for
 from .driver import SUPPORTED_VERSIONS, Driver
 from .stream import Stream
 
@@ -39,8 +40,9 @@ _HANDSHAKING = (ConnState.HANDSHAKE, ConnState.AUTH)
 
 def _open_packet_conn(host: Any, key: PrivateKeyLike | None,
                       options: dict[str, Any]) -> tuple[Any, PrivateKey, bool]:
-    """(pc, private key, owned) from a relay URL/host, or an existing PacketConn."""
-    if isinstance(host, str) or type(host).__name__ == "RelayAddress":
+    """(pc, private key, owned) from a relay URL/host (or a list of them: several relays,
+    see derpnet.relayset), or an existing PacketConn."""
+    if isinstance(host, (str, list, tuple)) or type(host).__name__ == "RelayAddress":
         import derpnet
         priv = PrivateKey.generate() if key is None else PrivateKey.coerce(key)
         pc = derpnet.listen_packet(host, priv, **options)
@@ -65,12 +67,19 @@ class ConnSet:
 
     def __init__(self) -> None:
         self.conns: set[Conn] = set()
+        self.inbox: DatagramInbox | None = None  # with datagrams=True
 
     def conn_ready(self, conn: Conn) -> None:
         pass
 
     def conn_closed(self, conn: Conn) -> None:
         self.conns.discard(conn)
+        if self.inbox is not None:
+            self.inbox.forget(conn)
+
+    def datagram_received(self, conn: Conn, data: bytes) -> None:
+        if self.inbox is not None:
+            self.inbox.put(conn, data)
 
     def stream_opened(self, stream: Stream) -> None:  # pragma: no cover - dialled conns refuse them first
         stream.refuse(ConnectionRefusedError("unexpected stream"))
@@ -227,8 +236,23 @@ class _Endpoint:
     def private_key(self) -> PrivateKey:
         return self._key
 
+    def _take_datagrams(self) -> None:
+        """With datagrams=True: received datagrams wait for recv_datagram()."""
+        if self.opts.datagrams:
+            self._owner.inbox = DatagramInbox(self._lock, self.opts.datagram_queue)
+
+    def recv_datagram(self, timeout: float | None = None) -> tuple[bytes, DatagramChannel]:
+        """The next datagram a peer sent (needs datagrams=True): (data, the channel to answer
+        on). Raises TimeoutError, or OSError once closed. See derpquic.datagrams."""
+        inbox = self._owner.inbox
+        if inbox is None:
+            raise ValueError("recv_datagram() needs datagrams=True")
+        return inbox.get(timeout)
+
     def _close_common(self, error: BaseException, linger: float) -> None:
         with self._lock:
+            if self._owner.inbox is not None:
+                self._owner.inbox.close()
             conns = list(self._owner.conns)
         self._driver.close_conns(conns, error, linger=linger)
         self._driver.release()
@@ -253,7 +277,8 @@ class Listener(_Endpoint):
     every stream of every connection).
 
     `host`: a relay URL (``"https://derp.example.com"``, ``"http://127.0.0.1:3340"``, a bare
-    hostname) or an existing PacketConn (then pass `key` unless it exposes it).
+    hostname), a list of them (reachable on every one: derpnet.relayset) or an existing
+    PacketConn (then pass `key` unless it exposes it).
     Authentication: peers that prove their key (derpnet peers) are authenticated; Go peers
     cannot and are accepted unauthenticated unless `require_auth=True` or `allow=[keys]`
     (then only those keys, proven, get through; others are refused before any stream is
@@ -270,6 +295,7 @@ class Listener(_Endpoint):
         super().__init__(host, key, options)
         self._owner = self._queue = AcceptQueue(self._lock, self.opts,
                                                 AuthPolicy(require_auth=self.require_auth, allow=self.allow))
+        self._take_datagrams()
         with self._lock:
             current = self._driver.acceptor
             busy = current is not None and not current.closed
@@ -331,6 +357,7 @@ class Dialer(_Endpoint):
         self.reuse_connections = bool(reuse_connections)
         super().__init__(host, key, options)
         self._owner = self._dialed = DialedConns()
+        self._take_datagrams()
         self._policy = AuthPolicy(allow_unauthenticated=self.allow_unauthenticated)
 
     def dial(self, pubkey: PublicKeyLike, timeout: float | None = None) -> Stream:
@@ -340,56 +367,72 @@ class Dialer(_Endpoint):
         handshakes. Raises TimeoutError (nobody answered), AuthenticationError (the peer
         did not prove its key), ConnectionRefusedError (the peer refused us),
         ConnectionError, or OSError once closed."""
-        peer = PublicKey.coerce(pubkey)
+        with self._lock:
+            return self._ready_conn(PublicKey.coerce(pubkey), timeout).open_stream()
+
+    def datagram_channel(self, pubkey: PublicKeyLike, timeout: float | None = None) -> DatagramChannel:
+        """The connection to `pubkey` as a channel for QUIC DATAGRAM frames (RFC 9221;
+        needs `datagrams=True` on both sides); the peer's answers come out of
+        `recv_datagram()`. Raises as dial() does, and OSError EPROTONOSUPPORT when the
+        peer takes no datagrams (a Go peer, or a listener without `datagrams=True`)."""
+        if not self.opts.datagrams:
+            raise ValueError("datagram_channel() needs a Dialer made with datagrams=True")
+        with self._lock:
+            conn = self._ready_conn(PublicKey.coerce(pubkey), timeout)
+            assert self._dialed.inbox is not None
+            return channel_for(conn, self._dialed.inbox.channels)
+
+    def _ready_conn(self, peer: PublicKey, timeout: float | None) -> Conn:
+        """A connection to `peer` ready for one more stream (lock held): a spare, the one
+        reused, or a new one, within `timeout` (default: the dial_timeout option)."""
         if timeout is None:
             timeout = self.opts.dial_timeout
         deadline = time.monotonic() + timeout
         driver = self._driver
-        with self._lock:
-            while True:
-                if self.closed:
-                    raise OSError(errno.EBADF, "dialer closed")
-                if driver.dead is not None:
-                    raise ConnectionAbortedError(*driver.dead.args)
-                conn = self._take_spare(peer)
-                if conn is not None:
-                    mine = True
-                else:
-                    conn = self._reusable(peer)
-                    mine = conn is None
-                if conn is None:
-                    conn = driver.connect(peer, owner=self._dialed, opts=self.opts, policy=self._policy)
-                    self._dialed.conns.add(conn)
-                    self._dialed.by_peer[peer] = conn
-                while conn.state in _HANDSHAKING:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        err = TimeoutError(
-                            f"dial {peer.b64()}: no answer within {timeout:g} s (is anyone listening on "
-                            f"that key at this relay?)" if not conn.received_any else
-                            f"dial {peer.b64()}: handshake did not complete within {timeout:g} s")
-                        if mine:
-                            conn.close(err)
-                        raise err
-                    conn.cond.wait(left)
-                if conn.state is ConnState.READY:
-                    if not mine and not conn.ours:
-                        continue  # a Go peer: one connection per dial, make our own
-                    if conn.ours:
-                        self._dialed.by_peer[peer] = conn  # (a taken spare) reused from now on
-                    if not conn.ours and peer in self._dialed.prepared:
-                        # The next dial to this Go peer finds a spare ready: started a little
-                        # later, so that its handshake (ours and the peer's CPU) does not
-                        # delay this stream's first exchange.
-                        refill = threading.Timer(SPARE_DELAY, self._refill, args=(peer,))
-                        refill.name = "derpquic-spare"
-                        refill.daemon = True
-                        refill.start()
-                    return conn.open_stream()
-                if mine:
-                    why = conn.error or ConnectionAbortedError("connection failed")
-                    raise type(why)(*why.args)
-                # someone else's attempt failed: try our own
+        while True:
+            if self.closed:
+                raise OSError(errno.EBADF, "dialer closed")
+            if driver.dead is not None:
+                raise ConnectionAbortedError(*driver.dead.args)
+            conn = self._take_spare(peer)
+            if conn is not None:
+                mine = True
+            else:
+                conn = self._reusable(peer)
+                mine = conn is None
+            if conn is None:
+                conn = driver.connect(peer, owner=self._dialed, opts=self.opts, policy=self._policy)
+                self._dialed.conns.add(conn)
+                self._dialed.by_peer[peer] = conn
+            while conn.state in _HANDSHAKING:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    err = TimeoutError(
+                        f"dial {peer.b64()}: no answer within {timeout:g} s (is anyone listening on "
+                        f"that key at this relay?)" if not conn.received_any else
+                        f"dial {peer.b64()}: handshake did not complete within {timeout:g} s")
+                    if mine:
+                        conn.close(err)
+                    raise err
+                conn.cond.wait(left)
+            if conn.state is ConnState.READY:
+                if not mine and not conn.ours:
+                    continue  # a Go peer: one connection per dial, make our own
+                if conn.ours:
+                    self._dialed.by_peer[peer] = conn  # (a taken spare) reused from now on
+                if not conn.ours and peer in self._dialed.prepared:
+                    # The next dial to this Go peer finds a spare ready: started a little
+                    # later, so that its handshake (ours and the peer's CPU) does not
+                    # delay this stream's first exchange.
+                    refill = threading.Timer(SPARE_DELAY, self._refill, args=(peer,))
+                    refill.name = "derpquic-spare"
+                    refill.daemon = True
+                    refill.start()
+                return conn
+            if mine:
+                why = conn.error or ConnectionAbortedError("connection failed")
+                raise type(why)(*why.args)
+            # someone else's attempt failed: try our own
 
     def prepare(self, pubkey: PublicKeyLike) -> None:
         """Start connecting to `pubkey` now, so that dials to it do not wait for the QUIC
@@ -412,10 +455,10 @@ class Dialer(_Endpoint):
         if conn is None:
             return None
         if conn.state is ConnState.READY and not conn.quic.state_closed:
-            conn.keep_alive_idle = False
+            conn.heartbeat.keep_idle = False
             return conn
-        if conn.state in _HANDSHAKING and time.monotonic() - conn.created < SPARE_PATIENCE:
-            conn.keep_alive_idle = False
+        if conn.state in _HANDSHAKING and time.monotonic() - conn.heartbeat.created < SPARE_PATIENCE:
+            conn.heartbeat.keep_idle = False
             return conn
         if not conn.closed:
             conn.close(ConnectionAbortedError("spare connection replaced"))
@@ -434,7 +477,7 @@ class Dialer(_Endpoint):
         if current is not None and current.ours and not current.closed:
             return  # one of ours: its connection is reused anyway
         conn = self._driver.connect(peer, owner=self._dialed, opts=self.opts, policy=self._policy)
-        conn.keep_alive_idle = True
+        conn.heartbeat.keep_idle = True
         self._dialed.conns.add(conn)
         self._dialed.spares[peer] = conn
 
@@ -447,7 +490,7 @@ class Dialer(_Endpoint):
         if (conn.state is ConnState.READY and conn.ours and not conn.quic.state_closed
                 and peer not in self._driver.gone):  # not while the relay says it left
             # Reuse only while the peer was heard from recently (no idle-timeout race).
-            if time.monotonic() - conn.last_rx < min(conn.opts.idle_timeout, 30.0) / 2:
+            if conn.heartbeat.heard_recently(time.monotonic(), min(conn.opts.idle_timeout, 30.0) / 2):
                 return conn
         return None
 

@@ -31,6 +31,8 @@ __all__ = ["Options", "GO_PACKET_SIZE", "ALPN_AUTH", "server_certificate", "coer
 GO_PACKET_SIZE = 1452
 
 MiB = 1 << 20
+#: The max_datagram_frame_size we advertise with `datagrams=True` (a relay packet's worth).
+MAX_DATAGRAM_FRAME = 65535
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,12 @@ class Options:
     ack_delay: float = 0.010
     #: Congestion controller ("reno" or "cubic").
     congestion_control: str = "reno"
+    #: Take QUIC DATAGRAM frames (RFC 9221: unreliable, unordered): advertised in the
+    #: transport parameters; see derpquic.datagrams.
+    datagrams: bool = False
+    #: DATAGRAM frames waiting for room in the congestion window, per connection; more are
+    #: dropped (counted), as a full UDP socket buffer drops.
+    datagram_queue: int = 256
 
     @classmethod
     def pop_from(cls, kwargs: dict[str, Any]) -> Options:
@@ -100,6 +108,8 @@ class Options:
             raise ValueError("congestion_control must be 'reno' or 'cubic'")
         if self.max_half_open < 1 or self.max_half_open_per_peer < 1 or self.backlog < 1:
             raise ValueError("max_half_open, max_half_open_per_peer and backlog must be at least 1")
+        if self.datagram_queue < 1:
+            raise ValueError("datagram_queue must be at least 1")
         if not 1024 <= self.unaccepted_window <= self.stream_window:
             raise ValueError("unaccepted_window must be between 1024 and stream_window")
 
@@ -118,6 +128,7 @@ class Options:
             max_stream_data=self.stream_window,
             congestion_control_algorithm=self.congestion_control,
             secrets_log_file=secrets_log_file,
+            max_datagram_frame_size=MAX_DATAGRAM_FRAME if self.datagrams else None,
         )
         if is_client:
             import ssl

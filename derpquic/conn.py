@@ -12,7 +12,6 @@ its host once, and is made with the driver's lock held.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -29,27 +28,21 @@ from ._quic import ALPN_AUTH, DerpQuicConnection
 from .auth import Action, KeyProof, ProofState, Ready, Refuse, Role, SendProof
 from .codes import STREAM_REFUSED, AppError, close_error
 from .config import GO_PACKET_SIZE, Options
+from .heartbeat import GONE_GRACE, Heartbeat
 from .hooks import ConnHost, ConnOwner, StreamEndpoint
+from .sizing import MIN_PACKET_SIZE, PacketSizing, packet_size
 from .stream import Stream
 from .streamstate import window_credit
 
-__all__ = ["Conn", "ConnState", "StreamTable", "create_conn", "MIN_PACKET_SIZE", "packet_size"]
+__all__ = ["Conn", "ConnState", "StreamTable", "create_conn", "MIN_PACKET_SIZE", "GONE_GRACE", "packet_size"]
 
 log = logging.getLogger("derpquic")
 
-#: QUIC's smallest datagram size (RFC 9000 14): never go below it, whatever the path says.
-MIN_PACKET_SIZE = 1200
 #: Streams a peer may open before its connection is ready (held until the key proofs);
 #: more are refused. With Options.unaccepted_window this bounds a handshaking peer's bytes.
 MAX_PENDING_STREAMS = 16
 #: At the end of a batch, acknowledge at once when this many bytes came since our last ACK.
 ACK_NOW_BYTES = 2 * MIN_PACKET_SIZE
-#: How long a connection whose peer the relay says has left (PeerGone) waits to hear from it
-#: before failing, when that means the end: a dial (the peer is offline), or a connection to
-#: a Go derpconnect (the Go derpnet never reconnects, so its connections died with its relay
-#: link). A connection to one of ours only probes: ours reconnect, and if not, the idle
-#: timeout ends it.
-GONE_GRACE = 2.0
 
 
 class ConnState(Enum):
@@ -57,12 +50,6 @@ class ConnState(Enum):
     AUTH = "auth"            # the key proofs
     READY = "ready"          # streams flow
     CLOSED = "closed"        # unusable: `Conn.error` says why
-
-
-def packet_size(uncapped: int, path_mtu: int) -> int:
-    """The packet size for a connection that could use `uncapped` bytes on a path that
-    carries `path_mtu`: the smaller, but at least QUIC's minimum."""
-    return max(MIN_PACKET_SIZE, min(uncapped, path_mtu))
 
 
 class StreamTable:
@@ -128,9 +115,10 @@ class StreamTable:
                 quic.reset_stream(sid, STREAM_REFUSED)
 
 
-class Conn:
-    """One QUIC connection: aioquic's state plus what its streams and owner need.
-    Every attribute is guarded by the driver's lock (`lock`)."""
+class ConnBase:
+    """A QUIC connection's state and what it says about itself (views, why it ended).
+    Every attribute is guarded by the driver's lock (`lock`). `Conn` adds what happens
+    on it."""
 
     def __init__(self, host: ConnHost, quic: DerpQuicConnection, peer: PublicKey, *, owner: ConnOwner,
                  opts: Options, proof: KeyProof, now: float) -> None:
@@ -150,17 +138,11 @@ class Conn:
         self.streams = StreamTable()
         self.peer_auth_stream = 3 if self.role is Role.CLIENT else 2  # the peer's first unidirectional stream
         self.proof_stream: int | None = None      # ours (the server writes it in two parts)
-        #: The largest packet our options and the peer allow, whatever the path (Go peers:
-        #: GO_PACKET_SIZE; our peers: up to 65,527 once the handshake says so).
-        self.uncapped_size = GO_PACKET_SIZE
-        self.upgrade_size = 0      # packet size to switch to after the next flush
+        self.sizing = PacketSizing()
+        self.heartbeat = Heartbeat(opts.keepalive_interval, now)
         self.received_any = False
         self.unacked = 0           # bytes received since our last ACK went out
-        self.created = self.last_rx = self.last_ping = now
-        self.ping_seq = itertools.count(1)
         self.terminated = False    # aioquic reached TERMINATED / we dropped it
-        self.keep_alive_idle = False  # PING a silent peer even without open streams (a spare)
-        self.gone_deadline: float | None = None  # the relay said the peer left: fail at this time unless heard from
         self.terminated_event = threading.Event()
 
     # ------------------------------------------------------------------ views
@@ -193,6 +175,23 @@ class Conn:
     def __repr__(self) -> str:
         return f"<Conn {self.describe()} {self.state.value}>"
 
+    def _close_error(self, ev: events.ConnectionTerminated) -> BaseException:
+        if self.error is not None:
+            return self.error
+        return close_error(ev, peer=self.peer.b64(), describe=self.describe(),
+                           handshaking=self.state in (ConnState.HANDSHAKE, ConnState.AUTH),
+                           heard_from_peer=self.received_any, idle_timeout=self.quic.idle_timeout)
+
+    def _gone_error(self) -> BaseException:
+        if self.state is ConnState.HANDSHAKE:
+            return PeerNotConnected(f"{self.peer.b64()} is not connected to the relay (offline, or on another relay)")
+        return ConnectionAbortedError(f"{self.describe()}: the peer left the relay (a Go derpconnect never comes back)")
+
+
+class Conn(ConnBase):
+    """One QUIC connection to a peer and everything that happens on it: datagrams and
+    timers in, aioquic's events out to streams, key proofs and the owner, packets out."""
+
     # ------------------------------------------------------------------ inputs
 
     def datagram_received(self, data: bytes, now: float) -> None:
@@ -203,8 +202,7 @@ class Conn:
         """One datagram of a batch: into aioquic, no answer yet (see `received_batch`)."""
         self.quic.receive_datagram(data, self.peer, now)
         self.received_any = True
-        self.last_rx = now
-        self.gone_deadline = None
+        self.heartbeat.heard(now)
         self.unacked += len(data)
 
     def received_batch(self, now: float) -> None:
@@ -221,16 +219,10 @@ class Conn:
     def next_timer(self) -> float | None:
         """When this connection next wants `timer_fired` (aioquic's timers, the key-proof
         deadline, keepalive while streams are open); None: never."""
-        times = [self.quic.get_timer(), self._keepalive_at(),
-                 None if self.state is ConnState.CLOSED else self.proof.wake_at, self.gone_deadline]
+        hb = self.heartbeat
+        times = [self.quic.get_timer(), hb.ping_at(self.streams.open > 0) if self.state is ConnState.READY else None,
+                 None if self.state is ConnState.CLOSED else self.proof.wake_at, hb.gone_deadline]
         return min((t for t in times if t is not None), default=None)
-
-    def _keepalive_at(self) -> float | None:
-        """When to PING a silent peer: only while the application has streams open (or the
-        connection is kept ready for the next dial)."""
-        if (self.streams.open > 0 or self.keep_alive_idle) and self.state is ConnState.READY:
-            return max(self.last_rx, self.last_ping) + self.opts.keepalive_interval
-        return None
 
     def timer_fired(self, now: float) -> None:
         if self.state is not ConnState.CLOSED:
@@ -238,25 +230,24 @@ class Conn:
             if refused:
                 self._apply(refused, now)
                 return
-            if self.gone_deadline is not None and now >= self.gone_deadline:
-                self.gone_deadline = None
+            if self.heartbeat.gone_due(now):
                 self.close(self._gone_error(), now=now)
                 return
         quic = self.quic
         qt = quic.get_timer()
         if qt is not None and qt <= now:
             quic.handle_timer(now)
-        keepalive = self._keepalive_at()
-        if keepalive is not None and now >= keepalive:
-            quic.send_ping(next(self.ping_seq))
-            self.last_ping = now
+        if self.state is ConnState.READY:
+            ping = self.heartbeat.ping_due(now, self.streams.open > 0)
+            if ping is not None:
+                quic.send_ping(ping)
         self.process(now)
 
     def probe(self, now: float) -> None:
         """PING now and forget the PTO back-off (the path is back or changed)."""
         if self.terminated or self.quic.state_closed:
             return
-        self.quic.probe_now(next(self.ping_seq))
+        self.quic.probe_now(self.heartbeat.next_ping_id())
         self.flush(now)
 
     def peer_left(self, now: float, *, not_here: bool) -> None:
@@ -273,24 +264,19 @@ class Conn:
         elif self.ours or self.state is not ConnState.READY:
             self.probe(now)
             return
-        if self.gone_deadline is None:
-            self.gone_deadline = now + GONE_GRACE
-            self.host.schedule(self, self.next_timer())
-
-    def _gone_error(self) -> BaseException:
-        if self.state is ConnState.HANDSHAKE:
-            return PeerNotConnected(f"{self.peer.b64()} is not connected to the relay (offline, or on another relay)")
-        return ConnectionAbortedError(f"{self.describe()}: the peer left the relay (a Go derpconnect never comes back)")
+        self.heartbeat.peer_left(now)
+        self.host.schedule(self, self.next_timer())
 
     def path_changed(self, mtu: int, now: float) -> None:
         """The path to the peer now carries datagrams of up to `mtu` bytes: resize our
         packets (data lost in too-large packets is resent in new ones) and probe at once."""
         if self.terminated or self.quic.state_closed:
             return
-        self.upgrade_size = 0
-        self.quic.set_max_datagram_size(packet_size(self.uncapped_size, mtu))
+        self.quic.set_max_datagram_size(self.sizing.for_path(mtu))
         self.quic.set_pacing(mtu < RELAY_PATH_MTU)
         self.probe(now)
+
+    # ------------------------------------------------------------------ the end
 
     def close(self, error: BaseException, *, code: int = AppError.CLOSED, reason: str = "",
               now: float | None = None) -> None:
@@ -320,6 +306,18 @@ class Conn:
             for data, _ in self.quic.datagrams_to_send(now):
                 self.host.send_datagram(data, self.peer)
         self._terminate()
+
+    def _tell_owner(self, hook: Callable[[Conn], None]) -> None:
+        try:
+            hook(self)
+        except Exception:  # pragma: no cover - a bug in the Listener/Dialer
+            log.exception("derpquic: owner hook failed")
+
+    def _terminate(self) -> None:
+        self.terminated = True
+        self.host.forget(self)
+        self.cids.clear()
+        self.terminated_event.set()
 
     # ------------------------------------------------------------------ streams
 
@@ -386,9 +384,9 @@ class Conn:
                 self.host.add_route(self, cid)
         if datagrams:
             self.host.send_datagrams([data for data, _ in datagrams], self.peer)
-        if self.upgrade_size:
-            quic.set_max_datagram_size(self.upgrade_size)
-            self.upgrade_size = 0
+        upgrade = self.sizing.take_upgrade()
+        if upgrade:
+            quic.set_max_datagram_size(upgrade)
         self.streams.sweep(lambda sid: quic.stream(sid) is not None)
         self.streams.wake_writers()
         self.host.flushed(self)
@@ -428,18 +426,18 @@ class Conn:
             case events.ConnectionTerminated():
                 self.fail(self._close_error(ev))
                 self._terminate()
+            case events.DatagramFrameReceived(data=data) if self.state is ConnState.READY:
+                self.owner.datagram_received(self, data)  # (before READY: the peer is not proven yet, dropped)
             case _:
-                pass  # PingAcknowledged, ProtocolNegotiated, DatagramFrameReceived: nothing to do
+                pass  # PingAcknowledged, ProtocolNegotiated: nothing to do
 
     def _handshake_completed(self, ours: bool, now: float) -> None:
         actions = self.proof.handshake_completed(ours)
         if ours and self.proof.state is not ProofState.REFUSED:
             # Our peer: bigger packets, bounded by what it says it can read, by the PacketConn
-            # and by the current path. Applied after the next flush: the client's Finished
-            # flight may still hold an Initial packet, and aioquic pads those to the full size.
-            self.uncapped_size = min(self.opts.max_datagram_size, self.quic.peer_max_datagram_size,
-                                     RELAY_PATH_MTU)
-            self.upgrade_size = packet_size(self.uncapped_size, self.host.path_mtu(self.peer))
+            # and by the current path (after the next flush).
+            self.sizing.negotiated(min(self.opts.max_datagram_size, RELAY_PATH_MTU),
+                                   self.quic.peer_max_datagram_size, self.host.path_mtu(self.peer))
         if self.proof.state is ProofState.PROVING:
             self.state = ConnState.AUTH
         self._apply(actions, now)
@@ -473,25 +471,6 @@ class Conn:
                 self.owner.stream_opened(s)
         if authenticated:
             self.host.peer_verified(self.peer)
-
-    def _tell_owner(self, hook: Callable[[Conn], None]) -> None:
-        try:
-            hook(self)
-        except Exception:  # pragma: no cover - a bug in the Listener/Dialer
-            log.exception("derpquic: owner hook failed")
-
-    def _close_error(self, ev: events.ConnectionTerminated) -> BaseException:
-        if self.error is not None:
-            return self.error
-        return close_error(ev, peer=self.peer.b64(), describe=self.describe(),
-                           handshaking=self.state in (ConnState.HANDSHAKE, ConnState.AUTH),
-                           heard_from_peer=self.received_any, idle_timeout=self.quic.idle_timeout)
-
-    def _terminate(self) -> None:
-        self.terminated = True
-        self.host.forget(self)
-        self.cids.clear()
-        self.terminated_event.set()
 
 
 def create_conn(host: ConnHost, proof: KeyProof, owner: ConnOwner, opts: Options, now: float, *,

@@ -34,13 +34,15 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from derpnet.frames import PeerGone, PeerGoneReason
 from derpnet.keys import PrivateKey, PublicKey
 from derpnet.packetconn import LinkUp
-from derpnet.paths import RELAY_PATH_MTU, PathChanged
+from derpnet.paths import PathChanged
 
 from .auth import AuthPolicy, KeyProof, Role
+from .carrier import Carrier
 from .codes import QUIC_CONNECTION_REFUSED, AppError
 from .config import Options
-from .conn import GONE_GRACE, MIN_PACKET_SIZE, Conn, create_conn
+from .conn import MIN_PACKET_SIZE, Conn, create_conn
 from .hooks import Acceptor, ConnOwner
+from .routes import Routes
 from .timers import TimerHeap
 
 __all__ = ["Driver", "DriverRegistry", "Admission", "admit", "CID_LENGTH", "SUPPORTED_VERSIONS"]
@@ -121,9 +123,8 @@ class Driver:
         if private_key.public_key != self.local:
             raise ValueError("the private key does not match the PacketConn's address")
         self.lock = threading.Lock()
-        self._write_batch = getattr(pc, "write_batch", None)
-        self.routes: dict[tuple[PublicKey, bytes], Conn] = {}
-        self.conns: set[Conn] = set()
+        self.carrier = Carrier(pc)
+        self.routes = Routes()
         self.timers: TimerHeap[Conn] = TimerHeap()
         self.acceptor: Acceptor | None = None  # the Listener accepting on this PacketConn, if any
         self.armed: float | None = None  # the read deadline we set (monotonic), None = none
@@ -132,13 +133,19 @@ class Driver:
         self.drained = threading.Condition(self.lock)  # notified when a conn's sends complete
         self.drain_waiters = 0
         self.link_ups = 0  # relay reconnects seen (each probes every connection at once)
-        #: Peers the relay said are not connected (PeerGone), until a datagram from them arrives.
-        self.gone: dict[PublicKey, float] = {}
         self.thread = threading.Thread(target=self._run, name=f"derpquic-rx-{self.local.b64()[:8]}",
                                        daemon=True)
         self.thread.start()
-        if hasattr(pc, "add_event_listener"):
-            pc.add_event_listener(self._on_packetconn_event)
+        self.carrier.listen(self._on_packetconn_event)
+
+    @property
+    def conns(self) -> set[Conn]:
+        return self.routes.conns
+
+    @property
+    def gone(self) -> dict[PublicKey, float]:
+        """Peers the relay said are not connected (PeerGone), until heard from again."""
+        return self.routes.gone
 
     # ------------------------------------------------------------------ PacketConn events
 
@@ -152,13 +159,13 @@ class Driver:
                     if not self.stopped:
                         self.link_ups += 1
                         now = time.monotonic()
-                        for conn in list(self.conns):
+                        for conn in self.routes:
                             conn.probe(now)
             case PathChanged(peer=peer, mtu=mtu):
                 with self.lock:
                     if not self.stopped:
                         now = time.monotonic()
-                        for conn in [c for c in self.conns if c.peer == peer]:
+                        for conn in self.routes.to(peer):
                             conn.path_changed(mtu, now)
             case PeerGone(key=peer, reason=reason):
                 # The relay says `peer` is not connected to it: it left (DISCONNECTED, sent to
@@ -169,8 +176,7 @@ class Driver:
                 with self.lock:
                     if not self.stopped:
                         now = time.monotonic()
-                        self.gone[peer] = now
-                        for conn in [c for c in self.conns if c.peer == peer]:
+                        for conn in self.routes.peer_left(peer, now):
                             conn.peer_left(now, not_here=reason == PeerGoneReason.NOT_HERE)
             case _:
                 pass
@@ -181,33 +187,19 @@ class Driver:
         return time.monotonic()
 
     def send_datagram(self, data: bytes, peer: PublicKey) -> None:
-        try:
-            self.pc.write_to(data, peer)
-        except (OSError, ValueError) as e:
-            # Closed or broken PacketConn: the connection times out / is failed by the reader.
-            log.debug("derpquic: write_to %s failed: %s", peer.b64(), e)
+        self.carrier.send(data, peer)
 
     def send_datagrams(self, datagrams: list[bytes], peer: PublicKey) -> None:
-        if len(datagrams) == 1 or self._write_batch is None:
-            for data in datagrams:
-                self.send_datagram(data, peer)
-            return
-        try:
-            self._write_batch([(data, peer) for data in datagrams])
-        except (OSError, ValueError) as e:
-            log.debug("derpquic: write_batch to %s failed: %s", peer.b64(), e)
+        self.carrier.send_many(datagrams, peer)
 
     def add_route(self, conn: Conn, cid: bytes) -> None:
-        self.routes[(conn.peer, cid)] = conn
+        self.routes.add(conn, cid)
 
     def remove_route(self, conn: Conn, cid: bytes) -> None:
-        if self.routes.get((conn.peer, cid)) is conn:
-            del self.routes[(conn.peer, cid)]
+        self.routes.remove(conn, cid)
 
     def forget(self, conn: Conn) -> None:
-        for cid in conn.cids:
-            self.remove_route(conn, cid)
-        self.conns.discard(conn)
+        self.routes.forget(conn)
         self.timers.cancel(conn)
 
     def schedule(self, conn: Conn, when: float | None) -> None:
@@ -222,16 +214,10 @@ class Driver:
             self.drained.notify_all()
 
     def peer_verified(self, peer: PublicKey) -> None:
-        note = getattr(self.pc, "note_peer_verified", None)
-        if note is not None:
-            try:
-                note(peer)
-            except Exception:  # pragma: no cover - a bug in the PacketConn
-                log.exception("derpquic: note_peer_verified failed")
+        self.carrier.note_verified(peer)
 
     def path_mtu(self, peer: PublicKey) -> int:
-        query = getattr(self.pc, "path_mtu", None)
-        return RELAY_PATH_MTU if query is None else int(query(peer))
+        return self.carrier.path_mtu(peer)
 
     # ------------------------------------------------------------------ connections
 
@@ -240,16 +226,16 @@ class Driver:
         now = time.monotonic()
         conn = self._new_conn(peer, Role.CLIENT, owner, opts, policy, now)
         if peer in self.gone:  # the relay said it left: give it GONE_GRACE to answer, not the whole timeout
-            conn.gone_deadline = now + GONE_GRACE
+            conn.heartbeat.peer_left(now)
         conn.quic.connect(peer, now)
-        self._register(conn, conn.quic.host_cid)
+        self.routes.register(conn, conn.quic.host_cid)
         conn.process(now)
         return conn
 
     def _accept(self, peer: PublicKey, header: QuicHeader, acceptor: Acceptor, now: float) -> Conn:
         conn = self._new_conn(peer, Role.SERVER, acceptor, acceptor.opts, acceptor.policy, now,
                               original_dcid=header.destination_cid)
-        self._register(conn, header.destination_cid, conn.quic.host_cid)
+        self.routes.register(conn, header.destination_cid, conn.quic.host_cid)
         acceptor.conn_accepted(conn)
         return conn
 
@@ -259,22 +245,14 @@ class Driver:
                                      timeout=None if role is Role.CLIENT else opts.dial_timeout)
         return create_conn(self, proof, owner, opts, now, original_dcid=original_dcid, conn_class=self.conn_class)
 
-    def _register(self, conn: Conn, *cids: bytes) -> None:
-        for cid in cids:
-            conn.cids.add(cid)
-            self.add_route(conn, cid)
-        self.conns.add(conn)
-
     # ------------------------------------------------------------------ receive thread
 
     def _run(self) -> None:
-        pc = self.pc
-        read_batch = getattr(pc, "read_batch", None)
         try:
             while True:
                 batch: Sequence[tuple[bytes, Any]] = ()
                 try:
-                    batch = read_batch(RECEIVE_BATCH) if read_batch is not None else (pc.read_from(65536),)
+                    batch = self.carrier.read(RECEIVE_BATCH)
                 except TimeoutError:
                     pass
                 except OSError as e:
@@ -315,7 +293,7 @@ class Driver:
         """The receive thread ends for good: fail everything (lock held)."""
         self.dead = error
         now = time.monotonic()
-        for conn in list(self.conns):
+        for conn in self.routes:
             conn.discard(error, now, tell_peer=False)
         self.stopped = True
         if self.acceptor is not None:
@@ -326,15 +304,13 @@ class Driver:
         Initial packet; None after answering an unknown version with Version Negotiation,
         or for anything else (dropped)."""
         peer = addr if type(addr) is PublicKey else PublicKey.coerce(addr)
-        if self.gone:
-            self.gone.pop(peer, None)  # heard from: it is back
         if data and not data[0] & 0x80:  # short header: the destination ID follows the first byte
-            return self.routes.get((peer, data[1:1 + CID_LENGTH]))
+            return self.routes.lookup(peer, data[1:1 + CID_LENGTH])
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
             return None
-        conn = self.routes.get((peer, header.destination_cid))
+        conn = self.routes.lookup(peer, header.destination_cid)
         if conn is not None:
             return conn
         acceptor = self.acceptor
@@ -378,10 +354,7 @@ class Driver:
         if t == self.armed:
             return
         self.armed = t
-        try:
-            self.pc.set_read_deadline(None if t is None else time.time() + (t - time.monotonic()))
-        except (OSError, ValueError):
-            pass
+        self.carrier.set_deadline(t)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -412,22 +385,15 @@ class Driver:
             if self.stopped:
                 return
             now = time.monotonic()
-            for conn in list(self.conns):
+            for conn in self.routes:
                 conn.discard(ConnectionAbortedError("closed locally"), now, tell_peer=True)
             self.stopped = True
             self.timers.clear()
-        if hasattr(self.pc, "remove_event_listener"):
-            self.pc.remove_event_listener(self._on_packetconn_event)
-        try:
-            self.pc.set_read_deadline(time.time() - 1)  # wake the receive thread
-        except (OSError, ValueError):
-            pass
+        self.carrier.unlisten(self._on_packetconn_event)
+        self.carrier.set_deadline(time.monotonic() - 1)  # wake the receive thread
         if threading.current_thread() is not self.thread:
             self.thread.join(5)
-        try:
-            self.pc.set_read_deadline(None)
-        except (OSError, ValueError):
-            pass
+        self.carrier.set_deadline(None)
 
     def __repr__(self) -> str:
         state = "stopped" if self.stopped else f"{len(self.conns)} connections"

@@ -68,6 +68,9 @@ class ConnOwner(Protocol):
     def stream_opened(self, stream: Stream) -> None:
         """The peer opened `stream` on a ready connection: hand it out (or refuse it)."""
 
+    def datagram_received(self, conn: Conn, data: bytes) -> None:
+        """A DATAGRAM frame arrived on a ready connection (must not block)."""
+
 
 class Acceptor(ConnOwner, Protocol):
     """The Listener, as the driver sees it when an Initial packet arrives from a new peer."""

@@ -92,13 +92,13 @@ class RawDerpClient:
 
     def __init__(self, url: str, key: PrivateKey | None = None, *, fast_start: bool = False,
                  ssl_context: ssl.SSLContext | None = None, timeout: float = 5.0,
-                 rcvbuf: int | None = None) -> None:
+                 rcvbuf: int | None = None, client_info: dict | None = None) -> None:
         self.url = url
         self.key = key or PrivateKey.generate()
         self.timeout = timeout
         host, _, _ = split_url(url)
         self.sock = dial(url, ssl_context=ssl_context, timeout=timeout, rcvbuf=rcvbuf)
-        self.conn = ClientConnection(self.key, host)
+        self.conn = ClientConnection(self.key, host, client_info=client_info)  # e.g. with a meshKey
         self.pending: deque[object] = deque()
         self.closed = False
         self.sock.sendall(self.conn.send(Upgrade(fast_start)))

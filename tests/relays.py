@@ -74,7 +74,7 @@ class OurRelay:
         argv = [*self.argv_prefix, sys.executable, "-m", "derpnet.server", "--listen", f"{self.host}:{port}",
                 "--key-file", str(self.key_file)]
         if self.tls:
-            argv += ["--cert", str(self.cert), "--key", str(self.key)]
+            argv += ["--cert", str(self.cert), "--tls-key", str(self.key)]
         if self.hostname:
             argv += ["--hostname", self.hostname]
         if not any(a.split("=", 1)[0] == "--stun-port" for a in self.extra_args):

@@ -16,8 +16,18 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..keys import PublicKey
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, UserError, host_port, positive_float, setup_logging
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    UserError,
+    host_port,
+    parse_public_key,
+    positive_float,
+    setup_logging,
+)
+from .relays import DerpAction
 
 log = logging.getLogger("derpnet.cmd")
 
@@ -30,9 +40,12 @@ encrypted and authenticated.
 
   on the server:  derpconnect --derp=HOST serve 8080
   on the client:  derpconnect --derp=HOST join PUBKEY 8080   (then connect to 127.0.0.1:8080)
+  ssh through it: ssh -o ProxyCommand='derpconnect --derp=HOST join PUBKEY -' user@host
+  UDP:            serve --udp 51820 / join --udp PUBKEY 51820
 
 HOST is a DERP server (derp1f.tailscale.com), a URL (https://host:port, http://host:port)
-or a Tailscale region code or id (nyc, 1; see `derpconnect regions`).
+or a Tailscale region code or id (nyc, 1; see `derpconnect regions`); several relays as
+HOST1,HOST2 (or --derp repeated): serve is reachable on all, join moves on when one fails.
 """
 
 EPILOG = """\
@@ -60,9 +73,12 @@ def _common_options(p: argparse.ArgumentParser, sub: bool) -> None:
         return argparse.SUPPRESS if sub else value
 
     g = p.add_argument_group("common options")
-    g.add_argument("-derp", "--derp", metavar="HOST", default=d(os.environ.get("DERPNET_DERP") or None),
-                   help="DERP relay: host name, https://host:port, http://host:port, or region code/id "
-                        "(env DERPNET_DERP)")
+    g.add_argument("-derp", "--derp", metavar="HOST", action=DerpAction,
+                   default=d(os.environ.get("DERPNET_DERP") or None),
+                   help="DERP relay: host name, https://host:port, http://host:port, wss:// or ws:// (DERP over "
+                        "WebSocket), or region code/id (env DERPNET_DERP); HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply; "
+                        "several relays as a comma-separated list or --derp repeated: serve is reachable on all, "
+                        "join uses the one that reaches the peer and moves on when it fails")
     g.add_argument("-key", "--key", metavar="NAME", default=d(os.environ.get("DERPNET_KEY") or "derpconnect"),
                    help="name of the private key file under <user config dir>/derpconnect/ "
                         "(raw 32 bytes, created 0600 on first use; same file as the Go tool; "
@@ -116,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_B64_KEY_WITH_DASH = re.compile(r"-[A-Za-z0-9_-]{42}")
+_B64_KEY_WITH_DASH = re.compile(r"-[A-Za-z0-9_+/=-]{42,43}")
 
 
 def _normalise(argv: Sequence[str]) -> list[str]:
@@ -129,11 +145,8 @@ def _normalise(argv: Sequence[str]) -> list[str]:
             out.extend(argv[i:])
             break
         if _B64_KEY_WITH_DASH.fullmatch(a):
-            try:
-                out.append(str(PublicKey.parse(a)))
-                continue
-            except ValueError:
-                pass
+            out.append(str(parse_public_key(a)))  # a malformed one: its own error, not "unrecognized"
+            continue
         if a.startswith("-") and "=" in a:
             name, _, value = a.lstrip("-").partition("=")
             if name in _BOOL_FLAGS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
 from .. import derpmap
-from ..errors import AuthenticationError, DerpError, HandshakeError, UpgradeError
+from ..errors import AuthenticationError, HandshakeError, UpgradeError
 from ..keys import PrivateKey, PublicKey, describe_key_text, key_file_mode_problem, redact_key_material
 
 log = logging.getLogger("derpnet.cmd")
@@ -199,14 +200,59 @@ def load_or_create_identity(args: argparse.Namespace) -> tuple[PrivateKey, Path]
     return key, path
 
 
+KEY_FORMS = "the 43-character base64url key `serve` prints, nodekey:<64 hex> or 64 hex characters"
+
+
+class KeyInUse(UserError):
+    """Another derpconnect on this machine holds the identity lock."""
+
+
+def lock_identity(path: Path, *, exclusive: bool) -> int | None:
+    """Lock `PATH.lock` next to the key file for as long as the process runs (the kernel
+    drops the lock when it ends, even on a crash): `serve` exclusively, `join` shared. Two
+    processes with one key take each other's traffic at the relay (it delivers to the newest
+    connection of a key), so a `serve` never starts next to another user of its key. Returns
+    the descriptor to keep open (None where locks are unavailable: then nothing is checked)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:  # a read-only directory: no lock rather than no service
+        log.debug("cannot create %s: %s; the key is not locked", lock_path, e.strerror or e)
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        who = "another derpconnect (a serve or a join)" if exclusive else "a derpconnect serve"
+        raise KeyInUse(f"key file {path} is in use by {who} on this machine: two processes with one key "
+                       f"take each other's traffic at the relay; give this one its own identity with "
+                       f"--key NAME (e.g. --key laptop)") from None
+    except OSError as e:  # a file system without locks
+        os.close(fd)
+        log.debug("cannot lock %s: %s; the key is not locked", lock_path, e.strerror or e)
+        return None
+    return fd
+
+
 def parse_public_key(text: str, what: str = "public key") -> PublicKey:
+    """A public key from the command line. The error says what was received (its kind and
+    length, never its characters: it may be a secret pasted in the wrong place) and the
+    forms expected."""
     try:
         return PublicKey.parse(text)
     except (ValueError, TypeError) as e:
         detail = str(e)
-        if detail.startswith("public key: "):
-            detail = detail[len("public key: "):]
-        raise UsageError(f"malformed {what} ({describe_key_text(text)}): {detail}") from None
+        for prefix in ("public key: ", "nodekey: "):
+            if detail.startswith(prefix):
+                detail = detail[len(prefix):]
+        if "private key" in detail:  # the reason is what matters (never share it)
+            raise UsageError(f"malformed {what} ({describe_key_text(text)}): {detail}") from None
+        why = "" if detail.startswith("expected") else f": {detail}"
+        raise UsageError(f"malformed {what}: got {describe_key_text(text)}{why}; expected {KEY_FORMS}") from None
 
 
 # --------------------------------------------------------------------------
@@ -227,9 +273,15 @@ def relay_target(args: argparse.Namespace) -> derpmap.RelayTarget:
                          "derp1f.tailscale.com, a URL, or a region code: see `derpconnect regions`), "
                          "or set DERPNET_DERP")
     try:
-        return derpmap.resolve(spec, derp_map(args) if _may_be_region(spec) else None)
+        target = derpmap.resolve(spec, derp_map(args) if _may_be_region(spec) else None)
     except derpmap.DerpMapError as e:
         raise UsageError(f"--derp={spec}: {e}") from None
+    if "://" not in spec and target.region is None and target.host.startswith("https://"):
+        # a bare HOST:PORT: most often a dev relay, which speaks plain HTTP by default
+        plain = "http://" + target.host[len("https://"):]
+        log.info("--derp=%s taken as %s (TLS); for a plain-HTTP relay such as `derpconnect relay` "
+                 "use --derp=%s", spec.strip(), target.host, plain)
+    return target
 
 
 def _may_be_region(spec: str) -> bool:
@@ -271,31 +323,48 @@ def relay_ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         raise UsageError(f"--derp-ca {ca}: not a PEM CA certificate file ({e})") from None
 
 
+_RELAY_PREFIX = re.compile(r"^(?:relay \S+?: )+")
+_RESOLVE_PREFIX = re.compile(r"^cannot resolve \S+: ")
+
+
+def _detail(e: BaseException) -> str:
+    """The exception's own text without the "relay URL: " the library puts in front (the
+    line names the relay once, itself)."""
+    text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+    return _RELAY_PREFIX.sub("", str(text))
+
+
 def describe_error(e: BaseException, relay: str = "") -> str:
-    """One human line for an exception from connecting to a relay or a peer."""
+    """One human line for an exception from connecting to a relay or a peer; the relay's
+    URL appears once."""
     where = f"relay {relay}" if relay else "relay"
+    detail = _detail(e)
     if isinstance(e, ssl.SSLCertVerificationError):
-        return (f"TLS certificate of {where} not trusted: {e.verify_message or e.reason or e} "
+        return (f"TLS certificate of {where} not trusted: {e.verify_message or e.reason or detail} "
                 f"(for a private CA use --derp-ca FILE)")
-    if isinstance(e, ssl.SSLError):
-        return f"TLS with {where} failed: {e.reason or e}"
+    if isinstance(e, ssl.SSLError) or (isinstance(e, ConnectionResetError) and "TLS handshake" in detail):
+        return f"TLS with {where} failed: {getattr(e, 'reason', None) or detail}{_plain_http_hint(relay)}"
     if isinstance(e, socket.gaierror):
-        return f"cannot resolve {where}: {e.strerror or e}"
+        return f"cannot resolve {where}: {_RESOLVE_PREFIX.sub('', detail)}"
     if isinstance(e, ConnectionRefusedError):
         return f"{where} refused the connection (nothing listening there?)"
     if isinstance(e, (TimeoutError, socket.timeout)):
         return f"{where} did not answer in time"
     if isinstance(e, UpgradeError):
-        return f"{where} is not a DERP server or refused us: {e}"
+        return f"{where} is not a DERP server or refused us: {detail}"
     if isinstance(e, HandshakeError):
-        return f"DERP handshake with {where} failed: {e}"
+        return f"DERP handshake with {where} failed: {detail}"
     if isinstance(e, AuthenticationError):
-        return f"authentication failed: {e}"
-    if isinstance(e, DerpError):
-        return f"{where}: {e}"
-    if isinstance(e, OSError):
-        return f"{where}: {e.strerror or e}"
-    return f"{where}: {e}"
+        return f"authentication failed: {detail}"
+    return f"{where}: {detail}"
+
+
+def _plain_http_hint(relay: str) -> str:
+    """A TLS handshake that fails at once is most often a plain-HTTP relay (such as
+    `derpconnect relay` without --tls) named with https://."""
+    if not relay.startswith("https://"):
+        return ""
+    return f" (if it is a plain-HTTP relay, use --derp=http://{relay[len('https://'):]})"
 
 
 # --------------------------------------------------------------------------

@@ -9,10 +9,12 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthenticationError, DerpError, PeerNotConnected
-from ..keys import PublicKey
+from ..keys import PrivateKey, PublicKey
+from . import stdio, udpforward
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -24,15 +26,14 @@ from .common import (
     describe_error,
     load_or_create_identity,
     local_endpoint,
+    lock_identity,
     max_conns,
     parse_public_key,
     positive_float,
-    relay_ssl_for,
-    relay_target,
 )
 from .forward import Tunnels, abort
+from .relays import Relays
 from .serve import add_idle_timeout, quic_options
-from .session import connect_relay
 
 if TYPE_CHECKING:
     import derpquic
@@ -46,6 +47,10 @@ Listen on LISTEN (PORT, or HOST:PORT; default 127.0.0.1 and a random port) and f
 every accepted TCP connection to the peer PUBKEY (as printed by its `serve`). Unlike the
 Go tool, only loopback is listened on unless asked: use 0.0.0.0:PORT (or [::]:PORT) to
 accept connections from other machines.
+
+With LISTEN - (or --stdio), one stream is carried over stdin/stdout instead, for ssh:
+  ssh -o ProxyCommand='derpconnect --derp=HOST join PUBKEY -' user@host
+(serve forwards to the sshd port; stdout carries only the stream, logs go to stderr).
 """
 
 DIAL_TIMEOUT = 15.0
@@ -55,7 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pubkey", metavar="PUBKEY",
                    help="the serving peer's public key (43-char base64url as printed by serve, or nodekey:<hex>)")
     p.add_argument("listen", metavar="LISTEN", nargs="?", default="0",
-                   help="local PORT or HOST:PORT to listen on (default: a random port on 127.0.0.1)")
+                   help="local PORT or HOST:PORT to listen on (default: a random port on 127.0.0.1); "
+                        "- carries one stream over stdin/stdout instead (see --stdio)")
+    p.add_argument("--stdio", action="store_true",
+                   help="carry one stream over stdin/stdout (as LISTEN -), e.g. for ssh -o "
+                        "ProxyCommand='derpconnect --derp=HOST join PUBKEY -'; half-close both ways, "
+                        "logs on stderr only")
     p.add_argument("--insecure-allow-unauthenticated", action="store_true",
                    help="accept a serving peer that cannot prove it holds PUBKEY, such as the Go "
                         "derpconnect (its identity is then only vouched for by the relay)")
@@ -64,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dial-timeout", metavar="SECONDS", type=positive_float, default=DIAL_TIMEOUT,
                    help="give up on reaching the peer for one connection after this time (default %(default)g)")
     add_idle_timeout(p)
+    udpforward.add_arguments(p, "join")
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -89,22 +100,32 @@ def _fmt_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run(args: argparse.Namespace) -> int:
-    peer = parse_public_key(args.pubkey, "peer public key")
-    host, port = local_endpoint(args.listen, default_host="127.0.0.1", what="listen address")
-    target = relay_target(args)
-    ssl_for = relay_ssl_for(args, target)
-    key, _ = load_or_create_identity(args)
+def join_identity(args: argparse.Namespace, peer: PublicKey) -> PrivateKey:
+    """This node's key for joining `peer` (not `peer` itself), its key file locked (shared)."""
+    key, key_path = load_or_create_identity(args)
     if peer.raw == key.raw:  # bare hex parses as a public key: never print it back
         raise UsageError("PUBKEY is this node's private key (not shown): give its public key (derpconnect pubkey)")
     if peer == key.public_key:
-        log.warning("PUBKEY is this node's own key: connections will go to this node's own serve, if any")
+        raise UsageError(f"PUBKEY is this node's own public key (key file {key_path}): a node cannot join "
+                         f"itself; to join a serve on this machine, give this side its own identity "
+                         f"with --key NAME (e.g. --key laptop)")
+    lock_identity(key_path, exclusive=False)  # held until the process ends; refused next to a serve
+    return key
+
+
+def run(args: argparse.Namespace) -> int:
+    if stdio.wanted(args):
+        return stdio.run(args, _dial_options(args))
+    peer = parse_public_key(args.pubkey, "peer public key")
+    host, port = local_endpoint(args.listen, default_host="127.0.0.1", what="listen address")
+    relays = Relays.from_args(args)
+    key = join_identity(args, peer)
 
     import derpquic
 
-    options = quic_options(args)
-    if args.insecure_allow_unauthenticated:
-        options["allow_unauthenticated"] = True
+    options = _dial_options(args)
+    if args.udp:
+        return udpforward.run_join(args, options, peer, relays, key)
 
     stop = Stopper().install()
     lsock = _listen(host, port)
@@ -113,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     fatal: list[str] = []
     try:
         try:
-            dialer, relay_host = connect_relay(
-                target, lambda h: derpquic.Dialer(h, key, **options, **ssl_for(h)), args.connect_timeout, stop)
+            dialer, relay_host = relays.connect(
+                lambda h, ssl: derpquic.Dialer(h, key, **options, **ssl), args.connect_timeout, stop)
         except Interrupted:
             return EXIT_OK
         dialer.prepare(peer)  # the handshakes now, not in the first connection's way
@@ -164,9 +185,23 @@ def run(args: argparse.Namespace) -> int:
         stop.restore()
 
 
+def _dial_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = quic_options(args)
+    if args.insecure_allow_unauthenticated:
+        options["allow_unauthenticated"] = True
+    return options
+
+
 def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: str, conn: socket.socket,
                src: tuple[Any, ...], args: argparse.Namespace, stop: Stopper, fatal: list[str]) -> None:
     client = _fmt_addr(src[0], src[1])
+    if not _reachable(dialer, peer, args.dial_timeout, stop):  # blame the relay, not the peer
+        if not stop.is_set():
+            log.error("connection from %s: relay %s is unreachable (reconnecting; waited %g s), so peer %s "
+                      "cannot be reached", client, dialer.packet_conn.relay_url, args.dial_timeout, peer.b64())
+        abort(conn)
+        tunnels.release_slot()
+        return
     try:
         stream = dialer.dial(peer, timeout=args.dial_timeout)
     except AuthenticationError as e:
@@ -179,7 +214,7 @@ def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: s
         _refused(conn, tunnels, stop, fatal, why)
         return
     except PeerNotConnected as e:  # offline: this connection fails, later ones may work
-        _dial_failed(tunnels, conn, client, peer, e, args, stop)
+        _dial_failed(tunnels, conn, client, peer, e, args, stop, dialer)
         return
     except ConnectionRefusedError:
         _refused(conn, tunnels, stop, fatal,
@@ -187,7 +222,7 @@ def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: s
                  f"is not in it; ask its operator to add --allow {me}")
         return
     except (OSError, DerpError) as e:
-        _dial_failed(tunnels, conn, client, peer, e, args, stop)
+        _dial_failed(tunnels, conn, client, peer, e, args, stop, dialer)
         return
     except Exception as e:  # noqa: BLE001 - never kill the accept loop from a dial thread
         log.error("connection from %s: unexpected error dialling the peer: %s: %s", client, type(e).__name__, e)
@@ -200,9 +235,27 @@ def _dial_peer(tunnels: Tunnels, dialer: derpquic.Dialer, peer: PublicKey, me: s
     tunnels.run(conn, stream, peer=label, what="from")
 
 
+def _reachable(dialer: derpquic.Dialer, peer: PublicKey, timeout: float, stop: Stopper) -> bool:
+    """Whether `peer` can be reached now: the relay link is up, or a direct path to the peer
+    is; during a relay outage, waits up to `timeout` for either."""
+    pc = dialer.packet_conn
+    end = time.monotonic() + timeout
+    while not pc.wait_connected(min(0.2, max(0.0, end - time.monotonic()))):
+        if pc.paths().get(peer, {}).get("path", "relay") != "relay":
+            return True
+        if stop.is_set() or pc.closed or time.monotonic() >= end:
+            return False
+    return True
+
+
 def _dial_failed(tunnels: Tunnels, conn: socket.socket, client: str, peer: PublicKey, e: BaseException,
-                 args: argparse.Namespace, stop: Stopper) -> None:
-    if not stop.is_set():
+                 args: argparse.Namespace, stop: Stopper, dialer: derpquic.Dialer) -> None:
+    if stop.is_set():
+        pass
+    elif not dialer.packet_conn.connected:  # the relay went while dialling: not the peer's fault
+        log.error("connection from %s: relay %s is unreachable (reconnecting), so peer %s cannot be reached",
+                  client, dialer.packet_conn.relay_url, peer.b64())
+    else:
         if isinstance(e, (TimeoutError, socket.timeout)):
             why = f"no answer within {args.dial_timeout:g} s (is it serving, on the same relay or region?)"
         elif isinstance(e, DerpError):

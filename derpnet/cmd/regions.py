@@ -21,7 +21,8 @@ by `regions --refresh` if there is one, else the snapshot shipped with derpnet (
 derpnet/data/README.md for its date); --derp-map FILE uses another map.
 
 --probe measures HTTPS latency to every region (GET /derp/latency-check on the first node,
-best of --samples, in parallel, bounded by --timeout) and marks the closest with '*'.
+best of --samples, all regions at once) and marks the closest with '*'; the whole probe,
+name lookups included, ends within --timeout seconds (progress on stderr in a terminal).
 --refresh [URL|FILE] downloads (default {derpmap.DEFAULT_MAP_URL}) or reads a DERP map,
 checks it and saves it as the user's copy ({derpmap.user_cache_path()}); plain http://
 only with --insecure.
@@ -32,8 +33,8 @@ Nothing else ever fetches the map.
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", action="store_true", help="measure HTTPS latency to each region")
     p.add_argument("--samples", metavar="N", type=int, default=3, help="probe samples per region (default 3)")
-    p.add_argument("--timeout", metavar="SECONDS", type=float, default=2.0,
-                   help="time limit of one probe sample (default 2)")
+    p.add_argument("--timeout", metavar="SECONDS", type=float, default=3.0,
+                   help="time limit of the whole probe, DNS included (default %(default)g)")
     p.add_argument("--refresh", metavar="URL|FILE", nargs="?", const=derpmap.DEFAULT_MAP_URL,
                    help="fetch or read a DERP map and save it as the user's copy")
     p.add_argument("--insecure", action="store_true",
@@ -76,8 +77,14 @@ def run(args: argparse.Namespace) -> int:
         rows = [(str(r.region_id), r.code, r.name, _first_host(r), str(len(r.derp_nodes()))) for r in regions]
         _table(out, ("ID", "CODE", "NAME", "HOST", "NODES"), rows)
         return EXIT_OK
-    results = derpmap.probe(m, regions=regions, samples=args.samples, timeout=args.timeout,
-                            ssl_context=relay_ssl_context(args))
+    progress = _Progress(sys.stderr, len(regions)) if sys.stderr.isatty() else None
+    try:
+        results = derpmap.probe(m, regions=regions, samples=args.samples, timeout=args.timeout,
+                                ssl_context=relay_ssl_context(args),
+                                on_result=progress.update if progress is not None else None)
+    finally:
+        if progress is not None:
+            progress.clear()
     answered = [(p.latency, p) for p in results if p.latency is not None]
     best_latency, best = min(answered, key=lambda a: a[0]) if answered else (0.0, None)
     probe_rows = []
@@ -92,6 +99,29 @@ def run(args: argparse.Namespace) -> int:
     out.write(f"closest: {best.region.code} ({best.region.name}), {best_latency * 1000:.1f} ms: "
               f"--derp={best.region.code}\n")
     return EXIT_OK
+
+
+class _Progress:
+    """One self-overwriting status line on a terminal while the probe runs."""
+
+    def __init__(self, err: TextIO, total: int) -> None:
+        self.err = err
+        self.answered = 0
+        self._write(f"probing {total} regions...")
+
+    def update(self, result: derpmap.ProbeResult, done: int, total: int) -> None:
+        self.answered += result.latency is not None
+        self._write(f"\rprobing {total} regions: {done} done, {self.answered} answered")
+
+    def clear(self) -> None:
+        self._write("\r\x1b[K")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.err.write(text)
+            self.err.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _first_host(r: derpmap.DerpRegion) -> str:

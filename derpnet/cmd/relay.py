@@ -68,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
         cert, key = _persistent_self_signed(args)
         args.cert, args.tls_key = str(cert), str(key)
         log.info("TLS with a self-signed certificate: clients need --derp-ca %s", cert)
-    return int(server.run(args) or 0)
+    try:
+        return int(server.run(args) or 0)
+    except server.StartError as e:
+        raise UserError(str(e), e.code) from None
 
 
 def _names(args: argparse.Namespace) -> list[str]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import socket
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DerpError
+from . import udpforward
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -21,15 +24,14 @@ from .common import (
     describe_error,
     load_or_create_identity,
     local_endpoint,
+    lock_identity,
     max_conns,
     parse_public_key,
     path_options,
     positive_float,
-    relay_ssl_for,
-    relay_target,
 )
 from .forward import Tunnels, abort
-from .session import connect_relay
+from .relays import Relays
 
 if TYPE_CHECKING:
     import derpquic
@@ -41,7 +43,8 @@ HELP = "forward streams from peers to a local TCP port"
 DESCRIPTION = """\
 Accept connections from peers through the DERP relay and forward each one to TARGET, a
 local TCP port (PORT means localhost:PORT) or HOST:PORT. Prints this node's public key and
-the command to run on the other side.
+the command to run on the other side. With --udp, TARGET is a UDP port and datagrams
+are forwarded instead (the other side runs `join --udp`).
 """
 
 LOCAL_CONNECT_TIMEOUT = 10.0
@@ -57,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-conns", metavar="N", type=max_conns, default=256,
                    help="at most N connections at once (default %(default)s)")
     add_idle_timeout(p)
+    udpforward.add_arguments(p, "serve")
 
 
 def add_idle_timeout(p: argparse.ArgumentParser) -> None:
@@ -70,6 +74,8 @@ def add_idle_timeout(p: argparse.ArgumentParser) -> None:
 def quic_options(args: argparse.Namespace) -> dict[str, Any]:
     """The derpquic options serve and join share: direct paths and the idle timeout."""
     options: dict[str, Any] = path_options(args)
+    if getattr(args, "connect_timeout", None):  # the library's default (10 s) must not cut it short
+        options["connect_timeout"] = args.connect_timeout
     idle = getattr(args, "idle_timeout", None)
     if idle is not None:
         options["idle_timeout"] = idle
@@ -82,29 +88,33 @@ def run(args: argparse.Namespace) -> int:
     if port == 0:
         raise UsageError(f"serve target {args.target!r}: port 0 is not a port to forward to")
     allow = [parse_public_key(a, "--allow key") for a in args.allow]
-    target = relay_target(args)
-    ssl_for = relay_ssl_for(args, target)
+    relays = Relays.from_args(args)
     key, key_path = load_or_create_identity(args)
     if any(a.raw == key.raw for a in allow):  # bare hex parses as a public key: never print it back
         raise UsageError("--allow: that is this node's private key (not shown): give public keys")
+    lock_identity(key_path, exclusive=True)  # held until the process ends
 
     import derpquic
 
     options = quic_options(args)
     if allow:
         options["allow"] = allow
+    if args.udp:
+        return udpforward.run_serve(args, options, relays, key, key_path)
 
     stop = Stopper().install()
     listener = None
     tunnels = Tunnels(args.max_conns)
     try:
         try:
-            listener, relay_host = connect_relay(
-                target, lambda h: derpquic.listen(h, key, **options, **ssl_for(h)), args.connect_timeout, stop)
+            listener, relay_host = relays.connect(
+                lambda h, ssl: derpquic.listen(h, key, **options, **ssl), args.connect_timeout, stop)
         except Interrupted:
             return EXIT_OK
-        shown = relay_host if target.region is not None else args.derp
-        log.info('Listening through DERP. Join with "derpconnect --derp=%s join %s"', shown, key.public_key.b64())
+        shown = relays.shown(relay_host)
+        ca = ca_option(args) if not relay_host.startswith("http://") else ""  # plain HTTP: no CA
+        log.info('Listening through DERP. Join with "derpconnect --derp=%s%s join %s"', shown, ca,
+                 key.public_key.b64())
         log.info("public key %s (%s), key file %s; forwarding to %s:%d%s", key.public_key.b64(), key.public_key,
                  key_path, host, port, f"; allowing only {', '.join(k.b64() for k in allow)}" if allow else "")
         allowed = set(allow)
@@ -146,6 +156,16 @@ def run(args: argparse.Namespace) -> int:
         if listener is not None:
             close_bounded([listener], 0.3, linger=0.2)
         stop.restore()
+
+
+def ca_option(args: argparse.Namespace) -> str:
+    """` --derp-ca PATH` when this side trusts the relay through --derp-ca (a private or
+    self-signed relay, such as `derpconnect relay --tls`): the other side needs it too
+    (a copy of that file, on another machine)."""
+    ca = getattr(args, "derp_ca", None)
+    if not ca:
+        return ""
+    return f" --derp-ca {shlex.quote(str(Path(ca).expanduser().resolve()))}"
 
 
 def _b64(peer: object) -> str:

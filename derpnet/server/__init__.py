@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
-from .cli import add_arguments, main, run
+from .cli import StartError, add_arguments, main, run
 from .keyfile import load_or_create_key
 from .server import DerpServer, RelayOptions, RelayServer, relay_url, serve
 
-__all__ = ["DerpServer", "RelayServer", "RelayOptions", "serve", "relay_url", "load_or_create_key",
+__all__ = ["StartError", "DerpServer", "RelayServer", "RelayOptions", "serve", "relay_url", "load_or_create_key",
            "add_arguments", "run", "main"]

@@ -13,9 +13,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from .. import websocket
 from ..connection import ServerConnection
+from ..errors import UpgradeError
 from ..events import AcceptClient, AcceptUpgrade, ClientHello, Event, HttpRequest, UpgradeRequest
 from . import http_routes
+from .wsserve import ServerWebSocket
 
 if TYPE_CHECKING:  # pragma: no cover
     from .conn import ClientProtocol
@@ -52,24 +55,42 @@ class Admission:
                 conn.send(response)
                 conn.finish()
             case UpgradeRequest(request=req, fast_start=fast_start):
-                if (req.get("Upgrade") or "").lower() == "websocket" and "derp" in (
-                        req.get("Sec-WebSocket-Protocol") or ""):
-                    # derper speaks DERP inside WebSocket messages here; we only do raw DERP.
-                    conn.send(http_routes.websocket_not_supported(req)[1])
-                    conn.finish()
-                    return
+                if proto.websocket_leftover is not None:  # DERP in WebSocket messages, as derper
+                    try:
+                        conn.send(websocket.server_response(req))
+                    except UpgradeError as e:
+                        conn.send(http_routes.bad_websocket(req, e.status or 400, str(e)))
+                        conn.finish()
+                        return
+                    conn.ws = ServerWebSocket(conn)  # DERP in WebSocket messages from now on
                 conn.ideal_node = req.get("Ideal-Node") or None
                 conn.fast_start = fast_start
                 # Like derper, send the ServerKey before judging bytes pipelined behind the
                 # request (a fast-start ClientInfo, or garbage): decoded after AcceptUpgrade.
                 conn.send(proto.send(AcceptUpgrade()))
                 self._arm("ClientInfo", conn.options.client_info_timeout)
+                if proto.websocket_leftover:  # messages sent right behind the upgrade request
+                    conn.on_plaintext(proto.websocket_leftover)
                 conn.dispatch_all(proto.receive_data(b""))
-            case ClientHello():
+            case ClientHello(key=key, info=info):
                 self.stop()
-                conn.send(proto.send(AcceptClient()))  # ServerInfo: the first frame after ServerKey
-                conn.admit(ev)
-                conn.dispatch_all(proto.receive_data(b""))  # frames pipelined behind the ClientInfo
+                mesh = conn.server.mesh_check.judge(key, info, conn.peer)
+                if mesh is False:  # logged once per key by judge()
+                    conn.server.handshake_failures += 1
+                    conn.abort("wrong mesh key", level=logging.DEBUG)
+                    return
+                conn.can_mesh = bool(mesh)
+                access = conn.server.access
+                if access.active and not conn.can_mesh:  # mesh peers skip access control, as in derper
+                    access.judge(conn, key, lambda: self._admit(proto, ev))
+                else:
+                    self._admit(proto, ev)
+
+    def _admit(self, proto: ServerConnection, hello: ClientHello) -> None:
+        conn = self.conn
+        conn.send(proto.send(AcceptClient()))  # ServerInfo: the first frame after ServerKey
+        conn.admit(hello)
+        conn.dispatch_all(proto.receive_data(b""))  # frames pipelined behind the ClientInfo
 
     def _arm(self, what: str, seconds: float) -> None:
         self.stop()

@@ -20,12 +20,15 @@ import sys
 
 from ..keys import PrivateKey
 from ..udpaddr import host_port
-from . import loops, tuning
+from . import loops, operator, tuning
 from .keyfile import load_or_create_key
+from .mesh import MeshTarget, load_mesh_key, parse_mesh_with
+from .meshclient import RETRY_INTERVAL, use_derp_http
+from .restart import drain
 from .server import RelayOptions, RelayServer, relay_url, tls_setup
 from .stun import DEFAULT_PORT as DEFAULT_STUN_PORT
 
-__all__ = ["add_arguments", "run", "main", "parse_listen", "READY_PREFIX"]
+__all__ = ["add_arguments", "run", "main", "parse_listen", "READY_PREFIX", "StartError"]
 
 READY_PREFIX = "derpnet relay listening on "
 DEFAULT_LISTEN = "127.0.0.1:3340"
@@ -55,6 +58,24 @@ def parse_listen(text: str) -> tuple[str | None, int]:
     return (host or None), port
 
 
+class StartError(Exception):
+    """The relay cannot start: one line for the user, and the exit status (2: a mistake in the
+    options, 1: a runtime failure such as a busy port). Each command line prints it its own way."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _DeprecatedKey(argparse.Action):
+    """`--key PEM`, the old spelling of --tls-key: still works, with a note once logging is set up."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.deprecated_key = True
+
+
 def _port_arg(text: str) -> int:
     try:
         port = int(text)
@@ -71,9 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"address to listen on; port 0 picks a free one (default {DEFAULT_LISTEN}; "
                              "':PORT' = all interfaces)")
     parser.add_argument("--tls", action="store_true",
-                        help="serve HTTPS (a self-signed certificate unless --cert/--key are given)")
+                        help="serve HTTPS (a self-signed certificate unless --cert/--tls-key are given)")
     parser.add_argument("--cert", metavar="PEM", help="TLS certificate chain file (implies --tls)")
-    parser.add_argument("--key", dest="tls_key", metavar="PEM", help="TLS private key file (default: in --cert)")
+    parser.add_argument("--tls-key", dest="tls_key", metavar="PEM", help="TLS private key file (default: in --cert)")
+    parser.add_argument("--key", dest="tls_key", metavar="PEM", action=_DeprecatedKey,
+                        help="deprecated spelling of --tls-key")
     parser.add_argument("--hostname", metavar="NAME",
                         help="name in the printed URL and the self-signed certificate (default localhost with TLS)")
     parser.add_argument("--key-file", metavar="PATH",
@@ -100,25 +123,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--event-loop", choices=loops.CHOICES, default="auto",
                         help="asyncio event loop: uvloop when installed (auto, the default), or the standard one")
+    parser.add_argument("--mesh-psk-file", metavar="PATH",
+                        help="the mesh's pre-shared key (64 lowercase hex characters), as derper's flag: clients "
+                             "presenting it may watch connections and forward packets; others presenting a "
+                             "different key are refused")
+    parser.add_argument("--mesh-with", metavar="HOST[,HOST...]",
+                        help="join a mesh with these relays (derper's flag: HOST[:PORT] dialled as "
+                             "https://HOST/derp, HOST/DIALHOST to dial another address, http://HOST:PORT for plain "
+                             "HTTP, or all plain with TS_DEBUG_USE_DERP_HTTP=1); this relay may be in the list")
+    parser.add_argument("--mesh-retry", type=float, default=RETRY_INTERVAL, metavar="SECONDS",
+                        help="wait between attempts to reach a mesh member (default %(default)s, as derper); a "
+                             "member refusing our key is retried with a doubling wait, up to 5 minutes")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (one line per connection)")
+    operator.add_arguments(parser)
 
 
-def _fail(msg: str) -> int:
-    print(f"derpnet relay: {msg}", file=sys.stderr, flush=True)
-    return 1
+def _fail(msg: str, code: int = 1) -> int:
+    raise StartError(msg, code)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the relay until SIGINT/SIGTERM; returns the exit code (errors: one line on stderr, 1)."""
+    """Run the relay until SIGINT/SIGTERM; returns the exit code. Raises StartError when it
+    cannot start."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if getattr(args, "verbose", False):
         logging.getLogger("derpnet").setLevel(logging.DEBUG)
+    if getattr(args, "deprecated_key", False):
+        log.warning("relay: --key PEM is deprecated: use --tls-key PEM (the TLS private key file)")
     try:
         host, port = parse_listen(args.listen)
     except ValueError as e:
-        return _fail(str(e))
+        return _fail(f"--listen: {e}", 2)
     try:
         key = load_or_create_key(args.key_file) if args.key_file else PrivateKey.generate()
     except (OSError, ValueError) as e:
@@ -135,21 +172,32 @@ def run(args: argparse.Namespace) -> int:
                                accept_rate=args.accept_connection_limit, accept_burst=args.accept_connection_burst,
                                max_unauthenticated=args.max_unauthenticated)
     except ValueError as e:
-        return _fail(str(e))
+        return _fail(str(e), 2)
     try:
         new_loop = loops.loop_factory(getattr(args, "event_loop", "auto"))
     except ImportError as e:
         return _fail(str(e))
+    mesh_key, mesh_targets = _mesh_config(args)
     tuning.tune_malloc()
-    server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options)
+    server = RelayServer(key, host=host, port=port, ssl_context=tls.context, options=options, mesh_key=mesh_key)
+    args.mesh_targets = mesh_targets
+    try:
+        metrics_addr = parse_listen(args.metrics_listen) if getattr(args, "metrics_listen", None) else None
+    except ValueError as e:
+        return _fail(f"--metrics-listen: {e}")
+    try:
+        ops = operator.configure(server, args)
+    except ValueError as e:  # a ConfigError, naming the file and line
+        return _fail(str(e))
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
-            return runner.run(_serve(server, args, host))
+            return runner.run(_serve(server, args, host, ops, metrics_addr))
     except KeyboardInterrupt:  # SIGINT before the handler was installed, or off the main thread
         return 0
 
 
-async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None) -> int:
+async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None, ops: operator.Operator,
+                 metrics_addr: tuple[str | None, int] | None) -> int:
     stun_port = getattr(args, "stun_port", None)
     # An explicit STUN port is bound first, so that failing prints nothing but the error;
     # the default one after DERP, where failing is only a warning.
@@ -161,32 +209,69 @@ async def _serve(server: RelayServer, args: argparse.Namespace, host: str | None
     except OSError as e:
         await server.close()
         if e.errno == errno.EADDRINUSE:
-            return _fail(f"cannot listen on {args.listen}: address already in use")
+            return _fail(f"cannot listen on {args.listen}: address already in use "
+                         "(choose another address with --listen HOST:PORT)")
         return _fail(f"cannot listen on {args.listen}: {e.strerror or e}")
     if stun_port is None:
         await _start_stun(server, None, host)
+    error = await ops.start(server, metrics_addr)
+    if error:
+        await server.close()
+        return _fail(error)
+    if getattr(args, "mesh_targets", None):
+        server.start_mesh(args.mesh_targets, retry_interval=max(args.mesh_retry, 0.05))
     url = relay_url(host, server.port, server.ssl_context is not None, args.hostname)
     tuning.freeze_startup_objects()
     print(f"{READY_PREFIX}{url} (server key {server.public_key})", flush=True)
     if server.stun is not None:
         log.info("STUN on udp %s", server.stun.address)
     stop = asyncio.Event()
+    got: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        got.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
             installed.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not POSIX
             pass
     try:
         await stop.wait()
+        if got and got[0] == signal.SIGTERM:  # a graceful restart: clients told when to come back
+            await drain(server, args.restart_reconnect_in, args.restart_try_for, args.drain_timeout)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        ops.close()
         log.info("relay: shutting down")
         await server.close()
     return 0
+
+
+def _mesh_config(args: argparse.Namespace) -> tuple[bytes | None, list[MeshTarget]]:
+    """The mesh key and members from --mesh-psk-file/--mesh-with (StartError: one line)."""
+    path, members = getattr(args, "mesh_psk_file", None), getattr(args, "mesh_with", None)
+    key = None
+    if path:
+        try:
+            key = load_mesh_key(path)
+        except OSError as e:
+            raise StartError(f"cannot read mesh key file {path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise StartError(str(e)) from None
+    if not members:
+        return key, []
+    if key is None:
+        raise StartError("--mesh-with requires --mesh-psk-file", 2)
+    try:
+        return key, parse_mesh_with(members, use_http=use_derp_http())
+    except ValueError as e:
+        raise StartError(str(e), 2) from None
 
 
 async def _start_stun(server: RelayServer, requested: int | None, host: str | None) -> str | None:
@@ -212,4 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m derpnet.server",
                                      description="Run a DERP relay (Tailscale-compatible) for derpnet.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except StartError as e:
+        print(f"derpnet relay: {e}", file=sys.stderr, flush=True)
+        return e.code

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 import struct
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,12 +21,17 @@ from ..errors import DerpError, LocalProtocolError
 from ..events import ClientHello, Event
 from ..keys import PublicKey
 from ..tlsbio import TLSSession
+from . import connio
 from .admission import Admission
-from .relay import Endpoint, looks_like_disco
+from .connhooks import pace
+from .mesh import MESH_WRITE_TIMEOUT
+from .ratelimit import ReadLimiter
+from .relay import Endpoint
 from .sender import Sender
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import RelayOptions, RelayServer
+    from .wsserve import ServerWebSocket
 
 __all__ = ["ClientProtocol"]
 
@@ -35,13 +39,12 @@ log = logging.getLogger(__name__)
 
 
 class ClientProtocol(asyncio.BufferedProtocol):
-    """Serves one accepted TCP/TLS connection for a RelayServer. Reads go into the server's
-    shared buffer (`rx_view`) and are consumed before the next (DEVELOPERS.md, "The relay server")."""
+    """Serves one accepted TCP/TLS connection for a RelayServer (reads and writes: connio.py)."""
 
     __slots__ = ("server", "relay", "options", "loop", "conn_id", "transport", "peer", "key", "info", "is_dup",
-                 "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "_tls",
+                 "preferred", "ideal_node", "fast_start", "closed", "registered", "paused", "_proto", "tls",
                  "_admission", "_sender", "_write_timer", "preauth_held", "unauthenticated",
-                 "__weakref__")
+                 "limiter", "draining", "can_mesh", "ws", "__weakref__")
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
@@ -62,12 +65,16 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.paused = False  # flow control: the transport's buffer is above its high-water mark
         # Created on the first bytes and at registration, so abandoned sockets stay small.
         self._proto: ServerConnection | None = None
-        self._tls: TLSSession | None = None
+        self.tls: TLSSession | None = None
         self._admission: Admission | None = None  # until registered
         self._sender: Sender | None = None  # once registered
         self._write_timer: asyncio.TimerHandle | None = None
         self.preauth_held = 0  # bytes held before the hello, charged to the server's budget
         self.unauthenticated = False  # counted in the server's unauthenticated connections
+        self.limiter: ReadLimiter | None = None  # the client's receive rate limit (ratelimit.py), once registered
+        self.draining = False  # the relay is restarting: packets from this client are no longer forwarded
+        self.can_mesh = False  # presented our mesh key: may watch, forward and close peers
+        self.ws: ServerWebSocket | None = None  # DERP in WebSocket messages (set by the admission after its 101)
 
     def __repr__(self) -> str:
         who = self.key.short() if self.key else "-"
@@ -77,6 +84,11 @@ class ClientProtocol(asyncio.BufferedProtocol):
     def endpoint(self) -> Endpoint:
         """This connection as the relay sees it (once registered its key is set)."""
         return cast(Endpoint, self)
+
+    @property
+    def sender(self) -> Sender | None:
+        """The outgoing side, once registered."""
+        return self._sender
 
     @property
     def name(self) -> str:
@@ -102,38 +114,10 @@ class ClientProtocol(asyncio.BufferedProtocol):
         return self.server.rx_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.server.rx_view[:nbytes])
+        connio.receive(self, self.server.rx_view[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
-        """Bytes from the socket (a view of the shared receive buffer, valid during this call)."""
-        if self.closed or self.transport is None:
-            return
-        ctx = self.server.ssl_context
-        if ctx is None:
-            self._on_plaintext(data)
-            return
-        tls = self._tls
-        if tls is None:
-            tls = self._tls = TLSSession(ctx, server_side=True)
-        transport = self.transport
-        try:
-            if tls.feed(data):
-                plain = self.server.plain_view  # decrypted into the server's one plaintext buffer
-                while not self.closed:
-                    n = tls.read_into(plain)
-                    if n:
-                        self._on_plaintext(plain[:n])
-                    if n < len(plain):  # all there was (read_into fills the buffer otherwise)
-                        break
-        except ssl.SSLError as e:
-            self.server.tls_errors += 1
-            self.abort(f"TLS: {e.reason or e}", level=logging.DEBUG)  # scanners, plain HTTP on the TLS port
-            return
-        if tls.has_pending and not transport.is_closing():
-            transport.write(tls.pending())  # handshake messages, a KeyUpdate's answer
-        if tls.closed_by_peer and not self.closed:
-            log.debug("relay: %s closed TLS (close_notify)", self.name)
-            self.finish()  # answers with our close_notify
+        connio.receive(self, data)
 
     def eof_received(self) -> bool | None:
         return False  # half-close ends the connection, as in derper
@@ -149,7 +133,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        t = self.options.write_timeout
+        t = MESH_WRITE_TIMEOUT if self.can_mesh else self.options.write_timeout
         if t and self._write_timer is None and not self.closed:
             self._write_timer = self.loop.call_later(t, self._write_timed_out)
 
@@ -182,27 +166,26 @@ class ClientProtocol(asyncio.BufferedProtocol):
 
     @property
     def tls_handshake_done(self) -> bool:
-        return self._tls is not None and self._tls.handshake_done
+        return self.tls is not None and self.tls.handshake_done
 
     def send(self, data: bytes) -> None:
-        """Write protocol bytes (encrypted when serving TLS)."""
-        self.send_parts([data])
+        """Write protocol bytes (in WebSocket messages when upgraded so, encrypted when serving TLS)."""
+        if self.ws is not None:
+            data = self.ws.wrap(data)
+        self.send_raw(data)
 
-    def send_parts(self, parts: list[bytes]) -> None:
-        """Write bytes given as pieces, in order (encrypted when serving TLS; uvloop: one writev)."""
-        assert self.transport is not None
-        self.transport.writelines(parts if self._tls is None else [self._tls.encrypt_parts(parts)])
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes below the WebSocket layer (HTTP heads, WebSocket control frames)."""
+        self.send_parts([data], raw=True)
+
+    def send_parts(self, parts: list[bytes], *, raw: bool = False) -> None:
+        """Write bytes given as pieces, in order (in WebSocket messages unless `raw`; connio.py)."""
+        connio.write(self, parts, raw)
 
     def finish(self) -> None:
         """Close after the pending bytes (an HTTP response) are written; abort if they never are."""
         self._shutdown()
-        transport = self.transport
-        assert transport is not None
-        if self._tls is not None:
-            transport.write(self._tls.close_notify())
-        transport.close()
-        if transport.get_write_buffer_size() and self.options.write_timeout:
-            self._write_timer = self.loop.call_later(self.options.write_timeout, transport.abort)
+        self._write_timer = connio.finish(self)
 
     def _shutdown(self) -> None:
         """Leave the relay and stop the timers (idempotent)."""
@@ -231,14 +214,28 @@ class ClientProtocol(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------ incoming events
 
-    def _on_plaintext(self, data: bytes | memoryview) -> None:
+    def on_plaintext(self, data: bytes | memoryview) -> None:
+        """Bytes received (decrypted; maybe a view of a shared buffer, valid during this call);
+        unwrapped from WebSocket messages when upgraded so."""
+        end = False
+        if self.ws is not None:
+            data, end = self.ws.unwrap(bytes(data))
+        if not self.closed:
+            self._on_stream(data)  # (also when a WebSocket frame is incomplete: its bytes count)
+        if end and not self.closed:
+            self.finish()
+
+    def _on_stream(self, data: bytes | memoryview) -> None:
         proto = self._proto
         if proto is None:
             proto = self._proto = ServerConnection(self.server.private_key)
         try:
             self.dispatch_all(proto.receive_data(data))
-            if not self.registered and not self.closed and not self.server.preauth_hold(self, proto.buffered):
-                self.abort(f"holds {proto.buffered} bytes before its hello while the relay's pre-hello buffer "
+            if self.limiter is not None:
+                pace(self, len(data))
+            held = proto.buffered + (self.ws.ws.buffered if self.ws is not None else 0)
+            if not self.registered and not self.closed and not self.server.preauth_hold(self, held):
+                self.abort(f"holds {held} bytes before its hello while the relay's pre-hello buffer "
                            f"budget is spent", rate_limited=True)
         except LocalProtocolError:
             pass  # data after we finished (e.g. behind an HTTP request): ignore
@@ -276,6 +273,9 @@ class ClientProtocol(asyncio.BufferedProtocol):
                 case F.NotePreferred(preferred=preferred):
                     self.preferred = preferred
                 case F.ForwardPacket() | F.WatchConns() | F.ClosePeer():
+                    if self.can_mesh and self.server.mesh is not None:
+                        self.server.mesh.handle(self, ev)
+                        return
                     self.abort(f"{type(ev).__name__} frame from a non-mesh client: insufficient permissions",
                                rate_limited=True)
                 # Pong and unknown frames are skipped.
@@ -289,6 +289,8 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.server.connection_authenticated(self)
         self.key = hello.key
         self.info = hello.info
+        if not self.can_mesh:  # mesh peers are not rate limited, as in derper
+            self.limiter = self.server.rate_config.limit_for(hello.key).limiter(self.loop.time())
         self._sender = Sender(self)
         self.registered = True
         self.relay.register(self.endpoint)
@@ -297,6 +299,9 @@ class ClientProtocol(asyncio.BufferedProtocol):
 
     def _forward(self, dst_key: PublicKey, data: bytes) -> None:
         relay = self.relay
+        if self.draining:
+            relay.drop("restarting")
+            return
         relay.packets_received += 1
         relay.bytes_received += len(data)
         dst, n = relay.lookup(dst_key)
@@ -305,9 +310,11 @@ class ClientProtocol(asyncio.BufferedProtocol):
             dst.enqueue_packet(self.key, data)
         elif n > 1:
             relay.drop("dup_client")
+        elif (mesh := self.server.mesh) is not None and self.key is not None and mesh.forward(self.key, dst_key, data):
+            pass  # connected to another member of the mesh
         else:
             relay.drop("unknown_dest")
-            if looks_like_disco(data) and self._sender is not None:
+            if self._sender is not None:  # derper answers disco packets only; we answer every one
                 self._sender.maybe_not_here(dst_key)
 
     # ------------------------------------------------------------ outgoing (Endpoint interface)

@@ -10,7 +10,7 @@ import re
 
 from ..http11 import Request, build_response
 
-__all__ = ["respond", "websocket_not_supported", "UPGRADE_REQUIRED_BODY", "HOME_PAGE"]
+__all__ = ["respond", "bad_websocket", "UPGRADE_REQUIRED_BODY", "HOME_PAGE"]
 
 UPGRADE_REQUIRED_BODY = "DERP requires connection upgrade\n"
 HOME_PAGE = (
@@ -48,10 +48,12 @@ def respond(req: Request) -> tuple[int, bytes]:
     return _reply(req, 404, [("Content-Type", _TEXT)], "404 page not found\n")
 
 
-def websocket_not_supported(req: Request) -> tuple[int, bytes]:
-    """501 for DERP-in-WebSocket upgrades (derper serves those; we only speak raw DERP)."""
-    return _reply(req, 501, [("Content-Type", _TEXT)], "DERP over WebSocket is not supported by this relay\n",
-                  reason="Not Implemented")
+def bad_websocket(req: Request, status: int, why: str) -> bytes:
+    """The response to a DERP WebSocket upgrade we cannot accept (no key, another version)."""
+    headers = [("Content-Type", _TEXT)]
+    if status == 426:
+        headers.append(("Sec-WebSocket-Version", "13"))
+    return _reply(req, status, headers, f"WebSocket upgrade refused: {why}\n")[1]
 
 
 def _reply(req: Request, status: int, headers: list[tuple[str, str]], body: str = "",

@@ -14,6 +14,7 @@ among the rest takes over, or nobody (packets are then dropped as "dup_client").
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Container
 from typing import Protocol
 
 from ..disco import MAGIC as DISCO_MAGIC  # disco packets get their own queue (conn.py)
@@ -21,7 +22,7 @@ from ..disco import looks_like_disco
 from ..frames import PeerGoneReason
 from ..keys import PublicKey
 
-__all__ = ["Relay", "Endpoint", "looks_like_disco", "DISCO_MAGIC", "DROP_REASONS"]
+__all__ = ["Relay", "Endpoint", "MeshHooks", "looks_like_disco", "DISCO_MAGIC", "DROP_REASONS"]
 
 # derper's drop reasons (its /debug/varz names), plus what we count ourselves.
 DROP_REASONS = (
@@ -29,6 +30,9 @@ DROP_REASONS = (
     "dup_client",         # the key has duplicate connections and none is active
     "queue_head",         # the destination's queue was full: its oldest packet was dropped
     "gone_disconnected",  # the destination left with the packet still queued
+    "restarting",         # sent while the relay was draining for a restart (restart.py)
+    "unknown_dest_on_fwd",  # a mesh peer forwarded a packet for a key not connected here
+    "mesh_link_down",     # the mesh link that reaches the destination could not take it
 )
 
 
@@ -47,6 +51,20 @@ class Endpoint(Protocol):
 
     def close(self, reason: str) -> None:
         """Drop the connection."""
+
+
+class MeshHooks(Protocol):
+    """What the relay tells the mesh (mesh.MeshHub) and asks it."""
+
+    @property
+    def routes(self) -> Container[PublicKey]:
+        """The keys connected to other mesh members."""
+
+    def client_present(self, c: Endpoint) -> None:
+        """A connection registered."""
+
+    def client_gone(self, key: PublicKey) -> None:
+        """The last connection of `key` left."""
 
 
 class _ClientSet:
@@ -80,6 +98,7 @@ class Relay:
         self.pings = 0
         self.pongs_sent = 0
         self.keepalives_sent = 0
+        self.mesh: MeshHooks | None = None  # set when the relay has a mesh key
 
     # ------------------------------------------------------------ membership
 
@@ -91,6 +110,8 @@ class Relay:
         if cs is None:
             self._clients[c.key] = _ClientSet(c)
             c.is_dup = False
+            if self.mesh is not None:
+                self.mesh.client_present(c)
             return
         if len(cs.conns) == 1:
             self.dup_keys += 1
@@ -103,6 +124,8 @@ class Relay:
         c.is_dup = True
         cs.conns.append(c)
         cs.active = c
+        if self.mesh is not None:
+            self.mesh.client_present(c)
 
     def unregister(self, c: Endpoint) -> None:
         """A registered client left. When it was its key's last connection, notify watchers."""
@@ -113,7 +136,12 @@ class Relay:
         cs.conns.remove(c)
         if not cs.conns:
             del self._clients[c.key]
-            self._peer_gone(c.key)
+            if self.mesh is None:
+                self._peer_gone(c.key)
+                return
+            self.mesh.client_gone(c.key)
+            if c.key not in self.mesh.routes:  # still in the region through another member
+                self._peer_gone(c.key)
             return
         if c in cs.history:
             cs.history.remove(c)
@@ -145,6 +173,10 @@ class Relay:
             return None, 0
         return cs.active, len(cs.conns)
 
+    def active_connections(self) -> list[Endpoint]:
+        """The active connection of every key (what a new mesh watcher is told about)."""
+        return [cs.active for cs in self._clients.values() if cs.active is not None]
+
     def connections_of(self, key: PublicKey) -> list[Endpoint]:
         """Every connection of `key` (several when it is duplicated)."""
         cs = self._clients.get(key)
@@ -156,9 +188,11 @@ class Relay:
         """`receiver` is being written a packet from `src`: tell it when `src` leaves the relay.
 
         Returns False (and watches nothing) if `src` has already left: the packet was
-        queued before it went, and the receiver should be told right away.
+        queued before it went, and the receiver should be told right away. In a mesh an
+        unknown `src` is watched anyway, as derper does: a packet forwarded by another member
+        may arrive before that member's PeerPresent for its sender.
         """
-        if src not in self._clients:
+        if src not in self._clients and self.mesh is None:
             return False
         w = self._watchers.get(src)
         if w is None:
@@ -174,6 +208,11 @@ class Relay:
             w.discard(receiver)
             if not w:
                 del self._watchers[src]
+
+    def peer_gone_from_mesh(self, key: PublicKey) -> None:
+        """No mesh member has `key` any more: if it is not here either, it left the region."""
+        if key not in self._clients:
+            self._peer_gone(key)
 
     def _peer_gone(self, key: PublicKey) -> None:
         for receiver in self._watchers.pop(key, ()):

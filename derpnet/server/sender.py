@@ -83,6 +83,8 @@ class Sender:
 
     def peer_gone(self, key: PublicKey, reason: int) -> None:
         """Queue PeerGone(key, reason) as a control frame (bounded)."""
+        if self.conn.draining:  # a restart: the peers leaving now are coming back (restart.py)
+            return
         if reason == F.PeerGoneReason.DISCONNECTED:
             # Tracked again if the key comes back and sends to us (derper would stay silent).
             self.outbox.seen.discard(key)
@@ -94,7 +96,10 @@ class Sender:
             self.schedule_flush()
 
     def maybe_not_here(self, dst: PublicKey) -> None:
-        """PeerGone(NotHere) for a disco packet to an unknown key, paced by the token bucket."""
+        """PeerGone(NotHere) for a packet to an unknown key, paced by the token bucket (derper's
+        1/s, burst 3). derper sends it for disco packets only; we send it for any packet, so a
+        QUIC dial to a key nobody holds fails in one round trip instead of at its timeout.
+        Clients that do not know the frame ignore it (the Go derpnet does)."""
         if self.not_here.take(self.loop.time()):
             self.peer_gone(dst, F.PeerGoneReason.NOT_HERE)
 

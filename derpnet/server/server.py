@@ -24,8 +24,12 @@ from typing import Any
 
 from ..keys import PrivateKey, PrivateKeyLike, PublicKey
 from . import certs
+from .access import AccessControl
 from .conn import ClientProtocol
+from .mesh import MeshHub, MeshKeyCheck, MeshTarget, parse_mesh_key, parse_mesh_with
+from .meshclient import RETRY_INTERVAL, MeshLink, MeshRetry, use_derp_http
 from .outbox import TokenBucket
+from .ratelimit import RateConfig
 from .ratelog import RateLimitedLog
 from .relay import Relay
 from .sender import Sender
@@ -98,7 +102,8 @@ class RelayServer:
     """The relay's async core: listens, accepts, owns the routing table. Use from one event loop."""
 
     def __init__(self, private_key: PrivateKey, *, host: str | None = "127.0.0.1", port: int = 0,
-                 ssl_context: ssl.SSLContext | None = None, options: RelayOptions | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, options: RelayOptions | None = None,
+                 mesh_key: bytes | None = None) -> None:
         self.private_key = private_key
         self.public_key: PublicKey = private_key.public_key
         self.host = host
@@ -106,6 +111,13 @@ class RelayServer:
         self.ssl_context = ssl_context
         self.options = options or RelayOptions()
         self.relay = Relay()
+        #: The mesh (mesh.py): who presented our key, the watchers, the routes to other members.
+        self.mesh_key = mesh_key
+        self.mesh_check = MeshKeyCheck(mesh_key)
+        self.mesh: MeshHub | None = None
+        if mesh_key is not None:
+            self.mesh = self.relay.mesh = MeshHub(self.relay, self.public_key, self.mesh_check)
+        self._mesh_links: list[MeshLink] = []
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self._server: asyncio.Server | None = None
         self._conns: set[ClientProtocol] = set()
@@ -129,6 +141,10 @@ class RelayServer:
         self.rx_view = memoryview(bytearray(RX_BUFFER))
         self._dirty: list[Sender] = []  # senders to flush in this loop turn (flush_soon)
         self.plain_view = memoryview(bytearray(RX_BUFFER))
+        self.access = AccessControl()           # --allow-clients, --verify-client-url (access.py)
+        self.rate_config = RateConfig()         # --rate-config (ratelimit.py); reload.py replaces both
+        self.rate_limit_waits = 0               # reads after which a client had to wait (its rate limit)
+        self.draining = False                   # restart.py: stopped accepting, clients told to reconnect
         #: Lines a client can provoke (failed handshakes, protocol errors): 20 at once, 1/s after.
         self.error_log = RateLimitedLog(log, rate=1.0, burst=20)
 
@@ -154,7 +170,8 @@ class RelayServer:
             self._server.close()
             self._server = None
             raise
-        log.info("relay: listening on %s (server key %s)", ", ".join(self.addresses), self.public_key)
+        # the command lines print their own ready line (stdout): once is enough in a terminal
+        log.debug("relay: listening on %s (server key %s)", ", ".join(self.addresses), self.public_key)
 
     async def start_stun(self, port: int) -> StunServer:
         """Also answer STUN Binding requests on UDP `port` of the listen host (stun.py). Raises OSError."""
@@ -162,6 +179,22 @@ class RelayServer:
         await stun.start(self.host, port)
         self.stun = stun
         return stun
+
+    def start_mesh(self, targets: list[MeshTarget], *, ssl_context: ssl.SSLContext | None = None,
+                   retry_interval: float = RETRY_INTERVAL) -> list[MeshLink]:
+        """Join the mesh: a watch link to every member (derper's --mesh-with; needs the mesh key)."""
+        if self.mesh is None:
+            raise ValueError("--mesh-with requires --mesh-psk-file")
+        for t in targets:
+            link = MeshLink(self, t, ssl_context=ssl_context, retry=MeshRetry(retry_interval))
+            self._mesh_links.append(link)
+            link.start()
+        return list(self._mesh_links)
+
+    def mesh_hub(self) -> MeshHub:
+        """The mesh state (only when the relay has a mesh key)."""
+        assert self.mesh is not None
+        return self.mesh
 
     @property
     def port(self) -> int:
@@ -182,10 +215,23 @@ class RelayServer:
             out.append(f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
         return out
 
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; connections stay (a graceful restart drains them)."""
+        if self._server is not None:
+            self._server.close()
+
+    def connections(self) -> list[ClientProtocol]:
+        """Every open connection (a copy)."""
+        return list(self._conns)
+
     async def close(self) -> None:
         """Stop listening and drop every connection (idempotent)."""
+        self.access.close()
         if self.stun is not None:
             self.stun.close()
+        links, self._mesh_links = self._mesh_links, []
+        for link in links:
+            await link.close()
         if self._server is not None:
             self._server.close()
         for c in list(self._conns):
@@ -304,10 +350,22 @@ class RelayServer:
             rejected_unauthenticated=self.rejected_unauthenticated,
             log_lines_left_out=self.error_log.suppressed_total,
             tls_errors=self.tls_errors,
+            access=self.access.stats(),
+            rate_limit_waits=self.rate_limit_waits,
             queued_packets=queued,
             write_buffer_bytes=buffered,
             stun=self.stun.stats() if self.stun is not None else None,
+            mesh=self._mesh_stats(),
         )
+        return d
+
+
+    def _mesh_stats(self) -> dict[str, Any] | None:
+        if self.mesh is None:
+            return None
+        d: dict[str, Any] = dict(self.mesh.stats())
+        d["links"] = {link.target.host: {"accepted": link.accepted, "attempts": link.attempts,
+                                         "forward_drops": link.forward_drops} for link in self._mesh_links}
         return d
 
 
@@ -347,13 +405,16 @@ class DerpServer:
     (a self-signed certificate for `hostname`/localhost/127.0.0.1 unless `certfile`/`keyfile`
     are given), or a ready server `ssl.SSLContext`. With TLS the derper meta certificate is
     served too (`meta_cert=False` to leave it out). `stun_port`: also answer STUN Binding
-    requests on that UDP port of `host` (None or 0: no STUN). Other keyword arguments are
-    `RelayOptions` fields (timeouts, queue depth).
+    requests on that UDP port of `host` (None or 0: no STUN). `mesh_key` (32 bytes or 64 hex
+    characters), `mesh_with` (derper's `--mesh-with` text) and `mesh_retry` (seconds between
+    attempts, derper's 5): join a mesh (see mesh.py).
+    Other keyword arguments are `RelayOptions` fields (timeouts, queue depth).
     """
 
     def __init__(self, key: PrivateKeyLike | None = None, *, host: str = "127.0.0.1", port: int = 0,
                  tls: TLSArg = False, certfile: str | None = None, keyfile: str | None = None,
                  hostname: str | None = None, meta_cert: bool = True, stun_port: int | None = None,
+                 mesh_key: bytes | str | None = None, mesh_with: str = "", mesh_retry: float = RETRY_INTERVAL,
                  **options: Any) -> None:
         self.private_key = PrivateKey.coerce(key) if key is not None else PrivateKey.generate()
         self.host = host
@@ -362,6 +423,11 @@ class DerpServer:
         self._tls = tls_setup(tls, certfile, keyfile, hostname, host, self.private_key.public_key, meta_cert)
         self._requested_port = port
         self._requested_stun_port = stun_port
+        self._mesh_key = parse_mesh_key(mesh_key) if isinstance(mesh_key, str) else mesh_key
+        self._mesh_with = parse_mesh_with(mesh_with, use_http=use_derp_http()) if mesh_with else []
+        if self._mesh_with and self._mesh_key is None:
+            raise ValueError("mesh_with requires mesh_key")
+        self._mesh_retry = mesh_retry
         self._core: RelayServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -404,11 +470,13 @@ class DerpServer:
 
     async def _main(self, ready: threading.Event, result: dict[str, BaseException]) -> None:
         core = RelayServer(self.private_key, host=self.host, port=self._requested_port,
-                           ssl_context=self._tls.context, options=self.options)
+                           ssl_context=self._tls.context, options=self.options, mesh_key=self._mesh_key)
         try:
             await core.start()
             if self._requested_stun_port:
                 await core.start_stun(self._requested_stun_port)
+            if self._mesh_with:
+                core.start_mesh(self._mesh_with, retry_interval=self._mesh_retry)
         except BaseException as e:
             await core.close()
             result["error"] = e

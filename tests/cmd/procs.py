@@ -34,7 +34,8 @@ from tests.interop_peers import LoggedProcess, free_port, wait_for_port  # noqa:
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-JOIN_LINE_RX = r'Listening through DERP\. Join with "derpconnect --derp=(\S+) join ([A-Za-z0-9_-]{43})"'
+JOIN_LINE_RX = (r'Listening through DERP\. Join with '
+                r'"derpconnect --derp=(\S+)(?: --derp-ca \S+)? join ([A-Za-z0-9_-]{43})"')
 LISTEN_LINE_RX = r"Listening on (\S+)"
 
 
@@ -161,7 +162,7 @@ class RelayProc:
             args += ["--stun-port", "0"]  # parallel relays must not fight over UDP 3478
         if self.tls:
             cert, key = make_self_signed(self.workdir, ["localhost", "127.0.0.1"])
-            args += ["--cert", cert, "--key", key]
+            args += ["--cert", cert, "--tls-key", key]
             self.ca_file = cert
         self.proc = CliProcess(args + self.extra, self.env, self.workdir / "relay.log")
         try:

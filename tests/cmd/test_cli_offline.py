@@ -6,13 +6,26 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from derpnet.keys import PrivateKey, PublicKey
-from tests.cmd.procs import HttpFileServer, TlsProbeServer, cli_env, error_lines, free_port, make_self_signed, run_cli
+from tests.cmd.procs import (
+    REPO_ROOT,
+    HttpFileServer,
+    TlsProbeServer,
+    cli_argv,
+    cli_env,
+    error_lines,
+    free_port,
+    make_self_signed,
+    run_cli,
+)
 
 B64_RX = r"^[A-Za-z0-9_-]{43}$"
 
@@ -133,10 +146,10 @@ def test_malformed_key_file(env):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["join", "AAAA", "0"], ["malformed peer public key", "AAAA"]),
+    (["join", "AAAA", "0"], ["malformed peer public key", "4 hexadecimal characters", "expected"]),
     (["join", "nodekey:1234", "0"], ["malformed peer public key"]),
     (["join", "x" * 42 + "!", "0"], ["malformed peer public key"]),
-    (["serve", "8080", "--allow", "garbage"], ["malformed --allow key", "garbage"]),
+    (["serve", "8080", "--allow", "garbage"], ["malformed --allow key", "7 base64 characters"]),
     (["serve", "notaport"], ["serve target", "notaport"]),
     (["serve", "0"], ["port 0"]),
     (["join", PrivateKey.generate().public_key.b64(), "99999"], ["listen address", "99999"]),
@@ -265,6 +278,54 @@ def test_regions_probe_marks_the_closest(env, tmp_path):
         assert r2.returncode == 1
         assert "TLS" in r2.stdout
         assert error_lines(r2.stderr)[-1].startswith("derpconnect: error: no region answered")
+
+
+def test_regions_probe_is_bounded_by_its_timeout_overall(env, tmp_path, blackhole):
+    """Twelve regions that refuse and twelve that accept and never answer (each with two
+    nodes, three samples): the whole probe ends within --timeout, not per sample and node."""
+    nodes = {f"r{i}": (free_port() if i % 2 else blackhole) for i in range(24)}
+    m = _lab_map(tmp_path / "lab.json", nodes)
+    data = json.loads(m.read_text())
+    for region in data["Regions"].values():  # a second node each, as real regions have
+        region["Nodes"].append(dict(region["Nodes"][0], Name=region["Nodes"][0]["Name"] + "b"))
+    m.write_text(json.dumps(data))
+    t0 = time.monotonic()
+    r = run_cli(["--derp-map", str(m), "regions", "--probe", "--timeout", "3"], env, timeout=60)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr
+    assert error_lines(r.stderr)[-1].startswith("derpconnect: error: no region answered")
+    assert "probing" not in r.stderr  # progress only on a terminal
+    rows = [line for line in r.stdout.splitlines()[1:]]
+    assert len(rows) == 24
+    assert sum("timed out" in row for row in rows) == 12, r.stdout
+    assert sum("refused" in row.lower() for row in rows) == 12, r.stdout
+    # the timeout, plus the interpreter's start-up on a loaded machine (it took 18 s: 3 s a
+    # sample, three samples, per node)
+    assert took < 3 + 5, took
+
+
+def test_regions_probe_shows_progress_on_a_terminal(env, tmp_path, blackhole):
+    m = _lab_map(tmp_path / "lab.json", {"a": blackhole, "b": free_port()})
+    leader, follower = pty.openpty()
+    try:
+        p = subprocess.Popen(cli_argv("--derp-map", m, "regions", "--probe", "--timeout", "1"), env=env,
+                             stdout=subprocess.PIPE, stderr=follower, cwd=str(REPO_ROOT))
+        os.close(follower)
+        out, _ = p.communicate(timeout=30)
+        err = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        os.close(leader)
+    assert p.returncode == 1
+    assert b"probing 2 regions" in err and b"1 done, 0 answered" in err, err  # the refusing one
+    assert b"probing" not in out
 
 
 def test_regions_refresh_from_url(env, tmp_path):

@@ -251,33 +251,6 @@ def test_relay_refuses_connection(envs):
     _one_error(r, 1, "refused")
 
 
-@pytest.fixture
-def blackhole():
-    """A TCP port that accepts connections and never says a word."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)
-    held = []
-    stop = threading.Event()
-
-    def loop():
-        s.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(s.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    yield s.getsockname()[1]
-    stop.set()
-    t.join(2)
-    for c in held:
-        c.close()
-    s.close()
-
-
 def test_relay_silent_exits_within_connect_timeout(envs, blackhole):
     srv_env, _ = envs
     t0 = time.monotonic()
@@ -359,9 +332,11 @@ def test_relay_command_with_self_signed_tls_and_region_code(tmp_path, envs):
         with CountingServer() as target, \
                 CliProcess(["--derp=lab", *common, "serve", str(target.port)], srv_env,
                            log_path=tmp_path / "serve.log") as srv:
-            j = srv.wait_for_line(r'Join with "derpconnect --derp=(\S+) join (\S+)"', timeout=30)
+            # the join line carries the --derp-ca the other side needs (issue 11, item 11)
+            j = srv.wait_for_line(r'Join with "derpconnect --derp=(\S+) --derp-ca (\S+) join (\S+)"', timeout=30)
             assert j.group(1) == f"https://localhost:{port}" == m.group(1)
-            with CliProcess.join("900", j.group(2), cli_env_, extra=common, log_path=tmp_path / "join.log") as cli:
+            assert j.group(2) == str(Path(ca).resolve())
+            with CliProcess.join("900", j.group(3), cli_env_, extra=common, log_path=tmp_path / "join.log") as cli:
                 assert _exchange(cli.listen_port, b"via region") == b"via region"
 
 

@@ -81,8 +81,10 @@ def test_the_message_says_what_kind_of_key(runs):
     assert "63 hexadecimal characters" in runs["join 63 hex"].stderr
 
 
-def test_short_typos_are_still_shown():
-    assert describe_key_text("AAAA") == "'AAAA'"
+def test_only_port_numbers_are_shown():
+    assert describe_key_text("8080") == "'8080'"
+    assert describe_key_text("AAAA") == "4 hexadecimal characters"  # may be a piece of a key
+    assert describe_key_text("laptop") == "6 base64 characters"
     assert describe_key_text("privkey:00") == "a private key (privkey:...)"
     assert "x" not in describe_key_text("x" * 40)
 

@@ -203,7 +203,8 @@ def test_http_server_that_is_not_a_relay(status):
             DerpClient(web.url, PrivateKey.generate()).connect()
         assert time.monotonic() - t0 < 2  # the status line is enough, never the 10 s timeout
         assert ei.value.status == status and web.url in str(ei.value)
-        assert web.requests == ["/derp"]
+        assert "instead of switching to DERP" in str(ei.value)  # the plain upgrade's error
+        assert web.requests == ["/derp", "/derp"]  # then the WebSocket fallback, refused too
 
 
 def _one_shot(script):
@@ -341,6 +342,131 @@ def test_relay_that_stops_reading_fails_the_write():
             assert isinstance(c.close_error, TimeoutError) and "stopped reading" in str(c.close_error)
         finally:
             client.close()
+
+
+def stuck_writer_client(relay, c):
+    """A client whose writes may block for 30 s (write_timeout) and that pings after 0.5 s."""
+    return DerpClient(relay.url, PrivateKey.generate(), write_timeout=30.0, ping_after=0.5, ping_timeout=0.5,
+                      **c.kwargs())
+
+
+def flood(client, dst):
+    """A named thread sending 60 kB packets to `dst` until the link dies (a relay that reads
+    nothing: a few MB fill the socket buffers, then send_packet blocks); `outcome` gets the
+    ConnectionResetError it ends with, and when."""
+    outcome = {}
+
+    def run():
+        try:
+            while True:
+                client.send_packet(dst, bytes(60000))
+        except ConnectionResetError as e:
+            outcome["error"], outcome["at"] = e, time.monotonic()
+
+    return threading.Thread(target=run, name="test-flood", daemon=True), outcome
+
+
+def test_silence_right_after_an_answer_is_probed_and_found_dead():
+    """The relay answers our packet, then forwards nothing more while we wait without
+    writing (a QUIC sender waiting for flow-control credit). The link was in use: it is
+    pinged after ping_after and dead ping_timeout later, not at our next write or after the
+    120 s idle timeout (the black-hole fault test found it at 11 s: derpquic's keep-alive)."""
+    pinged = threading.Event()
+
+    def handler(sock, relay, n):
+        conn, client_key = derp_accept(sock, relay.key)
+        packet = read_frames(sock, conn, F.SendPacket)
+        sock.sendall(F.encode_recv_packet(client_key, b"answer to " + packet.data))
+        read_frames(sock, conn, F.Ping, timeout=10)  # then silence: no Pong, nothing
+        pinged.set()
+        drain_until_stop(sock, relay)
+
+    with FakeRelay(handler) as relay:
+        c = Collector()
+        client = DerpClient(relay.url, PrivateKey.generate(), ping_after=1.0, ping_timeout=0.5, **c.kwargs())
+        try:
+            client.connect()
+            client.send_packet(relay.key.public_key, b"request")
+            assert c.got_packet.wait(5)
+            t_answer = time.monotonic()
+            assert c.closed.wait(5), "a link silent right after an answer was never probed"
+            verdict = time.monotonic() - t_answer
+            assert pinged.is_set()
+            assert isinstance(c.close_error, TimeoutError) and "did not answer a ping" in str(c.close_error)
+            # ping_after + ping_timeout + two reader wake-ups (0.125 s each) + slack
+            assert verdict <= 1.5 + 0.25 + 1.0, verdict
+        finally:
+            client.close()
+
+
+def test_writer_stuck_in_a_full_buffer_does_not_delay_the_verdict():
+    """A relay that stops reading and forwarding while we write: our writer blocks in a full
+    socket buffer (for up to the 30 s write timeout). The reader still pings (aside), calls
+    the link dead within ping_after + ping_timeout, and closing the link wakes the writer."""
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)
+        relay.stop.wait(20)  # never read, never write
+
+    with FakeRelay(handler, rcvbuf=4096) as relay:
+        c = Collector()
+        client = stuck_writer_client(relay, c)
+        writer, outcome = flood(client, PrivateKey.generate().public_key)
+        try:
+            client.connect()
+            t0 = time.monotonic()
+            writer.start()
+            assert c.closed.wait(10), "the link was not declared dead"
+            verdict = time.monotonic() - t0
+            writer.join(5)
+            assert not writer.is_alive(), "the stuck writer was not woken by the dead link"
+            assert isinstance(c.close_error, TimeoutError) and "did not answer a ping" in str(c.close_error)
+            # ping_after + ping_timeout + two reader wake-ups (0.125 s each) + slack, far below 30 s
+            assert verdict <= 1.0 + 0.25 + 1.5, verdict
+            assert outcome["at"] - t0 <= verdict + 1.0
+        finally:
+            client.close()
+            writer.join(5)
+
+
+def test_relay_ping_while_a_writer_is_stuck_does_not_block_the_reader():
+    """The relay pings us after it stopped reading, while our writer is stuck in a full
+    socket buffer (for up to the 30 s write timeout) holding the send lock. The Pong is
+    written aside, so the reader still pings the relay in turn and calls the link dead
+    within ping_after + ping_timeout (answering in the reader, it waited 30 s for the lock)."""
+    ping_now = threading.Event()
+
+    def handler(sock, relay, n):
+        derp_accept(sock, relay.key)
+        sock.sendall(F.encode_recv_packet(relay.key.public_key, b"\x00hello"))
+        if ping_now.wait(10):
+            sock.sendall(F.encode_ping(b"are you?"))
+        relay.stop.wait(20)  # never read, never write again
+
+    with FakeRelay(handler, rcvbuf=4096) as relay:
+        c = Collector()
+        client = stuck_writer_client(relay, c)
+        writer, outcome = flood(client, relay.key.public_key)
+        try:
+            client.connect()
+            assert c.got_packet.wait(5)  # the reader runs
+            wire = client._wire
+            with pytest.raises(BlockingIOError):
+                while True:  # fill our send buffer (the relay reads nothing, so the bytes do not matter)
+                    wire.sock.send(bytes(65536), socket.MSG_DONTWAIT)
+            writer.start()
+            deadline = time.monotonic() + 5
+            while not wire._send_lock.locked():  # the writer holds the lock, stuck in sendall
+                assert time.monotonic() < deadline and writer.is_alive(), "the writer did not get stuck"
+                time.sleep(0.01)
+            ping_now.set()
+            assert c.closed.wait(5), "the reader was held up answering the relay's Ping"
+            assert isinstance(c.close_error, TimeoutError) and "did not answer a ping" in str(c.close_error)
+            writer.join(5)
+            assert not writer.is_alive() and isinstance(outcome.get("error"), ConnectionResetError)
+        finally:
+            ping_now.set()
+            client.close()
+            writer.join(5)
 
 
 def test_relay_hanging_up_reports_connection_reset():

@@ -155,3 +155,36 @@ def test_refresh_over_plain_http_needs_insecure(tmp_path):
     with pytest.raises(DerpMapError, match="plain http"):
         derpmap.refresh("http://127.0.0.1:9/derpmap.json", dest=tmp_path / "m.json")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_probe_is_bounded_even_by_a_name_lookup_that_never_returns(monkeypatch, tmp_path):
+    """getaddrinfo() has no timeout (offline, a lookup took 5-10 s each): probe() must return
+    within its timeout anyway, the hung regions reported as timed out (issue 11, item 12).
+    The lookup is the only thing replaced: it blocks until the test ends."""
+    import socket
+    import threading
+    import time
+
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def hung(host, *args, **kwargs):
+        if str(host).endswith(".hang.test"):
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    regions = {str(900 + i): {"RegionID": 900 + i, "RegionCode": f"h{i}", "RegionName": f"Hang {i}",
+                              "Nodes": [{"Name": f"{900 + i}{n}", "RegionID": 900 + i,
+                                         "HostName": f"{n}.r{i}.hang.test", "DERPPort": 4443} for n in "ab"]}
+               for i in range(40)}
+    m = parse(json.dumps({"Regions": regions}))
+    try:
+        t0 = time.monotonic()
+        results = derpmap.probe(m, samples=3, timeout=0.5)
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    assert took < 1.5, took
+    assert len(results) == 40 and all(r.latency is None and r.error == "timed out" for r in results)

@@ -28,12 +28,14 @@ URL = "https://relay.example:443"
     ("HTTP://127.0.0.1:3340/", RelayAddress("http", "127.0.0.1", 3340)),
     ("http://[::1]:3340", RelayAddress("http", "::1", 3340)),
     ("::1", RelayAddress("https", "::1", 443)),
+    ("wss://derp.example.com", RelayAddress("https", "derp.example.com", 443, websocket=True)),
+    ("ws://127.0.0.1:3340/derp", RelayAddress("http", "127.0.0.1", 3340, websocket=True)),
 ])
 def test_parse_relay(text, expected):
     assert parse_relay(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "ftp://x", "wss://x", "https://x/other", "https://x/derp?q=1",
+@pytest.mark.parametrize("text", ["", "ftp://x", "wss://x/other", "https://x/other", "https://x/derp?q=1",
                                   "https://u:p@x", "https://x:99999"])
 def test_parse_relay_rejects(text):
     with pytest.raises(ValueError):
@@ -41,6 +43,8 @@ def test_parse_relay_rejects(text):
 
 
 def test_host_header_and_url():
+    assert parse_relay("wss://derp.example.com").url == "wss://derp.example.com:443"
+    assert parse_relay("ws://h:1").url == "ws://h:1"
     assert parse_relay("derp.example.com").host_header == "derp.example.com"
     assert parse_relay("https://derp.example.com:8443").host_header == "derp.example.com:8443"
     assert parse_relay("http://[::1]:80").host_header == "[::1]"

@@ -360,7 +360,8 @@ def test_backoff_delay_formula():
     assert backoff_delay(3, lambda: 0.5) == pytest.approx(0.090)
     assert backoff_delay(22, lambda: 0.5) == pytest.approx(4.84)
     assert backoff_delay(23, lambda: 0.5) == pytest.approx(5.0)  # capped
-    assert backoff_delay(1000, lambda: 0.999) < 7.5
+    assert backoff_delay(22, lambda: 0.999) == pytest.approx(5.0)  # the cap holds after the jitter
+    assert max(backoff_delay(n, lambda: 0.999) for n in range(1, 1000)) <= 5.0  # as documented
 
 
 # ---------------------------------------------------------------- reconnect

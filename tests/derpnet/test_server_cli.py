@@ -68,7 +68,8 @@ def test_port_in_use_is_one_line_and_exit_1():
         r = run_cli("--listen", f"127.0.0.1:{relay.port}")
     assert r.returncode == 1
     assert r.stdout == ""
-    assert r.stderr.strip() == f"derpnet relay: cannot listen on 127.0.0.1:{relay.port}: address already in use"
+    assert r.stderr.strip() == (f"derpnet relay: cannot listen on 127.0.0.1:{relay.port}: address already in use "
+                                "(choose another address with --listen HOST:PORT)")
 
 
 def test_key_file_created_0600_and_reused(tmp_path):
@@ -107,13 +108,13 @@ def test_derper_json_key_file(tmp_path):
         assert relay.public_key == key.public_key
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--listen", "nonsense"], "bad listen address"),
-    (["--listen", "127.0.0.1:99999"], "port out of range"),
-    (["--listen", "127.0.0.1:0", "--cert", "/nonexistent.pem"], "cannot set up TLS"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--listen", "nonsense"], "bad listen address", 2),  # a command-line mistake, as everywhere
+    (["--listen", "127.0.0.1:99999"], "port out of range", 2),
+    (["--listen", "127.0.0.1:0", "--cert", "/nonexistent.pem"], "cannot set up TLS", 1),
 ])
-def test_bad_arguments_exit_1(args, message, capsys):
-    assert main(args) == 1
+def test_bad_arguments_exit_status(args, message, code, capsys):
+    assert main(args) == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

@@ -78,11 +78,15 @@ def test_derp_subpath_is_not_the_upgrade_endpoint(relay):
     assert resp.status == 404
 
 
-def test_websocket_derp_subprotocol_is_refused(relay):
-    resp, _ = parse(http_get(relay.url, "/derp", headers=[
-        ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Protocol", "derp"),
-        ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")]))
-    assert resp.status == 501
+@pytest.mark.parametrize("headers, status", [
+    ([("Sec-WebSocket-Version", "13")], 400),
+    ([("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "short")], 400),
+    ([("Sec-WebSocket-Version", "8"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")], 426),
+])
+def test_bad_websocket_upgrade_is_refused(relay, headers, status):
+    resp, body = parse(http_get(relay.url, "/derp", headers=[
+        ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Protocol", "derp"), *headers]))
+    assert resp.status == status and b"WebSocket upgrade refused" in body
 
 
 @pytest.mark.parametrize("garbage", [

@@ -111,7 +111,8 @@ def test_explicit_busy_port_is_one_line_and_exit_1(command):
                            capture_output=True, text=True, timeout=30, env=ENV, cwd=REPO_ROOT)
     assert r.returncode == 1
     assert r.stdout == ""
-    assert r.stderr.strip() == f"derpnet relay: cannot listen for STUN on udp 127.0.0.1:{port}: address already in use"
+    prefix = "derpnet relay: " if command[1] == "derpnet.server" else "derpconnect: error: "
+    assert r.stderr.strip() == f"{prefix}cannot listen for STUN on udp 127.0.0.1:{port}: address already in use"
 
 
 def test_bad_stun_port_is_a_usage_error():

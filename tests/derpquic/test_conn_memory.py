@@ -473,7 +473,7 @@ def test_keepalive_while_streams_are_open():
     start = p.clock.now
     p.run(lambda: p.clock.now - start > 20, seconds=21)  # idle for 20 s of simulated time
     assert not p.client.closed and not p.server.closed
-    assert p.client.last_ping > start
+    assert p.client.heartbeat.last_ping > start
     s.sendall(b"still there")
     p.run(lambda: bool(p.so.streams[0]._rbuf))
     assert recv_available(p.so.streams[0]) == b"still there"

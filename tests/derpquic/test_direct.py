@@ -58,10 +58,22 @@ def test_dialling_a_known_peer_that_left_fails_fast(relay):
     b = pc_b.local_addr()
     with derpquic.Dialer(relay.url, reuse_connections=False) as d:
         with derpquic.listen(pc_b) as ln:
-            threading.Thread(target=lambda: ln.accept().close(), name="test-accept", daemon=True).start()
-            d.dial(b, timeout=10).close()  # B proves it is ours: A may now send it disco
+            s = d.dial(b, timeout=10)  # B proves it is ours: A may now send it disco
+            ln.accept(timeout=10).close()
+            s.close()
         pc_b.close()
         start = time.monotonic()
         with pytest.raises(ConnectionRefusedError, match="not connected to the relay"):
             d.dial(b, timeout=15)
         assert time.monotonic() - start < 5  # not the 15 s dial timeout
+
+
+def test_dialling_a_key_nobody_holds_fails_in_a_round_trip(relay):
+    """Our relay answers a packet to an unknown key with PeerGone(NotHere) (derper does so
+    for disco packets only): the dial fails at once, not at its timeout."""
+    nobody = derpnet.PrivateKey.generate().public_key
+    with derpquic.Dialer(relay.url, direct=False) as d:
+        start = time.monotonic()
+        with pytest.raises(ConnectionRefusedError, match="not connected to the relay"):
+            d.dial(nobody, timeout=15)
+        assert time.monotonic() - start < 2  # one relay round trip, not the 15 s dial timeout

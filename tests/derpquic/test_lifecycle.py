@@ -112,7 +112,7 @@ def test_packet_size_between_our_peers(net):
     want = d.opts.max_datagram_size
     assert want > GO_PACKET_SIZE
     for conn in (s._conn, r._conn):
-        assert conn.uncapped_size == want  # negotiated: both are ours
+        assert conn.sizing.uncapped == want  # negotiated: both are ours
         assert conn.quic.max_datagram_size == want  # (the relay path: 65,535 bytes)
     s.close()
     r.close()

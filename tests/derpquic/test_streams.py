@@ -11,6 +11,7 @@ import time
 import pytest
 
 import derpquic
+from derpnet.errors import PeerNotConnected
 from derpnet.keys import PrivateKey
 from tests.derpquic.helpers import Background, EchoServer, recv_all, recv_exactly, sha256_stream_sink
 
@@ -280,10 +281,19 @@ def test_makefile(fake):
     s.close()
 
 
-def test_dial_nobody_listening_times_out_clearly(net):
+def test_dial_nobody_listening_fails_clearly(net):
+    """A key nobody holds: our relay says so (PeerGone NotHere for any packet) and the dial
+    fails at once; derper (NotHere for disco packets only, which a dial never sends) and the
+    fake relay stay silent, and the dial times out, naming the key."""
     d = net.dialer()
     nobody = PrivateKey.generate().public_key
     t0 = time.monotonic()
+    if net.kind == "ours":
+        with pytest.raises(PeerNotConnected) as ei:
+            d.dial(nobody, timeout=5)
+        assert time.monotonic() - t0 < 2
+        assert nobody.b64() in str(ei.value) and "not connected to the relay" in str(ei.value)
+        return
     with pytest.raises(TimeoutError) as ei:
         d.dial(nobody, timeout=1.5)
     elapsed = time.monotonic() - t0

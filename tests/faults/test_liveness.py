@@ -2,8 +2,9 @@
 
 A relay path that silently stops forwarding sends no FIN and no RST; before the ping
 the link was only declared dead after 120 s of silence (or, for a heavy sender, once the
-TCP window stayed full for the 5 s write timeout). Now: written-to and silent for
-`ping_after` -> DERP Ping; nothing back within `ping_timeout` -> dead -> reconnect.
+TCP window stayed full for the 5 s write timeout). Now: in use (written to during the
+silence or within `ping_after` before it) and silent for `ping_after` -> DERP Ping;
+nothing back within `ping_timeout` -> dead -> reconnect.
 """
 
 from __future__ import annotations
@@ -48,6 +49,32 @@ def test_blackholed_link_is_found_by_the_ping_and_replaced(relay, proxies, figur
     # At most ping_after + ping_timeout + two wake-up periods (a quarter of 0.5 s each) + slack
     # after the last byte received (which came just before the black hole).
     assert detect <= 2.5
+
+
+def test_link_blackholed_right_after_an_answer_is_found_by_the_ping(relay, proxies, figures):
+    """The last thing A's link saw was the answer to its write, and A then waits without
+    writing (a QUIC sender waiting for flow-control credit) when the path dies. The link
+    was in use: found by the ping, not at A's next write. (Before, a link was only in use
+    with a write after the last byte received: this one went unprobed, and the QUIC
+    black-hole test found it at ~11 s, derpquic's 10 s keep-alive + ping_timeout.)"""
+    pa, _ = proxies
+    log = LinkLog()
+    opts = {"ping_after": 1.0, "ping_timeout": 0.5, "direct": False}
+    with derpnet.listen_packet(pa.url, on_event=log, **opts) as a, \
+            derpnet.listen_packet(relay.url, direct=False) as b:
+        _roundtrip(a, b, b"request")
+        _roundtrip(b, a, b"answer")  # A received after its last write
+        assert pa.blackhole() == 1
+        t0 = time.monotonic()
+        t_down, down = log.wait_down(1, timeout=10)
+        assert isinstance(down.error, TimeoutError) and "did not answer a ping" in str(down.error), down
+        log.wait_up(2, timeout=10)
+        _roundtrip(a, b, b"after")
+    detect = t_down - t0
+    figures(f"{relay.kind}: link black-holed right after an answer declared dead after {detect:.2f}s "
+            "(ping_after 1 s + ping_timeout 0.5 s)", detect_s=detect)
+    # ping_after + ping_timeout + two wake-up periods (a quarter of 0.5 s each) + slack
+    assert detect <= 1.5 + 0.25 + 1.0, detect
 
 
 def test_idle_link_is_never_pinged(relay):

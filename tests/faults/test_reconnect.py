@@ -6,8 +6,12 @@ one fault in the middle of each transfer:
 * cut: the proxy closes one side's relay connection (both TCP ends, as a relay closing it);
 * black-hole: the proxy stops forwarding one side's connection without FIN or RST. Only
   the client's liveness ping can tell (derpnet.liveness): a relay silent for
-  `ping_after` while we send gets a DERP Ping, no answer within `ping_timeout` = dead.
-  These tests use 1 s + 1 s; the product default is 5 s + 5 s (the slow variant);
+  `ping_after` while the link is in use gets a DERP Ping, no answer within
+  `ping_timeout` = dead. These tests use 1 s + 1 s; the product default is 5 s + 5 s (the
+  slow variant). "In use" includes a sender whose last write came just before the
+  relay's last frame (a QUIC sender waiting for flow-control credit): before it did, such
+  a sender was found at ~11 s, at derpquic's 10 s keep-alive, about once in 13 runs
+  under load;
 * restart: the relay process is killed (SIGKILL) and started again on the same port with
   the same key.
 

@@ -66,9 +66,9 @@ def connect_plain(url: str, timeout: float = 10.0) -> socket.socket:
 
 
 def connect_or_closed(url: str, timeout: float = 10.0) -> socket.socket:
-    """connect_plain, where a reset before connect() returns (a relay closing a newcomer at
-    accept: its cap, its accept rate; with a fast loop the reset can beat the connecting
-    thread) gives a socket whose peer has already closed, which is what it stands for."""
+    """`connect_plain`, except that a reset before connect() returned (a relay at its cap or
+    over its accept rate closing a newcomer at once, which a loaded machine can show before
+    the handshake completes) gives a socket whose peer has already closed: what it stands for."""
     try:
         return connect_plain(url, timeout=timeout)
     except ConnectionResetError:
