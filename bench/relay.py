@@ -443,7 +443,9 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=2, help="load generator worker processes")
     ap.add_argument("--relays", default="ours,go", help="comma-separated: ours, ours-asyncio, go, baseline")
     ap.add_argument("--baseline", help="a checkout of derpnet whose relay is measured as 'baseline'")
-    ap.add_argument("--scenarios", default="many,flow", help="comma-separated: many (pairs), flow (single flow)")
+    ap.add_argument("--scenarios", default="many,flow",
+                    help="comma-separated: many (pairs), flow (single flow), mesh (forwarding across a mesh of "
+                         "two members, derper's and ours, as bench/mesh.py)")
     ap.add_argument("--flow-seconds", type=float, default=5.0)
     ap.add_argument("--flow-size", type=int, default=64 << 10, help="single flow: packet size")
     ap.add_argument("--flow-window", type=int, default=32, help="single flow: packets in flight")
@@ -490,7 +492,32 @@ def main() -> int:
         print_summary(results)
         if "many" in args.scenarios:
             policy_ratios({name: medians(rs) for name, rs in results.items()})
+    if "mesh" in args.scenarios:
+        mesh_rows(args)
     return 0
+
+
+def mesh_rows(args: argparse.Namespace) -> None:
+    """Forwarding across a mesh (bench/mesh.py): two derpers, two of ours, side by side."""
+    from bench import mesh
+    from tests.interop_peers import derper_path
+
+    margs = argparse.Namespace(pairs=min(args.pairs, 50), seconds=args.seconds, warmup=args.warmup,
+                               size=args.size, window=8)
+    print(f"mesh: {margs.pairs} pairs, window {margs.window}, {margs.size} B, senders on one member, "
+          "echoers on the other (every packet crosses the mesh twice)")
+    rows = {}
+    for name, kinds in (("go", ["derper", "derper"]), ("ours", ["ours", "ours"])):
+        if "derper" in kinds and derper_path() is None:
+            print(f"  {name}: skipped (Go derper not built: interop/build.sh)")
+            continue
+        rows[name] = mesh.run(kinds, margs)["mesh"]
+        r = rows[name]
+        print(f"  {name:5} relayed {r['relayed_pps']:8.0f} pkt/s, members' CPU {r['cpu']:.2f}, "
+              f"{r['us_per_pkt']:.1f} us CPU per relayed packet", flush=True)
+    if len(rows) == 2:
+        print(f"  ours/go across the mesh: {rows['ours']['relayed_pps'] / rows['go']['relayed_pps']:.2f}x packets/s, "
+              f"{rows['go']['us_per_pkt'] / rows['ours']['us_per_pkt']:.2f}x packets per CPU-second")
 
 
 if __name__ == "__main__":
