@@ -28,9 +28,6 @@ class Carrier:
         self._note_verified: Callable[[PublicKey], None] | None = getattr(pc, "note_peer_verified", None)
         self._path_mtu: Callable[[PublicKey], int] | None = getattr(pc, "path_mtu", None)
 
-    def local_addr(self) -> PublicKey:
-        return PublicKey.coerce(self.pc.local_addr())
-
     def read(self, most: int) -> Sequence[tuple[bytes, Any]]:
         """Up to `most` datagrams (at least one); TimeoutError at the read deadline, OSError
         when the PacketConn is closed or broken."""
