@@ -95,6 +95,7 @@ class MeshLink:
         self._keys: set[PublicKey] = set()
         self._pending: list[bytes] = []  # ForwardPacket frames written at the end of this loop turn
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"<MeshLink {self.target.url}>"
@@ -103,13 +104,16 @@ class MeshLink:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"mesh {self.target.host}")
 
     async def close(self) -> None:
+        """Stop the link. The cancel is repeated until the task ends: Python 3.11's
+        asyncio.wait_for swallows a cancel that races its inner future's completion, and the
+        watch loop would then go on retrying (seen as a DerpServer whose close() hung)."""
         task, self._task = self._task, None
-        if task is not None:
+        self._closing = True
+        while task is not None and not task.done():
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({task}, timeout=0.1)
+        if task is not None and not task.cancelled():
+            task.exception()  # retrieved (a bug in the loop was logged there already)
 
     # ------------------------------------------------------------ forwarding (the Forwarder interface)
 
@@ -137,7 +141,7 @@ class MeshLink:
 
     async def _run(self) -> None:
         name = self.target.host
-        while True:
+        while not self._closing:
             self.attempts += 1
             try:
                 outcome, why = await self._attempt()
